@@ -1,0 +1,3 @@
+"""tfstack: stack pretrained Keras models and train them by freeze policy and schedule."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,385 @@
+"""Load a pretrained component (.keras, legacy .h5, Keras Applications, SavedModel) as a model.
+
+Every component comes back as a `keras.Model` renamed to its component name, so two files that were
+both saved as `sequential` can be stacked. Anything the user can get wrong raises `ComponentError`
+whose message names the config key, the file, what was found, and the fix.
+"""
+
+import difflib
+import json
+import logging
+import os
+import types
+import zipfile
+
+import h5py
+import keras
+import tensorflow as tf
+
+from tfstack.errors import ComponentError
+
+logger = logging.getLogger(__name__)
+
+APPLICATIONS_PREFIX = "keras_applications:"
+KERAS_EXTENSIONS = (".keras",)
+H5_EXTENSIONS = (".h5", ".hdf5")
+SAVEDMODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
+SERVING_ENDPOINT = "serving_default"
+OPAQUE_ATTRIBUTE = "_tfstack_opaque"
+
+
+def load_component(
+    source: str,
+    *,
+    name: str,
+    cut_at: str | None = None,
+    trust_code: bool = False,
+    key: str | None = None,
+    weights: str | None = None,
+    include_top: bool = False,
+    pooling: str | None = None,
+    input_shape: tuple | None = None,
+    classes: int | None = None,
+) -> keras.Model:
+    """Load a pretrained model as a component named `name`.
+
+    Args:
+        source: Path to a `.keras` file, a legacy `.h5`/`.hdf5` file or a TensorFlow SavedModel
+            directory, or `keras_applications:NAME` (e.g. `keras_applications:MobileNetV2`).
+        name: Component name; the returned model carries it.
+        cut_at: Name of a top-level layer; the model is cut after that layer's output
+            (e.g. a classifier's penultimate features).
+        trust_code: Load with `safe_mode=False`, allowing Lambda layers and other code in the file.
+            Only for files you trust.
+        key: Config key prefix used in error messages; defaults to `components.<name>`.
+        weights: Keras Applications only: None (random init) or a local weights file path.
+            Nothing is ever downloaded.
+        include_top: Keras Applications only: keep the classifier on top.
+        pooling: Keras Applications only: None, "avg" or "max".
+        input_shape: Keras Applications only: input shape without the batch dimension.
+        classes: Keras Applications only: number of classes of the top classifier.
+
+    Returns:
+        A `keras.Model` named `name`.
+
+    Raises:
+        ComponentError: The source is missing, unreadable, not a model, refused under safe mode,
+            has no defined input, or `cut_at` names no layer.
+    """
+    key = key or f"components.{name}"
+    application_kwargs = {
+        "weights": weights,
+        "include_top": include_top,
+        "pooling": pooling,
+        "input_shape": tuple(input_shape) if input_shape is not None else None,
+        "classes": classes,
+    }
+    if source.startswith(APPLICATIONS_PREFIX):
+        model = _load_application(source, key=key, **application_kwargs)
+    else:
+        _reject_application_kwargs(source, key=key, **application_kwargs)
+        model = _load_path(source, name=name, trust_code=trust_code, key=key)
+
+    _require_defined_input(model, source=source, key=key)
+    if cut_at is not None:
+        model = _cut(model, cut_at, source=source, key=key)
+    model.name = name
+    logger.info(
+        "Loaded component %s from %s: inputs %s -> outputs %s (%d layers%s)",
+        name,
+        source,
+        [tuple(tensor.shape) for tensor in model.inputs],
+        [tuple(tensor.shape) for tensor in model.outputs],
+        len(model.layers),
+        ", opaque SavedModel" if is_opaque(model) else "",
+    )
+    return model
+
+
+def is_opaque(model: keras.Model) -> bool:
+    """Tell whether a model wraps a SavedModel whose internal layers Keras cannot see.
+
+    Args:
+        model: Any Keras model or layer.
+
+    Returns:
+        True if the model was built by `load_component` from a SavedModel, or contains a
+        `keras.layers.TFSMLayer` at any depth (which still holds after a `.keras` reload).
+    """
+    if getattr(model, OPAQUE_ATTRIBUTE, False):
+        return True
+    pending = [model]
+    while pending:
+        layer = pending.pop()
+        if isinstance(layer, keras.layers.TFSMLayer):
+            return True
+        pending.extend(getattr(layer, "layers", []))
+    return False
+
+
+def _load_path(path: str, *, name: str, trust_code: bool, key: str) -> keras.Model:
+    """Load a `.keras`, `.h5`/`.hdf5` file or a SavedModel directory."""
+    if os.path.isdir(path):
+        if any(os.path.isfile(os.path.join(path, file)) for file in SAVEDMODEL_FILES):
+            return _load_savedmodel(path, name=name, key=key)
+        entries = sorted(os.listdir(path))[:5]
+        raise ComponentError(
+            f"{key}.path={path} is a directory but not a TensorFlow SavedModel: expected "
+            f"saved_model.pb inside, found {entries or 'nothing'}. Point {key}.path at the "
+            f"SavedModel directory itself, or at a .keras/.h5 file."
+        )
+    if not os.path.exists(path):
+        raise ComponentError(
+            f"{key}.path={path} does not exist (working directory: {os.getcwd()}). "
+            f"Fix the path, or use {key}.path=keras_applications:NAME for a Keras application."
+        )
+    extension = os.path.splitext(path)[1].lower()
+    if extension in KERAS_EXTENSIONS:
+        config = _read_keras_config(path, key=key)
+    elif extension in H5_EXTENSIONS:
+        config = _read_h5_config(path, key=key)
+    else:
+        raise ComponentError(
+            f"{key}.path={path} has extension {extension!r}; expected .keras, .h5, .hdf5, "
+            f"a SavedModel directory, or keras_applications:NAME. Save the model with "
+            f"model.save('model.keras') and point {key}.path at that file."
+        )
+
+    try:
+        model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
+    except ValueError as err:
+        if "safe_mode" in str(err):
+            raise ComponentError(_unsafe_message(path, config, key=key, err=err)) from err
+        raise _load_failed(path, key=key, err=err) from err
+    except Exception as err:  # Keras raises many types; all mean "cannot load".
+        raise _load_failed(path, key=key, err=err) from err
+
+    if not isinstance(model, keras.Model):
+        raise ComponentError(
+            f"{key}.path={path} holds a {type(model).__name__}, expected a keras.Model. "
+            f"Wrap it in a model (keras.Sequential([keras.Input(...), layer])) and save that."
+        )
+    return model
+
+
+def _read_keras_config(path: str, *, key: str) -> dict:
+    """Read `config.json` from a `.keras` archive, refusing corrupt or truncated files."""
+    # Keras 3.15 reports a corrupt .keras as "File not found", so check the archive first.
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return json.loads(archive.read("config.json"))
+    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
+        raise ComponentError(
+            f"{key}.path={path} is not a readable .keras file: expected a zip archive holding "
+            f"config.json ({type(err).__name__}: {err}). The file is probably truncated or "
+            f"corrupt; copy it again or re-save it with model.save('model.keras')."
+        ) from err
+
+
+def _read_h5_config(path: str, *, key: str) -> dict:
+    """Read the `model_config` attribute of a legacy `.h5` file, refusing weights-only files."""
+    try:
+        with h5py.File(path, "r") as file:
+            raw_config = file.attrs.get("model_config")
+    except OSError as err:
+        raise ComponentError(
+            f"{key}.path={path} is not a readable HDF5 file ({err}). The file is probably "
+            f"truncated or corrupt; copy it again or re-save the model with model.save(...)."
+        ) from err
+    if raw_config is None:
+        raise ComponentError(
+            f"{key}.path={path} holds no model: the HDF5 file has no model_config (weights "
+            f"only, e.g. from save_weights(), or not a Keras file). Save the whole model with "
+            f"model.save('model.keras'), or build the model in code and load these weights."
+        )
+    if isinstance(raw_config, bytes):
+        raw_config = raw_config.decode("utf-8")
+    return json.loads(raw_config)
+
+
+def _lambda_layer_names(config: object) -> list[str]:
+    """Find the names of Lambda layers anywhere in a serialized model config."""
+    names = []
+    if isinstance(config, dict):
+        if config.get("class_name") == "Lambda":
+            names.append(config.get("config", {}).get("name", "?"))
+        for value in config.values():
+            names.extend(_lambda_layer_names(value))
+    elif isinstance(config, list):
+        for value in config:
+            names.extend(_lambda_layer_names(value))
+    return names
+
+
+def _unsafe_message(path: str, config: dict, *, key: str, err: Exception) -> str:
+    """Explain a safe-mode refusal, naming the Lambda layers if there are any."""
+    lambda_names = _lambda_layer_names(config)
+    if lambda_names:
+        found = f"holds a Lambda layer ({', '.join(lambda_names)}), which runs arbitrary code"
+    elif "TFSMLayer" in str(err):
+        found = "holds a TFSMLayer, which loads an external SavedModel"
+    else:
+        found = f"holds code that Keras refuses to load in safe mode ({err})"
+    return (
+        f"{key}.path={path} {found}; tfstack loads untrusted files with safe_mode=True. "
+        f"If you trust this file, set {key}.trust_code=true."
+    )
+
+
+def _load_failed(path: str, *, key: str, err: Exception) -> ComponentError:
+    """Wrap any other Keras loading failure."""
+    return ComponentError(
+        f"{key}.path={path} could not be loaded by Keras {keras.__version__} "
+        f"({type(err).__name__}: {err}). Check that it was saved with model.save() from Keras "
+        f"or tf_keras, and that custom layers are registered."
+    )
+
+
+def _load_savedmodel(path: str, *, name: str, key: str) -> keras.Model:
+    """Wrap a SavedModel's `serving_default` signature in a frozen, opaque Keras model."""
+    try:
+        loaded = tf.saved_model.load(path)
+    except Exception as err:  # TensorFlow raises many types here.
+        raise ComponentError(
+            f"{key}.path={path} is a SavedModel TensorFlow {tf.__version__} cannot load "
+            f"({type(err).__name__}: {err}). Re-export it with model.export(path), or save a "
+            f".keras file instead."
+        ) from err
+    if SERVING_ENDPOINT not in loaded.signatures:
+        raise ComponentError(
+            f"{key}.path={path} is a SavedModel without a {SERVING_ENDPOINT!r} signature; "
+            f"found {sorted(loaded.signatures) or 'none'}. Re-export it with model.export(path)."
+        )
+    signature = loaded.signatures[SERVING_ENDPOINT]
+    input_specs = tf.nest.flatten(signature.structured_input_signature)
+    if len(input_specs) != 1:
+        raise ComponentError(
+            f"{key}.path={path} is a SavedModel whose {SERVING_ENDPOINT!r} signature takes "
+            f"{len(input_specs)} inputs ({[spec.name for spec in input_specs]}); tfstack wraps "
+            f"SavedModels with one input only. Save the model as .keras instead."
+        )
+    output_specs = signature.structured_outputs
+    if isinstance(output_specs, dict) and len(output_specs) != 1:
+        raise ComponentError(
+            f"{key}.path={path} is a SavedModel whose {SERVING_ENDPOINT!r} signature returns "
+            f"{len(output_specs)} outputs ({sorted(output_specs)}); tfstack wraps SavedModels "
+            f"with one output only. Save the model as .keras instead."
+        )
+    (input_spec,) = input_specs
+    if input_spec.shape.rank is None:
+        raise ComponentError(
+            f"{key}.path={path} is a SavedModel whose input has unknown rank; expected a fixed "
+            f"rank such as (None, 224, 224, 3). Re-export it with a concrete input signature."
+        )
+
+    inputs = keras.Input(
+        shape=tuple(input_spec.shape[1:]), dtype=input_spec.dtype.name, name=f"{name}_input"
+    )
+    savedmodel_layer = keras.layers.TFSMLayer(
+        path, call_endpoint=SERVING_ENDPOINT, trainable=False, name=f"{name}_savedmodel"
+    )
+    outputs = savedmodel_layer(inputs)
+    if isinstance(outputs, dict):
+        # The signature returns {"output_0": tensor}; a component has one plain output.
+        (outputs,) = outputs.values()
+    model = keras.Model(inputs=inputs, outputs=outputs, name=name)
+    setattr(model, OPAQUE_ATTRIBUTE, True)
+    return model
+
+
+def _load_application(
+    source: str,
+    *,
+    key: str,
+    weights: str | None,
+    include_top: bool,
+    pooling: str | None,
+    input_shape: tuple | None,
+    classes: int | None,
+) -> keras.Model:
+    """Build `keras.applications.NAME` without downloading anything."""
+    application_name = source.removeprefix(APPLICATIONS_PREFIX)
+    builder = getattr(keras.applications, application_name, None)
+    if builder is None or isinstance(builder, types.ModuleType) or not callable(builder):
+        available = [
+            candidate
+            for candidate in dir(keras.applications)
+            if candidate[:1].isupper() and callable(getattr(keras.applications, candidate))
+        ]
+        closest = difflib.get_close_matches(application_name, available, n=3, cutoff=0.5)
+        suggestion = f" Did you mean {' or '.join(closest)}?" if closest else ""
+        raise ComponentError(
+            f"{key}.path={source} names no Keras application; expected keras_applications:NAME "
+            f"with NAME one of the {len(available)} builders of Keras {keras.__version__} "
+            f"({available[0]}, ..., {available[-1]}).{suggestion} Names are case-sensitive."
+        )
+    if weights is not None and not os.path.isfile(weights):
+        raise ComponentError(
+            f"{key}.weights={weights!r} is not a local file; tfstack downloads nothing at run "
+            f"time. Set {key}.weights=null for random initialisation, or download the weights "
+            f"once outside tfstack and set {key}.weights=/path/to/weights.h5."
+        )
+
+    optional = {"pooling": pooling, "input_shape": input_shape, "classes": classes}
+    application_kwargs = {
+        "weights": weights,
+        "include_top": include_top,
+        **{argument: value for argument, value in optional.items() if value is not None},
+    }
+    try:
+        return builder(**application_kwargs)
+    except Exception as err:  # applications raise ValueError, OSError, ...
+        arguments = ", ".join(
+            f"{argument}={value!r}" for argument, value in application_kwargs.items()
+        )
+        raise ComponentError(
+            f"{key}.path={source} could not be built with {arguments} "
+            f"({type(err).__name__}: {err}). Fix the {key} arguments named in that message."
+        ) from err
+
+
+def _reject_application_kwargs(source: str, *, key: str, **application_kwargs: object) -> None:
+    """Refuse Keras Applications arguments for a file source, where they would be ignored."""
+    given = {
+        argument: value
+        for argument, value in application_kwargs.items()
+        if value is not None and not (argument == "include_top" and value is False)
+    }
+    if given:
+        arguments = ", ".join(f"{key}.{argument}" for argument in given)
+        raise ComponentError(
+            f"{key}.path={source} is a file, but {arguments} only apply to "
+            f"keras_applications:NAME and would be ignored. Remove them, or load an application."
+        )
+
+
+def _require_defined_input(model: keras.Model, *, source: str, key: str) -> None:
+    """Refuse models without a defined input (a Sequential never built or called)."""
+    try:
+        inputs = model.inputs
+    except AttributeError:
+        inputs = None
+    if not inputs:
+        raise ComponentError(
+            f"{key}.path={source} holds a {type(model).__name__} with no defined input: it was "
+            f"saved before it was built or called, so its input shape is unknown. Add "
+            f"keras.Input(shape=...) as its first layer (or call model.build(input_shape)) and "
+            f"save it again."
+        )
+
+
+def _cut(model: keras.Model, cut_at: str, *, source: str, key: str) -> keras.Model:
+    """Keep the sub-graph from the model's inputs up to the output of layer `cut_at`."""
+    if is_opaque(model):
+        raise ComponentError(
+            f"{key}.cut_at={cut_at} cannot apply to {key}.path={source}: a SavedModel is opaque "
+            f"and has no layers to cut at. Remove {key}.cut_at, or save the model as .keras."
+        )
+    layer_names = [layer.name for layer in model.layers]
+    if cut_at not in layer_names:
+        shown = ", ".join(layer_names[-8:])
+        raise ComponentError(
+            f"{key}.cut_at={cut_at} names no layer of {key}.path={source}; its last layers are: "
+            f"{shown} ({len(layer_names)} layers). Set {key}.cut_at to one of those names."
+        )
+    return keras.Model(inputs=model.inputs, outputs=model.get_layer(cut_at).output)
