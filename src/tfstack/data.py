@@ -1,0 +1,468 @@
+"""Datasets as tf.data pipelines, checks that labels fit the head, and byte-stable .npz files.
+
+A dataset on disk is one ``.npz`` holding ``x_train``, ``y_train``, ``x_test`` and ``y_test``.
+`load_npz` checks it and takes a seeded validation split from the training data; `make_dataset`
+turns arrays into a batched, prefetched `tf.data.Dataset`; `check_labels` says when the labels do
+not fit the head's output size. `save_npz` writes ``.npz`` files that are byte-identical on every
+machine and run, so DVC sees the same hash for the same content.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import os
+import zipfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tensorflow as tf
+
+from tfstack.errors import DataError
+
+logger = logging.getLogger(__name__)
+
+REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
+TASKS = ("multiclass", "binary", "regression")
+
+# A fixed timestamp and mode for every member, so that the bytes depend on the arrays only.
+# 1980-01-01 is the earliest date the zip format can store.
+_ZIP_DATE_TIME = (1980, 1, 1, 0, 0, 0)
+_ZIP_FILE_MODE = 0o644
+
+
+@dataclass
+class Splits:
+    """Train, validation and test arrays of one dataset.
+
+    Attributes:
+        x_train: Training inputs, shape ``(n_train, *input_shape)``.
+        y_train: Training targets, shape ``(n_train, ...)``.
+        x_val: Validation inputs taken from the training data.
+        y_val: Validation targets.
+        x_test: Test inputs, as stored in the file.
+        y_test: Test targets.
+    """
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+    def summary(self) -> dict[str, Any]:
+        """Sizes, shapes and classes of the splits, JSON-ready.
+
+        Returns:
+            A dict with ``sizes`` (samples per split), ``input_shape`` and ``target_shape``
+            (per sample), ``x_dtype``, ``y_dtype``, and for integer targets ``classes`` (sorted
+            distinct labels over all splits), ``num_classes`` and ``class_counts`` (per split,
+            label -> count; JSON keys are strings).
+        """
+        splits = {
+            "train": (self.x_train, self.y_train),
+            "val": (self.x_val, self.y_val),
+            "test": (self.x_test, self.y_test),
+        }
+        summary: dict[str, Any] = {
+            "sizes": {name: int(len(x)) for name, (x, _) in splits.items()},
+            "input_shape": [int(d) for d in self.x_train.shape[1:]],
+            "target_shape": [int(d) for d in self.y_train.shape[1:]],
+            "x_dtype": str(self.x_train.dtype),
+            "y_dtype": str(self.y_train.dtype),
+        }
+        if _is_label_array(self.y_train):
+            all_labels = np.concatenate([y.reshape(-1) for _, y in splits.values()])
+            summary["classes"] = [int(c) for c in np.unique(all_labels)]
+            summary["num_classes"] = len(summary["classes"])
+            summary["class_counts"] = {name: _class_counts(y) for name, (_, y) in splits.items()}
+        return summary
+
+
+def load_npz(
+    path: str | os.PathLike[str],
+    *,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    key: str = "data.path",
+) -> Splits:
+    """Load a dataset ``.npz`` and split a validation set off its training data.
+
+    The validation split is stratified by label when the targets are integer labels and every
+    class has enough samples for both sides; otherwise it is a seeded random split. The same
+    file and seed give the same split on every run.
+
+    Args:
+        path: An ``.npz`` file holding ``x_train``, ``y_train``, ``x_test``, ``y_test``.
+        val_fraction: Fraction of the training samples moved to validation, in (0, 1).
+            The number of validation samples is ``round(val_fraction * n_train)``.
+        seed: Seed of the validation split.
+        key: The config key that named ``path``, used in error messages.
+
+    Returns:
+        The six arrays as `Splits`.
+
+    Raises:
+        DataError: The file is missing or not an ``.npz``, a key is missing, inputs and targets
+            differ in length, a split is empty (or the validation split would be), the inputs of
+            train and test have different shapes, or the arrays hold NaN or infinity.
+    """
+    where = f"{key}={path}"
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(
+            f"{where}: no such file. Expected an .npz holding {', '.join(REQUIRED_KEYS)}. "
+            "Check the path, or run the pipeline stage that writes it (dvc repro prepare)."
+        )
+    arrays = _read_npz(path, where)
+
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if x.ndim == 0 or y.ndim == 0:
+            raise DataError(
+                f"{where}: x_{split} and y_{split} must be arrays with one sample per row; "
+                f"received shapes x_{split}={x.shape}, y_{split}={y.shape}."
+            )
+        if len(x) != len(y):
+            raise DataError(
+                f"{where}: x_{split} has {len(x)} samples but y_{split} has {len(y)}. "
+                "Each input needs exactly one target."
+            )
+        if len(x) == 0:
+            raise DataError(f"{where}: the {split} split is empty (x_{split} has 0 samples).")
+    if arrays["x_train"].shape[1:] != arrays["x_test"].shape[1:]:
+        raise DataError(
+            f"{where}: train and test inputs differ in shape: x_train has samples of shape "
+            f"{arrays['x_train'].shape[1:]}, x_test of shape {arrays['x_test'].shape[1:]}."
+        )
+    for name, array in arrays.items():
+        _check_finite(array, name, where)
+
+    x_train, y_train, x_val, y_val = _split_validation(
+        arrays["x_train"], arrays["y_train"], val_fraction=val_fraction, seed=seed, where=where
+    )
+    splits = Splits(x_train, y_train, x_val, y_val, arrays["x_test"], arrays["y_test"])
+    logger.info("Loaded %s: %s", path, splits.summary()["sizes"])
+    return splits
+
+
+def make_dataset(
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    batch_size: int,
+    shuffle: bool,
+    seed: int,
+    cache: bool = True,
+) -> tf.data.Dataset:
+    """Turn arrays into a batched, prefetched `tf.data.Dataset` of ``(x, y)`` pairs.
+
+    With ``shuffle`` the whole dataset is reshuffled every epoch, in an order fixed by ``seed``:
+    the same seed gives the same sequence of epochs. The pipeline runs in TensorFlow only (no
+    Python per batch).
+
+    Args:
+        x: Inputs, shape ``(n, ...)``.
+        y: Targets, shape ``(n, ...)``.
+        batch_size: Samples per batch (the last batch may be smaller).
+        shuffle: Whether to shuffle (training) or keep the order (validation, test).
+        seed: Seed of the shuffle.
+        cache: Cache the elements in memory after the first epoch.
+
+    Returns:
+        A dataset of ``(x_batch, y_batch)``.
+
+    Raises:
+        DataError: ``x`` and ``y`` differ in length, or ``batch_size`` is not positive.
+    """
+    if len(x) != len(y):
+        raise DataError(f"x has {len(x)} samples but y has {len(y)}; they must match.")
+    if batch_size < 1:
+        raise DataError(f"batch_size must be a positive integer. Received: batch_size={batch_size}")
+    dataset = tf.data.Dataset.from_tensor_slices((x, y))
+    if cache:
+        dataset = dataset.cache()
+    if shuffle:
+        dataset = dataset.shuffle(
+            buffer_size=max(len(x), 1), seed=seed, reshuffle_each_iteration=True
+        )
+    return dataset.batch(batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def check_labels(
+    y: np.ndarray,
+    num_outputs: int,
+    *,
+    task: str,
+    key: str = "y_train",
+) -> list[int]:
+    """Check that integer labels fit a head with ``num_outputs`` outputs.
+
+    For ``task="multiclass"`` the labels must be integers in ``[0, num_outputs)`` (sparse labels
+    for a softmax head). For ``task="binary"`` the head has one output and the labels are 0 or 1.
+    ``task="regression"`` has nothing to check.
+
+    Args:
+        y: Labels, shape ``(n,)`` or ``(n, 1)``.
+        num_outputs: Size of the head's last output dimension.
+        task: ``"multiclass"``, ``"binary"`` or ``"regression"``.
+        key: What the labels are called in messages (e.g. ``data.path=... y_train``).
+
+    Returns:
+        The sorted distinct labels (empty for regression).
+
+    Raises:
+        DataError: The labels are not integer class ids, fall outside the head's range,
+            or ``task`` is unknown.
+    """
+    if task not in TASKS:
+        raise DataError(f"Unknown task {task!r}. Expected one of: {', '.join(TASKS)}.")
+    if task == "regression":
+        return []
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] == 1:
+        y = y[:, 0]
+    if y.ndim != 1:
+        raise DataError(
+            f"{key}: {task} labels must be integer class ids of shape (n,); received shape "
+            f"{y.shape}. If they are one-hot, store np.argmax(y, axis=1) instead."
+        )
+    if not _is_label_array(y):
+        non_integer = _first_values(y[~np.isclose(y, np.round(y))]) if y.dtype.kind == "f" else []
+        raise DataError(
+            f"{key}: {task} labels must be integers; received dtype {y.dtype}"
+            + (f" with values {non_integer}" if non_integer else "")
+            + "."
+        )
+    labels = [int(v) for v in np.unique(y)]
+    if task == "binary":
+        if num_outputs != 1:
+            raise DataError(
+                f"{key}: task=binary needs a head with 1 (sigmoid) output; the head outputs "
+                f"{num_outputs}. Use task=multiclass for a {num_outputs}-way softmax head."
+            )
+        bad = [v for v in labels if v not in (0, 1)]
+        if bad:
+            raise DataError(
+                f"{key}: binary labels must be 0 or 1; found {_first_values(bad)}. "
+                "Map the two classes to 0 and 1."
+            )
+        return labels
+    bad = [v for v in labels if not 0 <= v < num_outputs]
+    if bad:
+        raise DataError(
+            f"{key}: labels {_first_values(bad)} do not fit the head, which has {num_outputs} "
+            f"outputs (valid labels 0..{num_outputs - 1}); the data has {len(labels)} distinct "
+            f"labels from {labels[0]} to {labels[-1]}. Relabel the classes to 0..K-1, or use "
+            f"a head with at least {labels[-1] + 1} outputs (stacking=adapter cannot fix this)."
+        )
+    return labels
+
+
+def file_hash(path: str | os.PathLike[str]) -> str:
+    """MD5 of a file's bytes as a hex string, the same value DVC 3 records for the file.
+
+    Args:
+        path: A file.
+
+    Returns:
+        32 lowercase hex digits.
+
+    Raises:
+        DataError: The file does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"Cannot hash {path}: no such file.")
+    digest = hashlib.md5()
+    with path.open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> Path:
+    """Write arrays as an uncompressed ``.npz`` whose bytes depend on the arrays only.
+
+    `np.savez` stamps each member with the current time, so two writes of the same data differ.
+    Here every member gets a fixed date and mode, the arrays are stored little-endian in C order
+    without compression (deflate output may vary between zlib builds), and the members are
+    written in the order given. The file is written to a temporary name and moved into place.
+
+    Args:
+        path: Output file; its parent directory is created.
+        arrays: Name -> array; object arrays are refused.
+
+    Returns:
+        The path written.
+
+    Raises:
+        DataError: An array has dtype object (it would need pickle to load).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype.hasobject:
+                raise DataError(f"{path}: array {name!r} has dtype object; save numbers only.")
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, version=(1, 0), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # Unix, so the mode below is read as permissions.
+            info.external_attr = _ZIP_FILE_MODE << 16
+            archive.writestr(info, buffer.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
+    """Read the required arrays of a dataset file, with messages that name the file."""
+    try:
+        loaded = np.load(path, allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as err:
+        raise DataError(
+            f"{where}: not an .npz file ({type(err).__name__}: {err}). "
+            f"Save the dataset with np.savez(path, {', '.join(f'{k}=...' for k in REQUIRED_KEYS)})."
+        ) from err
+    if not isinstance(loaded, np.lib.npyio.NpzFile):
+        raise DataError(
+            f"{where}: holds a single array (.npy), not an .npz archive. "
+            f"Save the dataset with np.savez(path, {', '.join(f'{k}=...' for k in REQUIRED_KEYS)})."
+        )
+    with loaded:
+        present = sorted(loaded.files)
+        missing = [k for k in REQUIRED_KEYS if k not in present]
+        if missing:
+            raise DataError(
+                f"{where}: missing {', '.join(missing)}. The file holds: "
+                f"{', '.join(present) if present else 'nothing'}. "
+                f"Expected {', '.join(REQUIRED_KEYS)}."
+            )
+        arrays = {}
+        for k in REQUIRED_KEYS:
+            try:
+                arrays[k] = loaded[k]
+            except (ValueError, OSError, zipfile.BadZipFile) as err:
+                raise DataError(f"{where}: cannot read {k} ({err}). Save numeric arrays.") from err
+    return arrays
+
+
+def _check_finite(array: np.ndarray, name: str, where: str) -> None:
+    """Refuse NaN and infinity, which would turn every loss into NaN."""
+    if array.dtype.kind not in "fc":
+        return
+    bad = ~np.isfinite(array)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(array), -1).any(axis=1))
+        raise DataError(
+            f"{where}: {name} holds {int(bad.sum())} non-finite values (NaN or infinity) in "
+            f"{len(rows)} samples, first at index {_first_values(rows.tolist(), 5)}. "
+            "Clean or drop those samples."
+        )
+
+
+def _split_validation(
+    x: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int, where: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Move a seeded, stratified-if-possible fraction of the training data to validation."""
+    if not (isinstance(val_fraction, int | float) and 0 < val_fraction < 1):
+        raise DataError(
+            f"data.val_fraction must be a number between 0 and 1 (exclusive). "
+            f"Received: data.val_fraction={val_fraction}"
+        )
+    n = len(x)
+    n_val = round(val_fraction * n)
+    if n_val == 0 or n_val == n:
+        side = "validation" if n_val == 0 else "training"
+        raise DataError(
+            f"{where}: the {side} split would be empty: data.val_fraction={val_fraction} of "
+            f"{n} training samples is {val_fraction * n:.2f} samples, rounded to {n_val}. "
+            "Add training samples or change data.val_fraction."
+        )
+    rng = np.random.default_rng(seed)
+    val_index = None
+    if _is_label_array(y) and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
+        val_index = _stratified_index(y.reshape(-1), n_val, rng)
+    if val_index is None:
+        logger.info("Validation split is random (not stratified): labels are not integer classes")
+        val_index = np.sort(rng.permutation(n)[:n_val])
+    is_val = np.zeros(n, dtype=bool)
+    is_val[val_index] = True
+    return x[~is_val], y[~is_val], x[is_val], y[is_val]
+
+
+def _stratified_index(y: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray | None:
+    """Indices of ``n_val`` samples with the class proportions of ``y``, or None if impossible.
+
+    Stratified means every class keeps at least one sample on each side and the validation
+    counts follow the class proportions (largest remainders get the leftover samples).
+    """
+    classes, inverse, counts = np.unique(y, return_inverse=True, return_counts=True)
+    if counts.min() < 2 or n_val < len(classes) or len(y) - n_val < len(classes):
+        logger.info(
+            "Validation split is random (not stratified): %d classes, smallest has %d samples, "
+            "%d validation samples",
+            len(classes),
+            counts.min(),
+            n_val,
+        )
+        return None
+    exact = counts * n_val / len(y)
+    per_class = np.clip(np.floor(exact).astype(int), 1, counts - 1)
+    # Hand out (or take back) the remaining samples by largest fractional part, within limits.
+    order = np.argsort(-(exact - np.floor(exact)), kind="stable")
+    while per_class.sum() != n_val:
+        step = 1 if per_class.sum() < n_val else -1
+        for c in order if step == 1 else order[::-1]:
+            if per_class.sum() == n_val:
+                break
+            if 1 <= per_class[c] + step <= counts[c] - 1:
+                per_class[c] += step
+    chosen = [
+        rng.permutation(np.flatnonzero(inverse == c))[: per_class[c]] for c in range(len(classes))
+    ]
+    return np.sort(np.concatenate(chosen))
+
+
+def _class_counts(y: np.ndarray) -> dict[str, int]:
+    """Label -> number of samples, with string keys so the dict is JSON-ready."""
+    labels, counts = np.unique(y, return_counts=True)
+    return {str(int(label)): int(count) for label, count in zip(labels, counts, strict=True)}
+
+
+def _is_label_array(y: np.ndarray) -> bool:
+    """Whether ``y`` holds integer class ids (integer or bool dtype, or integral floats)."""
+    if y.dtype.kind in "iub":
+        return True
+    if y.dtype.kind == "f" and y.size and np.all(np.isfinite(y)):
+        return bool(np.all(y == np.round(y)))
+    return False
+
+
+def _first_values(values: list | np.ndarray, limit: int = 10) -> str:
+    """At most ``limit`` values as text, with a count of the rest."""
+    values = [v.item() if isinstance(v, np.generic) else v for v in list(values)]
+    shown = ", ".join(str(v) for v in values[:limit])
+    rest = len(values) - limit
+    return f"[{shown}{f', ... ({rest} more)' if rest > 0 else ''}]"
+
+
+__all__ = [
+    "REQUIRED_KEYS",
+    "TASKS",
+    "Splits",
+    "check_labels",
+    "file_hash",
+    "load_npz",
+    "make_dataset",
+    "save_npz",
+]

@@ -1,0 +1,250 @@
+"""Tests of tfstack.data: loading .npz datasets, validation splits, tf.data pipelines, labels."""
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+from dvc_data.hashfile.hash import file_md5
+
+from tfstack.data import check_labels, file_hash, load_npz, make_dataset, save_npz
+from tfstack.errors import DataError
+
+
+def write_dataset(path, n_train=60, n_test=20, classes=3, seed=0, **overrides):
+    """An .npz with x_train, y_train, x_test, y_test (balanced integer labels), plus overrides."""
+    rng = np.random.default_rng(seed)
+    arrays = {
+        "x_train": rng.normal(size=(n_train, 4, 4, 1)).astype("float32"),
+        "y_train": np.arange(n_train) % classes,
+        "x_test": rng.normal(size=(n_test, 4, 4, 1)).astype("float32"),
+        "y_test": np.arange(n_test) % classes,
+    }
+    arrays.update(overrides)
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    np.savez(path, **arrays)
+    return path
+
+
+def test_load_npz_splits_sizes_and_stratifies(tmp_path):
+    path = write_dataset(tmp_path / "d.npz", n_train=60, n_test=20, classes=3)
+
+    splits = load_npz(path, val_fraction=0.2, seed=0)
+
+    assert splits.x_train.shape == (48, 4, 4, 1)
+    assert splits.x_val.shape == (12, 4, 4, 1)
+    assert splits.x_test.shape == (20, 4, 4, 1)
+    assert np.bincount(splits.y_val).tolist() == [4, 4, 4]
+    assert np.bincount(splits.y_train).tolist() == [16, 16, 16]
+    summary = splits.summary()
+    assert summary["sizes"] == {"train": 48, "val": 12, "test": 20}
+    assert summary["input_shape"] == [4, 4, 1]
+    assert summary["classes"] == [0, 1, 2]
+    assert summary["class_counts"]["val"] == {"0": 4, "1": 4, "2": 4}
+    json.dumps(summary)  # JSON-ready, for logging as an artifact
+
+
+def test_load_npz_validation_split_is_a_seeded_partition_of_train(tmp_path):
+    path = write_dataset(tmp_path / "d.npz", n_train=60)
+    original = np.load(path)["x_train"]
+
+    first = load_npz(path, seed=1)
+    again = load_npz(path, seed=1)
+    other = load_npz(path, seed=2)
+
+    assert np.array_equal(first.x_val, again.x_val)
+    assert not np.array_equal(first.x_val, other.x_val)
+    rows = {row.tobytes() for row in original}
+    split_rows = [row.tobytes() for row in np.concatenate([first.x_train, first.x_val])]
+    assert len(split_rows) == 60 and set(split_rows) == rows
+
+
+def test_load_npz_falls_back_to_random_split_when_a_class_is_too_small(tmp_path):
+    # Class 2 has a single sample: it cannot appear on both sides, so the split is random.
+    y_train = np.array([0] * 10 + [1] * 9 + [2])
+    path = write_dataset(tmp_path / "d.npz", n_train=20, y_train=y_train)
+
+    splits = load_npz(path, val_fraction=0.25, seed=0)
+
+    assert len(splits.y_val) == 5 and len(splits.y_train) == 15
+
+
+def test_load_npz_regression_targets_split_without_classes(tmp_path):
+    y = np.linspace(0.0, 1.0, 30, dtype="float32")
+    path = write_dataset(tmp_path / "d.npz", n_train=30, y_train=y, y_test=y[:20])
+
+    splits = load_npz(path, val_fraction=0.1, seed=0)
+
+    assert len(splits.y_val) == 3
+    assert "classes" not in splits.summary()
+
+
+def test_load_npz_missing_file_names_the_config_key(tmp_path):
+    with pytest.raises(DataError, match=r"data\.path=.*nope\.npz: no such file"):
+        load_npz(tmp_path / "nope.npz")
+
+
+def test_load_npz_refuses_a_file_that_is_not_npz(tmp_path):
+    text = tmp_path / "d.npz"
+    text.write_text("x_train,y_train\n1,2\n")
+    with pytest.raises(DataError, match=r"data\.path=.*d\.npz: not an \.npz file"):
+        load_npz(text)
+    npy = tmp_path / "single.npy"
+    np.save(npy, np.zeros(3))
+    with pytest.raises(DataError, match=r"single array \(\.npy\)"):
+        load_npz(npy)
+
+
+def test_load_npz_missing_keys_lists_what_is_there(tmp_path):
+    path = tmp_path / "d.npz"
+    np.savez(path, x_train=np.zeros((4, 2)), y_train=np.zeros(4), images=np.zeros(3))
+
+    with pytest.raises(DataError) as err:
+        load_npz(path)
+
+    message = str(err.value)
+    assert "missing x_test, y_test" in message
+    assert "The file holds: images, x_train, y_train" in message
+    assert f"data.path={path}" in message
+
+
+def test_load_npz_length_mismatch(tmp_path):
+    path = write_dataset(tmp_path / "d.npz", n_test=20, y_test=np.zeros(19, dtype=int))
+    with pytest.raises(DataError, match="x_test has 20 samples but y_test has 19"):
+        load_npz(path)
+
+
+def test_load_npz_empty_test_split(tmp_path):
+    empty = np.zeros((0, 4, 4, 1), dtype="float32")
+    path = write_dataset(tmp_path / "d.npz", x_test=empty, y_test=np.zeros(0, dtype=int))
+    with pytest.raises(DataError, match="the test split is empty"):
+        load_npz(path)
+
+
+def test_load_npz_validation_split_that_would_be_empty(tmp_path):
+    path = write_dataset(tmp_path / "d.npz", n_train=2, classes=2)
+    with pytest.raises(DataError) as err:
+        load_npz(path, val_fraction=0.2)
+    assert "validation split would be empty" in str(err.value)
+    assert "data.val_fraction=0.2 of 2 training samples" in str(err.value)
+
+
+def test_load_npz_val_fraction_out_of_range(tmp_path):
+    path = write_dataset(tmp_path / "d.npz")
+    with pytest.raises(DataError, match=r"Received: data\.val_fraction=1\.5"):
+        load_npz(path, val_fraction=1.5)
+
+
+def test_load_npz_non_finite_values(tmp_path):
+    x_test = np.zeros((20, 4, 4, 1), dtype="float32")
+    x_test[3, 0, 0, 0] = np.nan
+    x_test[7, 1, 1, 0] = np.inf
+    path = write_dataset(tmp_path / "d.npz", x_test=x_test)
+
+    with pytest.raises(DataError) as err:
+        load_npz(path)
+
+    assert "x_test holds 2 non-finite values (NaN or infinity) in 2 samples" in str(err.value)
+    assert "first at index [3, 7]" in str(err.value)
+
+
+def test_load_npz_train_and_test_shapes_must_agree(tmp_path):
+    path = write_dataset(tmp_path / "d.npz", x_test=np.zeros((20, 5, 5, 1), dtype="float32"))
+    with pytest.raises(DataError, match=r"\(4, 4, 1\), x_test of shape \(5, 5, 1\)"):
+        load_npz(path)
+
+
+def collect(dataset):
+    return [(x.numpy(), y.numpy()) for x, y in dataset]
+
+
+def test_make_dataset_batches_every_sample_once():
+    x = np.arange(10, dtype="float32").reshape(10, 1)
+    y = np.arange(10)
+
+    batches = collect(make_dataset(x, y, batch_size=4, shuffle=False, seed=0))
+
+    assert [len(b[1]) for b in batches] == [4, 4, 2]
+    assert batches[0][0].shape == (4, 1)
+    assert np.concatenate([b[1] for b in batches]).tolist() == list(range(10))
+
+
+def test_make_dataset_shuffle_is_seeded_and_reshuffles_each_epoch():
+    x = np.arange(32, dtype="float32").reshape(32, 1)
+    y = np.arange(32)
+
+    def epochs(seed):
+        dataset = make_dataset(x, y, batch_size=8, shuffle=True, seed=seed)
+        return [np.concatenate([b[1] for b in collect(dataset)]).tolist() for _ in range(2)]
+
+    first, second = epochs(seed=3)
+    assert sorted(first) == list(range(32))
+    assert first != list(range(32))
+    assert first != second  # a new order every epoch
+    assert epochs(seed=3) == [first, second]  # the same sequence of epochs for the same seed
+    assert epochs(seed=4)[0] != first
+
+
+def test_make_dataset_rejects_mismatched_lengths_and_bad_batch_size():
+    with pytest.raises(DataError, match="x has 3 samples but y has 2"):
+        make_dataset(np.zeros((3, 1)), np.zeros(2), batch_size=2, shuffle=False, seed=0)
+    with pytest.raises(DataError, match="Received: batch_size=0"):
+        make_dataset(np.zeros((3, 1)), np.zeros(3), batch_size=0, shuffle=False, seed=0)
+
+
+def test_check_labels_multiclass_names_bad_values_and_head_size():
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([0, 1, 4, 7, 4]), 4, task="multiclass")
+    message = str(err.value)
+    assert "labels [4, 7] do not fit the head, which has 4 outputs (valid labels 0..3)" in message
+    assert "at least 8 outputs" in message
+
+
+def test_check_labels_accepts_valid_labels():
+    assert check_labels(np.array([2, 0, 1, 2]), 3, task="multiclass") == [0, 1, 2]
+    assert check_labels(np.array([[1.0], [0.0]]), 1, task="binary") == [0, 1]
+    assert check_labels(np.array([0.3, 2.5]), 1, task="regression") == []
+
+
+def test_check_labels_refuses_non_integer_and_negative_labels():
+    non_integer = r"must be integers; received dtype float64 with values \[0\.5\]"
+    with pytest.raises(DataError, match=non_integer):
+        check_labels(np.array([0.0, 0.5, 1.0]), 3, task="multiclass")
+    with pytest.raises(DataError, match=r"labels \[-1\] do not fit"):
+        check_labels(np.array([-1, 0, 1]), 3, task="multiclass")
+    with pytest.raises(DataError, match=r"one-hot, store np\.argmax"):
+        check_labels(np.eye(3), 3, task="multiclass")
+
+
+def test_check_labels_binary():
+    with pytest.raises(DataError, match=r"binary labels must be 0 or 1; found \[2\]"):
+        check_labels(np.array([0, 1, 2]), 1, task="binary")
+    with pytest.raises(DataError, match="needs a head with 1 .sigmoid. output; the head outputs 2"):
+        check_labels(np.array([0, 1]), 2, task="binary")
+    with pytest.raises(DataError, match="Unknown task 'ranking'"):
+        check_labels(np.array([0, 1]), 2, task="ranking")
+
+
+def test_file_hash_is_the_md5_dvc_records(tmp_path):
+    path = tmp_path / "blob.bin"
+    path.write_bytes(b"line\r\n" * 1000 + bytes(range(256)))  # CRLF: DVC 3 hashes raw bytes
+
+    assert file_hash(path) == hashlib.md5(path.read_bytes()).hexdigest()
+    assert file_hash(path) == file_md5(str(path))
+    with pytest.raises(DataError, match="no such file"):
+        file_hash(tmp_path / "missing")
+
+
+def test_save_npz_is_byte_stable_and_loads_back(tmp_path):
+    arrays = {"x": np.arange(12, dtype=">f4").reshape(3, 4), "y": np.array([1, 2, 3])}
+
+    first = save_npz(tmp_path / "a" / "d.npz", arrays)
+    second = save_npz(tmp_path / "b" / "d.npz", arrays)
+
+    assert first.read_bytes() == second.read_bytes()
+    with np.load(first) as loaded:
+        assert loaded["x"].dtype == np.dtype("<f4")
+        assert np.array_equal(loaded["x"], arrays["x"])
+        assert np.array_equal(loaded["y"], arrays["y"])
+    with pytest.raises(DataError, match="dtype object"):
+        save_npz(tmp_path / "o.npz", {"x": np.array([None, 1])})
