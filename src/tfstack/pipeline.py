@@ -1,0 +1,664 @@
+"""The pipeline's stages: prepare -> pretrain -> build -> train -> evaluate.
+
+This is the entry layer: it reads the validated ``Config``, turns it into plain values for the
+library (components, shapes, stacking, freezing, schedules, training, evaluation) and writes the
+outputs DVC tracks. Tracking goes through ``tracking.py`` only.
+
+One MLflow run per pipeline execution: ``build`` starts it and writes ``outputs/run.json``; the
+later stages reopen that run when it was made for the same config (the config hash matches),
+otherwise (``build`` was cached by DVC) they start a new run and log the build's report from its
+files. Every stage ends the run FINISHED, or FAILED with the error, so no run is left RUNNING
+between or after stages.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import subprocess
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from tfstack.config import Config, to_dict
+from tfstack.errors import ConfigError, DataError, TfstackError
+
+logger = logging.getLogger(__name__)
+
+DVC_EXPS_DIR = "/.dvc/tmp/exps/"
+TASK_TO_LABELS = {"classification": "multiclass", "binary": "binary", "regression": "regression"}
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and small helpers
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Paths:
+    """Where each stage reads and writes, under the project root."""
+
+    root: Path
+    out: Path
+
+    @classmethod
+    def from_config(cls, config: Config, root: Path) -> Paths:
+        out = Path(config.output_dir)
+        out = out if out.is_absolute() else root / out
+        resolved = out.resolve()
+        if (
+            not str(resolved).startswith(str(root.resolve()))
+            and not Path(config.output_dir).is_absolute()
+        ):
+            raise ConfigError(
+                f"output_dir={config.output_dir} leaves the project root {root}; "
+                "use a path inside it or an absolute path."
+            )
+        return cls(root=root, out=out)
+
+    def stage(self, name: str) -> Path:
+        return self.out / name
+
+    @property
+    def run_ref(self) -> Path:
+        return self.out / "run.json"
+
+    def resolve(self, path: str) -> Path:
+        """A config path, relative to the project root unless absolute."""
+        p = Path(path)
+        return p if p.is_absolute() else self.root / p
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    os.unlink(tmp)  # Keras refuses to overwrite some formats; let the writer create it.
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write JSON atomically."""
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def config_hash(config: Config) -> str:
+    """A short hash of the resolved config, identifying one pipeline execution's settings."""
+    data = to_dict(config)
+    data["tracking"].pop("run_name", None)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def git_commit(root: Path) -> str | None:
+    """The current commit of the project, if it is a git checkout."""
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=root,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None
+
+
+def main_project_root(root: Path) -> Path:
+    """The workspace root, also from inside a queued DVC experiment's temporary copy."""
+    text = str(root.resolve())
+    if DVC_EXPS_DIR in text:
+        return Path(text.split(DVC_EXPS_DIR)[0])
+    return root.resolve()
+
+
+def tracking_uri(config: Config, root: Path) -> str:
+    """The tracking URI: ``tracking.uri``, else ``TFSTACK_TRACKING_URI``, else sqlite at the root.
+
+    A relative sqlite path is made absolute against the workspace root, so queued DVC
+    experiments running in temporary copies log to the same store.
+    """
+    from tfstack import tracking
+
+    uri = config.tracking.uri or os.environ.get("TFSTACK_TRACKING_URI")
+    if not uri:
+        return tracking.default_tracking_uri(main_project_root(root))
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        relative = uri[len("sqlite:///") :]
+        return "sqlite:///" + str(main_project_root(root) / relative)
+    return uri
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    """Seed Python, NumPy and TensorFlow; turn on op determinism when asked."""
+    import keras
+    import tensorflow as tf
+
+    keras.utils.set_random_seed(seed)
+    if deterministic:
+        tf.config.experimental.enable_op_determinism()
+
+
+# ---------------------------------------------------------------------------------------------
+# Tracking glue: one run per pipeline execution
+# ---------------------------------------------------------------------------------------------
+
+
+class RunLog:
+    """The MLflow run of one pipeline execution, or a no-op when tracking is off."""
+
+    def __init__(self, config: Config, paths: Paths):
+        self.config = config
+        self.paths = paths
+        self.enabled = config.tracking.enabled
+        self.uri = tracking_uri(config, paths.root) if self.enabled else None
+        self.run_id: str | None = None
+        self.new = False
+
+    def tags(self) -> dict:
+        data_path = self.paths.resolve(self.config.data.path)
+        tags = {
+            "stacking": self.config.stacking.strategy,
+            "freeze": self.config.freeze.policy,
+            "schedule": self.config.schedule.name,
+            "config_hash": config_hash(self.config),
+        }
+        commit = git_commit(self.paths.root)
+        if commit:
+            tags["git_commit"] = commit
+        if data_path.is_file():
+            from tfstack.data import file_hash
+
+            tags["data_hash"] = file_hash(data_path)
+        if os.environ.get("DVC_EXP_NAME"):
+            tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        return tags
+
+    @contextlib.contextmanager
+    def stage(self, name: str, *, continue_run: bool, end: bool = True) -> Iterator[RunLog]:
+        """Open the run for one stage; end it FINISHED, or FAILED on an exception."""
+        if not self.enabled:
+            yield self
+            return
+        from tfstack import tracking
+
+        run_id = self.run_id
+        if run_id is None and continue_run:
+            ref = tracking.read_run_ref(self.paths.run_ref)
+            same = (
+                ref is not None
+                and ref["uri"] == self.uri
+                and ref["experiment"] == self.config.tracking.experiment
+                and ref.get("config_hash") == config_hash(self.config)
+            )
+            run_id = ref["run_id"] if same else None
+        self.new = run_id is None
+        start = time.perf_counter()
+        with tracking.tracked_run(
+            self.uri,
+            self.config.tracking.experiment,
+            run_id=run_id,
+            run_name=self.config.tracking.run_name,
+            tags=self.tags(),
+            end=end,
+        ) as run_id:
+            self.run_id = run_id
+            if self.new:
+                tracking.log_params_flat(run_id, to_dict(self.config))
+                tracking.write_run_ref(
+                    self.paths.run_ref,
+                    run_id,
+                    self.uri,
+                    self.config.tracking.experiment,
+                    config_hash=config_hash(self.config),
+                )
+            yield self
+            tracking.log_metrics(run_id, {f"stage_seconds_{name}": time.perf_counter() - start})
+
+    # Thin forwards, so stage code reads as "what is recorded", and skips when tracking is off.
+    def json(self, obj, artifact_file: str) -> None:
+        if self.run_id:
+            from tfstack import tracking
+
+            tracking.log_json(self.run_id, obj, artifact_file)
+
+    def text(self, text: str, artifact_file: str) -> None:
+        if self.run_id:
+            from tfstack import tracking
+
+            tracking.log_text(self.run_id, text, artifact_file)
+
+    def figure(self, fig, artifact_file: str) -> None:
+        if self.run_id:
+            from tfstack import tracking
+
+            tracking.log_figure(self.run_id, fig, artifact_file)
+
+    def metrics(self, metrics: dict, step: int | None = None) -> None:
+        if self.run_id:
+            from tfstack import tracking
+
+            tracking.log_metrics(self.run_id, metrics, step=step)
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(config: Config, paths: Paths) -> dict:
+    """Make the demo's source and target tasks from the raw digits."""
+    from tfstack import demo
+
+    raw = paths.resolve(config.demo.raw)
+    if not raw.is_file():
+        raise DataError(
+            f"demo.raw={config.demo.raw} does not exist. Run `make data` (or "
+            "`python -m tfstack.demo write-raw data`) to materialize it, or `dvc pull`."
+        )
+    result = demo.make_transfer_task(
+        raw,
+        paths.stage("prepare"),
+        seed=config.seed,
+        target_train_per_class=config.demo.target_train_per_class,
+    )
+    return result
+
+
+def pretrain(config: Config, paths: Paths) -> dict:
+    """Train the demo's model_1 (base) and model_2 (head) on the source task."""
+    from tfstack import demo
+
+    source = paths.stage("prepare") / "source.npz"
+    if not source.is_file():
+        raise DataError(f"{source} is missing; run the prepare stage first (dvc repro prepare).")
+    result = demo.pretrain_components(
+        source, paths.stage("pretrain"), seed=config.seed, epochs=config.demo.pretrain_epochs
+    )
+    write_json(paths.stage("pretrain") / "pretrain.json", result)
+    return result
+
+
+def _component_kwargs(component) -> dict:
+    kwargs = {
+        "cut_at": component.cut_at,
+        "trust_code": component.trust_code,
+    }
+    if component.path.startswith("keras_applications:"):
+        kwargs.update(
+            weights=component.weights,
+            include_top=component.include_top,
+            pooling=component.pooling,
+            input_shape=tuple(component.input_shape) if component.input_shape else None,
+        )
+    return kwargs
+
+
+def load_components(config: Config, paths: Paths):
+    """Load the feature extractors (base, then extra) and the head, each under its own name."""
+    from tfstack.components import load_component
+
+    def load(key: str, component):
+        source = component.path
+        if not source.startswith("keras_applications:"):
+            source = str(paths.resolve(source))
+        return load_component(
+            source,
+            name=component.name or key,
+            key=f"components.{key}",
+            **_component_kwargs(component),
+        )
+
+    bases = [load("base", config.components.base)]
+    bases += [load(f"extra.{key}", c) for key, c in config.components.extra.items()]
+    head = load("head", config.components.head)
+    return bases, head
+
+
+def shape_report(models: dict) -> dict:
+    """Specs and per-layer tables of several models, JSON-ready."""
+    from tfstack.shapes import input_specs, layer_table, output_specs
+
+    return {
+        name: {
+            "inputs": [s.to_dict() for s in input_specs(model)],
+            "outputs": [s.to_dict() for s in output_specs(model)],
+            "layers": layer_table(model),
+        }
+        for name, model in models.items()
+    }
+
+
+def build(config: Config, paths: Paths, run: RunLog):
+    """Load the components, stack them by strategy and write the untrained model and report."""
+    from tfstack.shapes import summary_text
+    from tfstack.stacking import build_stacked
+
+    start = time.perf_counter()
+    bases, head = load_components(config, paths)
+    result = build_stacked(
+        config.stacking.strategy,
+        bases,
+        head,
+        adapter=config.stacking.adapter,
+        intermediate=list(config.stacking.intermediate) or None,
+        merge=config.stacking.merge,
+        name="stacked",
+    )
+    out = paths.stage("build")
+    models = {m.name: m for m in [*bases, head]}
+    report = {
+        "strategy": result.strategy,
+        "feature_extractors": result.feature_extractors,
+        "head": result.head,
+        "adapters": result.adapters,
+        "stacked": shape_report({"stacked": result.model})["stacked"],
+        "components": shape_report(models),
+        "seconds": time.perf_counter() - start,
+    }
+    summaries = {"stacked": summary_text(result.model)}
+    summaries.update({name: summary_text(m) for name, m in models.items()})
+    with atomic_path(out / "stacked.keras") as tmp:
+        result.model.save(tmp)
+    write_json(out / "shapes.json", report)
+    for name, text in summaries.items():
+        with atomic_path(out / f"summary_{name}.txt") as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    log_build_report(run, out)
+    return result
+
+
+def log_build_report(run: RunLog, build_dir: Path) -> None:
+    """Record the build's shape report and summaries in the run (from the build's files)."""
+    report = json.loads((build_dir / "shapes.json").read_text(encoding="utf-8"))
+    run.json(report["stacked"]["layers"], "shapes/stacked_layers.json")
+    for name, component in report["components"].items():
+        run.json(component["layers"], f"shapes/{name}_layers.json")
+    run.json(report, "shapes/report.json")
+    if "seconds" in report:
+        # When DVC cached the build, this run did not time it; the report did.
+        run.metrics({"stage_seconds_build": report["seconds"]})
+    for summary in sorted(build_dir.glob("summary_*.txt")):
+        run.text(summary.read_text(encoding="utf-8"), f"shapes/{summary.name}")
+    if run.run_id and report.get("adapters"):
+        from tfstack import tracking
+
+        described = "; ".join(
+            f"{a['upstream']}->{a['downstream']}: "
+            + ", ".join(layer["class_name"] for layer in a["layers"])
+            for a in report["adapters"]
+            if a["layers"]
+        )
+        if described:
+            tracking.log_tags(run.run_id, {"adapter": described})
+
+
+def _needs_unsafe_load(config: Config) -> bool:
+    """Reloading our own stacked model needs safe_mode off for trusted code or SavedModels."""
+    components = [config.components.base, config.components.head, *config.components.extra.values()]
+    return any(c.trust_code for c in components) or any(
+        Path(c.path).is_dir() for c in components if not c.path.startswith("keras_applications:")
+    )
+
+
+def load_model(path: Path, config: Config, *, stage: str, compile: bool = False):
+    """Load a model a previous stage wrote, with a clear message when it is missing."""
+    import keras
+
+    if not path.is_file():
+        raise DataError(f"{path} is missing; run the {stage} stage first (dvc repro {stage}).")
+    return keras.saving.load_model(path, compile=compile, safe_mode=not _needs_unsafe_load(config))
+
+
+def _load_splits(config: Config, paths: Paths):
+    from tfstack.data import load_npz
+
+    return load_npz(
+        paths.resolve(config.data.path),
+        val_fraction=config.data.val_fraction,
+        seed=config.seed,
+    )
+
+
+def _check_targets(config: Config, model, splits) -> None:
+    from tfstack.data import check_labels
+
+    outputs = int(model.outputs[0].shape[-1] or 1)
+    task = TASK_TO_LABELS[config.train.task]
+    for name in ("y_train", "y_val", "y_test"):
+        check_labels(getattr(splits, name), outputs, task=task, key=f"data.path {name}")
+
+
+def make_phases(config: Config):
+    """The schedule's phases from config values."""
+    from tfstack.freezing import FreezePolicy
+    from tfstack.schedules import make_schedule
+
+    f = config.freeze
+    freeze = FreezePolicy(
+        kind=f.policy,
+        unfreeze_last=f.unfreeze_last,
+        unfreeze_pattern=f.unfreeze_pattern,
+        bn=f.bn,
+        components=tuple(f.components) if f.components else None,
+    )
+    s = config.schedule
+    return make_schedule(
+        s.name,
+        epochs=config.train.epochs,
+        lr=config.train.lr,
+        optimizer=config.train.optimizer,
+        freeze=freeze,
+        fine_tune_epochs=s.fine_tune_epochs,
+        fine_tune_lr_factor=s.fine_tune_lr_factor,
+        unfreeze_last=s.unfreeze_last,
+        stages=s.stages,
+        unfreeze_step=s.unfreeze_step,
+        lr_decay=s.lr_decay,
+        lr_multipliers=dict(s.lr_multipliers),
+    )
+
+
+def feature_extractor_names(config: Config) -> list[str]:
+    names = [config.components.base.name or "base"]
+    names += [c.name or f"extra.{k}" for k, c in config.components.extra.items()]
+    return names
+
+
+def train(config: Config, paths: Paths, run: RunLog, model=None):
+    """Run the schedule's phases on the stacked model; write the trained model and history."""
+    from tfstack.data import make_dataset
+    from tfstack.training import run_schedule
+
+    seed_everything(config.seed, config.train.deterministic)
+    if model is None:
+        model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
+    splits = _load_splits(config, paths)
+    _check_targets(config, model, splits)
+    batch = config.train.batch_size
+    train_ds = make_dataset(
+        splits.x_train, splits.y_train, batch_size=batch, shuffle=True, seed=config.seed
+    )
+    val_ds = make_dataset(splits.x_val, splits.y_val, batch_size=batch, shuffle=False, seed=0)
+    phases = make_phases(config)
+
+    def per_phase(phase, index):
+        if not run.run_id:
+            return []
+        from tfstack.tracking import EpochLogger
+
+        return [EpochLogger(run.run_id, phase.name, phase_index=index)]
+
+    results = run_schedule(
+        model,
+        phases,
+        train_ds,
+        val_ds,
+        loss=config.train.loss,
+        metrics=list(config.train.metrics),
+        feature_extractors=feature_extractor_names(config),
+        callbacks_for_phase=per_phase,
+        verbose=config.train.verbose,
+    )
+    history = []
+    for result in results:
+        run.metrics(
+            {
+                "params_trainable": result.counts.trainable,
+                "params_non_trainable": result.counts.non_trainable,
+            },
+            step=result.initial_epoch,
+        )
+        keys = list(result.history)
+        for i in range(result.epochs):
+            row = {"epoch": result.initial_epoch + i, "phase": result.name}
+            row.update({k: result.history[k][i] for k in keys})
+            history.append(row)
+    out = paths.stage("train")
+    with atomic_path(out / "model.keras") as tmp:
+        model.save(tmp)
+    phases_record = [{**r.to_dict(), "history": None} for r in results]
+    write_json(out / "history.json", history)
+    write_json(out / "phases.json", phases_record)
+    run.json(phases_record, "training/phases.json")
+    run.json(history, "training/history.json")
+    return model, results
+
+
+def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
+    """Test metrics, the task's plot and the learning curve; log the trained model."""
+    import numpy as np
+
+    from tfstack import evaluation
+
+    if model is None:
+        # With its training compile state: the logged model keeps the optimizer it trained with.
+        model = load_model(
+            paths.stage("train") / "model.keras", config, stage="train", compile=True
+        )
+    splits = _load_splits(config, paths)
+    _check_targets(config, model, splits)
+    task = config.train.task
+    if not model.compiled:
+        model.compile(loss=config.train.loss, metrics=list(config.train.metrics))
+    scores = model.evaluate(
+        splits.x_test,
+        splits.y_test,
+        batch_size=config.train.batch_size,
+        verbose=0,
+        return_dict=True,
+    )
+    outputs = model.predict(splits.x_test, batch_size=config.train.batch_size, verbose=0)
+    metrics = {f"test_{k}": float(v) for k, v in scores.items()}
+    metrics.update(
+        {f"test_{k}": v for k, v in evaluation.task_metrics(splits.y_test, outputs, task).items()}
+    )
+    out = paths.stage("evaluate")
+    plots = out / "plots"
+    plots.mkdir(parents=True, exist_ok=True)
+    if task == "regression":
+        fig = evaluation.regression_figure(splits.y_test, outputs)
+        plot_name = "predicted_vs_true.png"
+        rows = [
+            {"true": float(t), "predicted": float(p)}
+            for t, p in zip(np.ravel(splits.y_test), np.ravel(outputs), strict=True)
+        ]
+        write_json(plots / "predictions.json", rows)
+    else:
+        predicted = evaluation.predict_labels(outputs, task)
+        classes = 2 if task == "binary" else int(outputs.shape[-1])
+        matrix = evaluation.confusion_matrix(splits.y_test, predicted, classes)
+        fig = evaluation.confusion_figure(matrix)
+        plot_name = "confusion_matrix.png"
+        write_json(plots / "confusion.json", evaluation.confusion_rows(splits.y_test, predicted))
+        run.json(matrix.tolist(), "evaluation/confusion_matrix.json")
+    with atomic_path(plots / plot_name) as tmp:
+        fig.savefig(tmp, format="png")
+    run.figure(fig, f"evaluation/{plot_name}")
+    history_path = paths.stage("train") / "history.json"
+    if history_path.is_file():
+        history = json.loads(history_path.read_text(encoding="utf-8"))
+        starts = [
+            (r["epoch"], r["phase"])
+            for i, r in enumerate(history)
+            if i == 0 or history[i - 1]["phase"] != r["phase"]
+        ]
+        curve = evaluation.learning_curve_figure(history, starts)
+        with atomic_path(plots / "learning_curve.png") as tmp:
+            curve.savefig(tmp, format="png")
+        run.figure(curve, "evaluation/learning_curve.png")
+    write_json(out / "metrics.json", metrics)
+    run.metrics(metrics)
+    if run.run_id and config.tracking.log_model:
+        from tfstack import tracking
+
+        uri = tracking.log_keras_model(run.run_id, model, splits.x_test[:5], name="model")
+        metrics_uri = {"model_uri": uri}
+        write_json(out / "model_uri.json", metrics_uri)
+    return metrics
+
+
+def ensure_demo_inputs(config: Config, paths: Paths) -> None:
+    """For ``tfstack run`` on the demo: make the prepared data and components when missing."""
+    if config.data.name != "digits":
+        return
+    if not paths.resolve(config.data.path).is_file():
+        logger.info("Demo data missing: running prepare")
+        prepare(config, paths)
+    demo_components = [config.components.base.path, config.components.head.path]
+    if any(
+        p.startswith(str(Path(config.output_dir) / "pretrain")) and not paths.resolve(p).exists()
+        for p in demo_components
+    ):
+        logger.info("Demo components missing: running pretrain")
+        pretrain(config, paths)
+
+
+def run_all(config: Config, paths: Paths) -> tuple[RunLog, dict]:
+    """build -> train -> evaluate in one process and one MLflow run."""
+    ensure_demo_inputs(config, paths)
+    run = RunLog(config, paths)
+    with run.stage("run", continue_run=False):
+        result = build(config, paths, run)  # its report logs stage_seconds_build
+        start = time.perf_counter()
+        model, _ = train(config, paths, run, model=result.model)
+        run.metrics({"stage_seconds_train": time.perf_counter() - start})
+        start = time.perf_counter()
+        metrics = evaluate(config, paths, run, model=model)
+        run.metrics({"stage_seconds_evaluate": time.perf_counter() - start})
+    return run, metrics
+
+
+def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
+    """One DVC stage in its own process."""
+    if name in ("prepare", "pretrain"):
+        return None, {"prepare": prepare, "pretrain": pretrain}[name](config, paths)
+    run = RunLog(config, paths)
+    with run.stage(name, continue_run=name != "build"):
+        if name == "build":
+            result = build(config, paths, run)
+        elif name == "train":
+            if run.new:
+                log_build_report(run, paths.stage("build"))
+            result = train(config, paths, run)
+        elif name == "evaluate":
+            if run.new:
+                log_build_report(run, paths.stage("build"))
+            result = evaluate(config, paths, run)
+        else:  # pragma: no cover - the CLI only passes known names
+            raise TfstackError(f"Unknown stage {name!r}.")
+    return run, result

@@ -1,0 +1,143 @@
+"""Config groups compose, the schema catches mistakes before any TensorFlow work."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tfstack.config import compose, load_params, to_dict, validate
+from tfstack.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CONF = ROOT / "conf"
+GROUPS = ["data", "components", "stacking", "freeze", "schedule", "train", "tracking", "experiment"]
+
+
+def _options():
+    for group in GROUPS:
+        for path in sorted((CONF / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+def test_every_group_has_the_documented_options():
+    options = {}
+    for group, option in _options():
+        options.setdefault(group, set()).add(option)
+    assert {"sequential", "adapter", "functional"} <= options["stacking"]
+    assert {"frozen", "joint", "partial"} <= options["freeze"]
+    assert {"single", "two_phase", "gradual"} <= options["schedule"]
+    assert {"digits", "npz"} <= options["data"]
+
+
+@pytest.mark.parametrize(("group", "option"), list(_options()))
+def test_every_option_composes_and_validates(group, option):
+    overrides = [f"{group}={option}"]
+    if (group, option) == ("data", "npz"):
+        overrides.append("data.path=my.npz")
+    config = compose(overrides, config_dir=CONF)
+    if group == "stacking":
+        assert config.stacking.strategy == option
+    if group == "freeze":
+        assert config.freeze.policy == option
+    if group == "schedule":
+        assert config.schedule.name == option
+
+
+def test_experiment_presets_override_several_groups():
+    config = compose(["experiment=wide_head"], config_dir=CONF)
+    assert config.stacking.strategy == "adapter"
+    assert config.components.head.path.endswith("head_wide.keras")
+    config = compose(["experiment=fine_tune"], config_dir=CONF)
+    assert (config.freeze.policy, config.schedule.name) == ("partial", "two_phase")
+
+
+def test_stable_interface_keys_exist():
+    config = compose(
+        [
+            "components.base.path=a.keras",
+            "components.base.cut_at=conv2",
+            "components.base.trust_code=true",
+            "components.head.path=b.keras",
+            "stacking.adapter=auto",
+            "freeze=partial",
+            "freeze.unfreeze_last=3",
+            "freeze.unfreeze_pattern=conv",
+            "data=npz",
+            "data.path=x.npz",
+            "train.epochs=2",
+            "train.batch_size=8",
+            "seed=7",
+            "tracking.uri=sqlite:////tmp/x.db",
+            "tracking.experiment=exp",
+        ],
+        config_dir=CONF,
+    )
+    assert config.components.base.cut_at == "conv2" and config.components.base.trust_code
+    assert config.freeze.unfreeze_last == 3 and config.data.path == "x.npz"
+    assert (config.train.epochs, config.train.batch_size, config.seed) == (2, 8, 7)
+    assert config.tracking.experiment == "exp"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["train.epoch=3"], "train.epoch is not a config key. Did you mean train.epochs?"),
+        (["stacking=stackish"], "Options: ['adapter', 'functional', 'sequential']"),
+        (["freeze=thawed"], "freeze=thawed is not an option"),
+        (["train.epochs=abc"], "train.epochs"),
+        (["train.epochs=0"], "train.epochs=0 must be at least 1"),
+        (["train.lr=-1"], "train.lr=-1.0 must be positive"),
+        (["train.task=ranking"], "train.task='ranking' is not valid"),
+        (["stacking.adapter=sometimes"], "stacking.adapter='sometimes' is not valid"),
+        (["data=npz"], "data.path"),
+        (["components.head.path="], "components.head.path is not set"),
+        (["freeze.unfreeze_pattern=^conv"], "Quote values with special characters"),
+    ],
+)
+def test_mistakes_fail_with_the_key_named(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, config_dir=CONF)
+    assert message in str(err.value)
+
+
+def test_unknown_key_in_a_params_file_is_named(tmp_path):
+    params = tmp_path / "params.yaml"
+    data = to_dict(compose([], config_dir=CONF))
+    data["freeze"]["unfreeze_lats"] = 2
+    params.write_text(yaml.safe_dump(data))
+    with pytest.raises(ConfigError, match="freeze.unfreeze_lats is not a config key") as err:
+        load_params(params)
+    assert "unfreeze_last" in str(err.value)
+
+
+def test_missing_params_file_says_how_to_make_it(tmp_path):
+    with pytest.raises(ConfigError, match="dvc exp run"):
+        load_params(tmp_path / "params.yaml")
+
+
+def test_validation_imports_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; from tfstack.config import compose; "
+        f"compose([], config_dir={str(CONF)!r}); "
+        "print('tensorflow' in sys.modules, 'mlflow' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]
+
+
+def test_committed_params_yaml_is_what_dvc_composes():
+    """plain `dvc repro` uses params.yaml; it must equal DVC's composition of conf/."""
+    from dvc.utils.hydra import compose_and_dump
+
+    import tfstack.config
+
+    expected = ROOT / ".pytest_cache" / "params_expected.yaml"
+    expected.parent.mkdir(exist_ok=True)
+    compose_and_dump(expected, str(CONF), None, "config", str(ROOT), [])
+    committed = (ROOT / "params.yaml").read_text()
+    assert committed == expected.read_text(), "conf/ changed: run `make params`"
+    assert tfstack.config.compose_yaml(CONF) == committed
+    validate(yaml.safe_load(committed), source="params.yaml")
