@@ -168,6 +168,8 @@ def test_dvc_repro_then_exp_run_overlay_in_one_store(project):
     assert len(runs) == 1, [r.data.tags.get("mlflow.runName") for r in runs]
     first = runs[0]
     assert_complete_run(client, first, epochs=1, freeze="frozen")
+    keras_model, _ = _load_logged_model(client, first)
+    assert keras_model.output_shape == (None, 5)
     status = _sh(project, "dvc", "status", "data.dvc").stdout
     assert "changed" not in status and "modified" not in status
 
@@ -182,6 +184,67 @@ def test_dvc_repro_then_exp_run_overlay_in_one_store(project):
     assert set(first.data.metrics) == set(second.data.metrics)
     shown = _sh(project, "dvc", "exp", "show", "--csv").stdout
     assert "test_accuracy" in shown
+
+
+@pytest.mark.slow
+def test_queued_dvc_grid_logs_every_experiment_into_the_workspace_store(project):
+    """Queued experiments run in .dvc/tmp/exps copies; their runs must land in one store."""
+    _sh(project, "dvc", "exp", "run", "--queue", "-S", "freeze=frozen,joint")
+    _sh(project, "dvc", "queue", "start", "-j", "1")
+    _sh(project, "dvc", "exp", "run", "--run-all")  # waits until the queue is empty
+    queue = _sh(project, "dvc", "queue", "status").stdout
+    assert "Failed" not in queue, queue
+    client, runs = _runs(project)
+    assert sorted(r.data.tags["freeze"] for r in runs) == ["frozen", "joint"]
+    assert all(r.info.status == "FINISHED" for r in runs)
+    assert all(r.data.tags.get("dvc_exp_name") for r in runs)
+    assert not list((project / ".dvc" / "tmp" / "exps").glob("**/mlflow.db"))
+
+
+@pytest.mark.slow
+def test_mlflow_run_entry_point_gives_one_complete_run(project):
+    env = _env(project)
+    env["MLFLOW_TRACKING_URI"] = f"sqlite:///{project / 'mlflow.db'}"
+    result = subprocess.run(
+        [
+            str(VENV_BIN / "mlflow"),
+            "run",
+            ".",
+            "-e",
+            "main",
+            "--env-manager",
+            "local",
+            "--experiment-name",
+            "tfstack",
+            "-P",
+            "overrides=freeze=joint",
+        ],
+        cwd=project,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    client, runs = _runs(project)
+    assert len(runs) == 1, "mlflow run and tfstack must share one run"
+    assert runs[0].data.tags["mlflow.project.entryPoint"] == "main"
+    assert_complete_run(client, runs[0], epochs=1, freeze="joint")
+
+
+@pytest.mark.slow
+def test_wide_head_experiment_needs_and_gets_an_adapter(project, monkeypatch, capsys):
+    monkeypatch.chdir(project)
+    assert cli.main(["run", "experiment=wide_head", "stacking=sequential"]) == 2
+    err = capsys.readouterr().err
+    assert "(None, 64)" in err and "(None, 32)" in err and "stacking=adapter" in err
+    assert cli.main(["run", "experiment=wide_head"]) == 0
+    client, runs = _runs(project)
+    assert [r.info.status for r in runs] == ["FAILED", "FINISHED"]
+    assert "Dense" in runs[1].data.tags["adapter"]
+    layers = json.loads((project / "outputs" / "build" / "shapes.json").read_text())
+    names = [row["name"] for row in layers["stacked"]["layers"]]
+    assert "adapter_1" in names
 
 
 @pytest.mark.slow

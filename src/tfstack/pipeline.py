@@ -127,14 +127,19 @@ def main_project_root(root: Path) -> Path:
 
 
 def tracking_uri(config: Config, root: Path) -> str:
-    """The tracking URI: ``tracking.uri``, else ``TFSTACK_TRACKING_URI``, else sqlite at the root.
+    """The tracking URI: ``tracking.uri``, else ``TFSTACK_TRACKING_URI``, else MLflow's own
+    ``MLFLOW_TRACKING_URI`` (set by ``mlflow run``), else sqlite at the workspace root.
 
     A relative sqlite path is made absolute against the workspace root, so queued DVC
     experiments running in temporary copies log to the same store.
     """
     from tfstack import tracking
 
-    uri = config.tracking.uri or os.environ.get("TFSTACK_TRACKING_URI")
+    uri = (
+        config.tracking.uri
+        or os.environ.get("TFSTACK_TRACKING_URI")
+        or os.environ.get("MLFLOW_TRACKING_URI")
+    )
     if not uri:
         return tracking.default_tracking_uri(main_project_root(root))
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
@@ -166,6 +171,7 @@ class RunLog:
         self.paths = paths
         self.enabled = config.tracking.enabled
         self.uri = tracking_uri(config, paths.root) if self.enabled else None
+        self.experiment = config.tracking.experiment
         self.run_id: str | None = None
         self.new = False
 
@@ -207,10 +213,15 @@ class RunLog:
             )
             run_id = ref["run_id"] if same else None
         self.new = run_id is None
+        if run_id is None and os.environ.get("MLFLOW_RUN_ID"):
+            # Under `mlflow run`, the project run is this execution's run: adopt it (and its
+            # experiment) rather than leave an empty run beside ours.
+            run_id = os.environ["MLFLOW_RUN_ID"]
+            self.experiment = tracking.run_experiment_name(self.uri, run_id)
         start = time.perf_counter()
         with tracking.tracked_run(
             self.uri,
-            self.config.tracking.experiment,
+            self.experiment,
             run_id=run_id,
             run_name=self.config.tracking.run_name,
             tags=self.tags(),
@@ -223,7 +234,7 @@ class RunLog:
                     self.paths.run_ref,
                     run_id,
                     self.uri,
-                    self.config.tracking.experiment,
+                    self.experiment,
                     config_hash=config_hash(self.config),
                 )
             yield self
@@ -607,8 +618,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         from tfstack import tracking
 
         uri = tracking.log_keras_model(run.run_id, model, splits.x_test[:5], name="model")
-        metrics_uri = {"model_uri": uri}
-        write_json(out / "model_uri.json", metrics_uri)
+        logger.info("Logged the trained model as %s", uri)
     return metrics
 
 

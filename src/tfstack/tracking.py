@@ -320,6 +320,20 @@ def get_run_handle(run_id: str) -> RunHandle:
 # ---------------------------------------------------------------------------------------------
 
 
+def run_experiment_name(uri: str, run_id: str) -> str:
+    """The name of the experiment a run belongs to (e.g. a run `mlflow run` created).
+
+    Raises:
+        TrackingError: The run does not exist in the store.
+    """
+    client = _client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(f"run_id={run_id} does not exist in tracking.uri={uri}.") from exc
+    return client.get_experiment(run.info.experiment_id).name
+
+
 def _artifact_location(uri: str, experiment: str) -> str | None:
     """Absolute artifact root beside a sqlite database, or None to let the store decide.
 
