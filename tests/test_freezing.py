@@ -192,3 +192,21 @@ def test_head_is_never_frozen_by_a_policy():
     model = build_stacked("sequential", make_base(), make_head()).model
     apply_freeze_policy(model, FreezePolicy("frozen"), feature_extractors=["base"])
     assert model.get_layer("head").trainable
+
+
+def test_savedmodel_component_refuses_partial_and_stays_frozen_under_joint(tmp_path):
+    from tfstack.components import load_component
+
+    exported = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(8, name="dense")], name="exported"
+    )
+    exported.export(str(tmp_path / "saved"))
+    base = load_component(str(tmp_path / "saved"), name="base")
+    model = build_stacked("sequential", base, make_head()).model
+    with pytest.raises(FreezeError, match="SavedModel") as err:
+        apply_freeze_policy(
+            model, FreezePolicy("partial", unfreeze_last=1), feature_extractors=["base"]
+        )
+    assert "freeze.components" in str(err.value)
+    report = apply_freeze_policy(model, FreezePolicy("joint"), feature_extractors=["base"])
+    assert report.counts.trainable == 27  # only the head: the SavedModel never trains
