@@ -39,7 +39,8 @@ def _env(project: Path) -> dict:
     env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
     env["DVC_NO_ANALYTICS"] = "1"
     env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    env.pop("TFSTACK_TRACKING_URI", None)
+    for leaked in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        env.pop(leaked, None)
     return env
 
 
@@ -60,6 +61,17 @@ def _compose_params(project: Path) -> None:
         cfg = compose(config_name="config")
     OmegaConf.resolve(cfg)
     (project / "params.yaml").write_text(OmegaConf.to_yaml(cfg))
+
+
+@pytest.fixture(autouse=True)
+def _no_tracking_env(monkeypatch):
+    """Each test starts without a process-wide MLflow URI (tests here set one to load models)."""
+    import mlflow
+
+    for name in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    yield
+    mlflow.set_tracking_uri(None)
 
 
 @pytest.fixture

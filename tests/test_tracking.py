@@ -413,3 +413,13 @@ def test_concurrent_processes_share_a_fresh_database(uri):
     runs = client.search_runs([experiment.experiment_id])
     assert len(runs) == 3
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 20 for r in runs)
+
+
+def test_log_keras_model_leaves_no_process_wide_tracking_uri(uri, monkeypatch):
+    """A later run in this process, or a subprocess, must not inherit this store."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    run_id = tracking.start_run(uri, EXPERIMENT)
+    x, _ = tiny_data(n=4, seed=1)
+    tracking.log_keras_model(run_id, tiny_model(seed=3), x, name="model")
+    tracking.end_run(run_id)
+    assert "MLFLOW_TRACKING_URI" not in os.environ

@@ -966,6 +966,17 @@ def default_pip_requirements() -> list[str]:
     return [f"{name}=={importlib.metadata.version(name)}" for name in packages]
 
 
+@contextlib.contextmanager
+def _process_tracking_uri(uri: str) -> Iterator[None]:
+    """Set MLflow's process-wide tracking URI for a block, then restore it and the env var."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None unsets both the URI and the env var
+
+
 def log_keras_model(
     run_id: str,
     model: keras.Model,
@@ -1007,8 +1018,6 @@ def log_keras_model(
         predictions = dict(zip(model.output_names, predictions, strict=True))
     signature = infer_signature(example, predictions)
     requirements = default_pip_requirements() if pip_requirements is None else pip_requirements
-    # Model.log resolves its store from the process-wide tracking URI.
-    mlflow.set_tracking_uri(handle.uri)
     logged_model = _write(
         f"creating model {name!r} in run {run_id}",
         handle.uri,
@@ -1018,18 +1027,22 @@ def log_keras_model(
         source_run_id=run_id,
     )
     start = time.perf_counter()
-    info = _write(
-        f"logging model {name!r} to run {run_id}",
-        handle.uri,
-        mlflow.tensorflow.log_model,
-        model,
-        name=name,
-        signature=signature,
-        input_example=example,
-        pip_requirements=requirements,
-        run_id=run_id,
-        model_id=logged_model.model_id,
-    )
+    # Model.log resolves its store from the process-wide tracking URI; set it only for this call
+    # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak into later runs
+    # of this process and into every subprocess it starts).
+    with _process_tracking_uri(handle.uri):
+        info = _write(
+            f"logging model {name!r} to run {run_id}",
+            handle.uri,
+            mlflow.tensorflow.log_model,
+            model,
+            name=name,
+            signature=signature,
+            input_example=example,
+            pip_requirements=requirements,
+            run_id=run_id,
+            model_id=logged_model.model_id,
+        )
     logger.info(
         "logged model %s to run %s in %.2f s", info.model_uri, run_id, time.perf_counter() - start
     )
