@@ -5,6 +5,7 @@
 #   make run     set up, write the demo data if missing, run the DVC pipeline (dvc repro)
 #   make params  rewrite params.yaml from conf/ (as DVC composes it)
 #   make lint    ruff check + ruff format --check
+#   make bench   benchmarks/bench.py: tfstack vs plain Keras, ratios measured side by side (~6 min)
 #   make ui      MLflow UI on http://127.0.0.1:5000 for the runs in ./mlflow.db
 #   make clean   caches and scratch outputs (keeps .venv, data/, mlflow.db, the DVC cache)
 #   make distclean  clean, and remove .venv too
@@ -18,8 +19,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 # Written after a successful install; older than pyproject.toml means "reinstall".
 VENV_STAMP := $(VENV)/.tfstack-installed
-# Debian packages the project needs, installed when missing and running as root.
-DEB_PACKAGES ?= git
+# Debian packages the project needs, installed when missing and running as root (postgresql:
+# tests/test_team_tracking.py starts a real PostgreSQL server for `mlflow server`; chromium and
+# chromium-driver: tests/test_ui.py loads the MLflow UI in a real browser).
+DEB_PACKAGES ?= git postgresql chromium chromium-driver
 RAW_DATA := data/digits.npz
 PYTEST_ARGS ?=
 
@@ -27,7 +30,7 @@ export TF_CPP_MIN_LOG_LEVEL ?= 2
 export DVC_NO_ANALYTICS := 1
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
-.PHONY: venv deb data test run params lint format ui clean distclean
+.PHONY: venv deb data test run params lint format ui clean distclean bench
 .DELETE_ON_ERROR:
 
 venv: $(VENV_STAMP)
@@ -92,13 +95,17 @@ run: $(VENV_STAMP) $(RAW_DATA)
 params: $(VENV_STAMP)
 	$(BIN)/tfstack params
 
+# Prints the README's performance table; no timed assertions.
+bench: $(VENV_STAMP) $(RAW_DATA)
+	$(ACTIVATE) $(BIN)/python benchmarks/bench.py
+
 lint: $(VENV_STAMP)
-	$(BIN)/ruff check src tests
-	$(BIN)/ruff format --check src tests
+	$(BIN)/ruff check src tests benchmarks
+	$(BIN)/ruff format --check src tests benchmarks
 
 format: $(VENV_STAMP)
-	$(BIN)/ruff check --fix src tests
-	$(BIN)/ruff format src tests
+	$(BIN)/ruff check --fix src tests benchmarks
+	$(BIN)/ruff format src tests benchmarks
 
 ui: $(VENV_STAMP)
 	$(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --host 127.0.0.1

@@ -10,7 +10,17 @@ from tfstack.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
-GROUPS = ["data", "components", "stacking", "freeze", "schedule", "train", "tracking", "experiment"]
+GROUPS = [
+    "data",
+    "components",
+    "stacking",
+    "freeze",
+    "schedule",
+    "train",
+    "tracking",
+    "experiment",
+    "distribute",
+]
 
 
 def _options():

@@ -5,9 +5,17 @@ import json
 
 import numpy as np
 import pytest
+import tensorflow as tf
 from dvc_data.hashfile.hash import file_md5
 
-from tfstack.data import check_labels, file_hash, load_npz, make_dataset, save_npz
+from tfstack.data import (
+    ArrayDataset,
+    check_labels,
+    file_hash,
+    load_npz,
+    make_dataset,
+    save_npz,
+)
 from tfstack.errors import DataError
 
 
@@ -190,6 +198,57 @@ def test_make_dataset_rejects_mismatched_lengths_and_bad_batch_size():
         make_dataset(np.zeros((3, 1)), np.zeros(2), batch_size=2, shuffle=False, seed=0)
     with pytest.raises(DataError, match="Received: batch_size=0"):
         make_dataset(np.zeros((3, 1)), np.zeros(3), batch_size=0, shuffle=False, seed=0)
+
+
+def _labels(dataset):
+    return np.concatenate([b[1] for b in collect(dataset)]).tolist()
+
+
+def test_make_dataset_order_is_a_seeded_shuffle_of_the_samples():
+    """The index pipeline gives the order a tf.data shuffle of the (x, y) pairs gives."""
+    x = np.arange(40, dtype="float32").reshape(40, 1)
+    y = np.arange(40)
+    reference = tf.data.Dataset.from_tensor_slices((x, y)).shuffle(
+        40, seed=42, reshuffle_each_iteration=True
+    )
+    dataset = make_dataset(x, y, batch_size=16, shuffle=True, seed=42)
+    for _ in range(3):
+        expected = [int(v) for _, v in reference]
+        batches = collect(dataset)
+        assert [len(b[1]) for b in batches] == [16, 16, 8]
+        got = np.concatenate([b[1] for b in batches]).tolist()
+        assert got == expected
+        assert [row[0] for b in batches for row in b[0]] == [float(v) for v in got]
+
+
+def test_array_dataset_views_share_one_shuffle_stream():
+    x = np.arange(24, dtype="float32").reshape(24, 1)
+    y = np.arange(24)
+    features = np.stack([x[:, 0] * 10, -x[:, 0]], axis=1)  # one row per sample, in x's order
+
+    reference = ArrayDataset(x, y, batch_size=8, shuffle=True, seed=3)
+    epochs = [_labels(reference.batches()) for _ in range(4)]
+
+    shared = ArrayDataset(x, y, batch_size=8, shuffle=True, seed=3)
+    mixed = [_labels(shared.batches()), _labels(shared.with_inputs(features))]
+    feature_batches = collect(shared.with_inputs(features))
+    mixed.append(np.concatenate([b[1] for b in feature_batches]).tolist())
+    mixed.append(_labels(shared.batches()))
+    assert mixed == epochs  # epochs continue across views: 1 on x, 2 and 3 on features, 4 on x
+    for inputs, labels in feature_batches:
+        np.testing.assert_array_equal(inputs, features[labels])
+    assert shared.steps == 3 and len(shared) == 24
+
+
+def test_array_dataset_with_several_inputs_and_a_length_check():
+    x = np.arange(10, dtype="float32").reshape(10, 1)
+    y = np.arange(10)
+    dataset = ArrayDataset(x, y, batch_size=4, shuffle=False, seed=0)
+    (a, b), labels = next(iter(dataset.with_inputs([x * 2, x * 3])))
+    np.testing.assert_array_equal(a.numpy()[:, 0], labels.numpy() * 2)
+    np.testing.assert_array_equal(b.numpy()[:, 0], labels.numpy() * 3)
+    with pytest.raises(DataError, match="inputs have 9 rows but the dataset has 10 samples"):
+        dataset.with_inputs(x[:9])
 
 
 def test_check_labels_multiclass_names_bad_values_and_head_size():

@@ -202,7 +202,7 @@ def test_dvc_repro_then_exp_run_overlay_in_one_store(project):
 def test_queued_dvc_grid_logs_every_experiment_into_the_workspace_store(project):
     """Queued experiments run in .dvc/tmp/exps copies; their runs must land in one store."""
     _sh(project, "dvc", "exp", "run", "--queue", "-S", "freeze=frozen,joint")
-    _sh(project, "dvc", "queue", "start", "-j", "1")
+    _sh(project, "dvc", "queue", "start", "-j", "2")  # two workers writing one sqlite store
     _sh(project, "dvc", "exp", "run", "--run-all")  # waits until the queue is empty
     queue = _sh(project, "dvc", "queue", "status").stdout
     assert "Failed" not in queue, queue

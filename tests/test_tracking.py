@@ -423,3 +423,30 @@ def test_log_keras_model_leaves_no_process_wide_tracking_uri(uri, monkeypatch):
     tracking.log_keras_model(run_id, tiny_model(seed=3), x, name="model")
     tracking.end_run(run_id)
     assert "MLFLOW_TRACKING_URI" not in os.environ
+
+
+@pytest.mark.parametrize("synchronous", [True, False])
+def test_epoch_logger_gathers_short_epochs_into_one_write_per_interval(uri, synchronous):
+    run_id = tracking.start_run(uri, EXPERIMENT)
+    model = tiny_model()
+    x, y = tiny_data()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+    client = MlflowClient(uri)
+    written_so_far = []
+
+    class Peek(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            written_so_far.append(len(client.get_metric_history(run_id, "loss")))
+
+    epoch_logger = tracking.EpochLogger(
+        run_id, "head", min_interval_s=3600, synchronous=synchronous
+    )
+    model.fit(x, y, batch_size=8, epochs=4, callbacks=[epoch_logger, Peek()], verbose=0)
+    tracking.end_run(run_id)  # waits for a queued (asynchronous) last write
+
+    assert written_so_far == [0, 0, 0, 0]  # nothing written while the phase ran
+    assert [step for step, _ in history(client, run_id, "loss")] == [0, 1, 2, 3]
+    timestamps = [m.timestamp for m in client.get_metric_history(run_id, "loss")]
+    assert timestamps == sorted(timestamps)  # each epoch keeps the time it ended
+    tags = client.get_run(run_id).data.tags
+    assert tags["phase.0.name"] == "head" and tags["phase.0.epochs"] == "0-3"

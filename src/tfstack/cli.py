@@ -4,6 +4,10 @@
 ``tfstack prepare|pretrain|build|train|evaluate [--params params.yaml] [overrides]``  DVC stages
 ``tfstack inspect MODEL [MODEL2]``           specs, per-layer table, verdict, the adapter auto picks
 ``tfstack params [overrides]``               write conf/ composed as DVC does into params.yaml
+``tfstack run -m a=x,y b=u,v`` (or ``hparams_search=optuna``)  a Hydra multirun: one MLflow parent
+                                             run, one nested run per job (``tfstack.sweeps``)
+``tfstack compare [--parent ID] [--filter F]`` the runs grouped by freeze x stacking x schedule
+``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -35,6 +39,12 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="build, train and evaluate in one process")
     run.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stacking=adapter")
     run.add_argument("--config-dir", default="conf", help="the Hydra config directory")
+    run.add_argument(
+        "-m",
+        "--multirun",
+        action="store_true",
+        help="Hydra multirun (a sweep): one job per combination, nested under one MLflow run",
+    )
     for stage in STAGES:
         sub = commands.add_parser(stage, help=f"the DVC stage '{stage}'")
         sub.add_argument("overrides", nargs="*", help="Hydra overrides (without --params)")
@@ -50,7 +60,89 @@ def _parser() -> argparse.ArgumentParser:
     )
     inspect.add_argument("--trust-code", action="store_true", help="allow Lambda layers")
     inspect.add_argument("--cut-at", help="use the first model up to this layer's output")
+    tracking_help = "tracking.uri=... tracking.experiment=... (as for tfstack run)"
+    compare = commands.add_parser("compare", help="compare runs: table, CSV, Markdown, curves")
+    compare.add_argument("overrides", nargs="*", help=tracking_help)
+    compare.add_argument("--parent", help="only this sweep's runs: a parent run id, or 'last'")
+    compare.add_argument("--filter", help="an MLflow filter, e.g. \"tags.freeze = 'joint'\"")
+    compare.add_argument(
+        "--group-by", default="freeze,stacking,schedule", help="tags or params, comma-separated"
+    )
+    compare.add_argument("--rank-by", default="test_accuracy", help="the verdict's metric")
+    compare.add_argument("--val-metric", default="val_accuracy", help="the history to plot")
+    compare.add_argument("--out", default="outputs/compare", help="where to write the files")
+    compare.add_argument("--no-log", action="store_true", help="do not log to the parent run")
+    compare.add_argument("--config-dir", default="conf", help="the Hydra config directory")
+    reproduce = commands.add_parser("reproduce", help="re-run a run from its logged config")
+    reproduce.add_argument("run_id", help="the MLflow run id to re-run")
+    reproduce.add_argument("overrides", nargs="*", help=tracking_help)
+    reproduce.add_argument("--config-dir", default="conf", help="the Hydra config directory")
     return parser
+
+
+def _tracking_store(args):
+    """The store and experiment named by ``tracking.*`` overrides, as ``tfstack run`` does."""
+    from tfstack.config import compose
+    from tfstack.errors import ConfigError
+    from tfstack.pipeline import tracking_uri
+
+    other = [o for o in args.overrides if not o.lstrip("+~").startswith("tracking")]
+    if other:
+        raise ConfigError(
+            f"tfstack {args.command} takes only tracking overrides (tracking.uri=..., "
+            f"tracking.experiment=...); got {other}. To change the config, use tfstack run."
+        )
+    config = compose(args.overrides, config_dir=args.config_dir)
+    return tracking_uri(config, Path.cwd()), config
+
+
+def _compare(args) -> int:
+    from tfstack import compare
+
+    uri, config = _tracking_store(args)
+    comparison, files, parent = compare.compare_store(
+        uri,
+        config.tracking.experiment,
+        parent_run_id=args.parent,
+        filter_string=args.filter,
+        group_by=[key.strip() for key in args.group_by.split(",") if key.strip()],
+        val_metric=args.val_metric,
+        rank_by=args.rank_by,
+        out_dir=Path(args.out),
+        log_to_parent=not args.no_log,
+    )
+    print(comparison.text())
+    print(f"\n  wrote {', '.join(str(path) for path in files.values())}")
+    if parent and not args.no_log:
+        print(f"  logged to parent run {parent} (comparison/)")
+    return 0
+
+
+def _reproduce(args) -> int:
+    from tfstack import reproduce
+
+    uri, config = _tracking_store(args)
+    explicit = any(o.lstrip("+").startswith("tracking.experiment=") for o in args.overrides)
+    result = reproduce.reproduce(
+        args.run_id,
+        uri=uri,
+        root=Path.cwd(),
+        experiment=config.tracking.experiment if explicit else None,
+        output_dir=config.output_dir,
+        warn=lambda message: print(f"tfstack: warning: {message}", file=sys.stderr),
+    )
+    print(f"\ntfstack: reproduced run {result.source_run_id} as run {result.run_id} ({uri})")
+    print(reproduce.differences_text(result.differences))
+    return 0
+
+
+def _sweep(args) -> int:
+    from tfstack import sweeps
+
+    result = sweeps.run_sweep(args.overrides, config_dir=args.config_dir)
+    print(sweeps.summary(result))
+    failed = [r for r in result.get("results", []) if r["status"] != "FINISHED"]
+    return 1 if failed or not result.get("results") else 0
 
 
 def _load_config(args):
@@ -129,10 +221,26 @@ def main(argv: list[str] | None = None) -> int:
             from tfstack.config import compose, compose_yaml
 
             compose(args.overrides, config_dir=args.config_dir)  # validate first
-            Path(args.out).write_text(compose_yaml(args.config_dir, args.overrides))
+            from tfstack.pipeline import atomic_path
+
+            with atomic_path(Path(args.out)) as tmp:  # never a half-written params.yaml
+                tmp.write_text(compose_yaml(args.config_dir, args.overrides))
             print(f"tfstack params: wrote {args.out}")
             return 0
+        if args.command == "run" and (
+            args.multirun or any(o.startswith("hparams_search=") for o in args.overrides)
+        ):
+            return _sweep(args)
+        if args.command == "compare":
+            return _compare(args)
+        if args.command == "reproduce":
+            return _reproduce(args)
         config = _load_config(args)
+        if config.distribute.cpu_replicas:
+            # Logical CPU devices can only be made before TensorFlow starts its runtime.
+            from tfstack.distribute import configure_cpu_replicas
+
+            configure_cpu_replicas(config.distribute.cpu_replicas)
         from tfstack import pipeline
 
         paths = pipeline.Paths.from_config(config, Path.cwd())

@@ -27,6 +27,11 @@ TASKS = ("classification", "binary", "regression")
 MERGES = ("concatenate", "average")
 BN_MODES = ("freeze", "train")
 CACHE_MODES = ("auto", "off")
+RESUME_MODES = ("auto", "off")
+# Component names become file and artifact names (summary_<name>.txt, shapes/<name>_layers.json):
+# no path separators, no leading dot.
+COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+DISTRIBUTE_KINDS = ("none", "mirrored", "multi_worker")
 
 
 @dataclass
@@ -111,6 +116,8 @@ class TrainConfig:
     cache_frozen: str = "auto"
     deterministic: bool = True
     verbose: int = 1
+    # auto: checkpoint every epoch and resume a killed run of the same config; off: neither.
+    resume: str = "auto"
 
 
 @dataclass
@@ -122,6 +129,14 @@ class TrackingConfig:
     experiment: str = "tfstack"
     run_name: str | None = None
     log_model: bool = True
+
+
+@dataclass
+class DistributeConfig:
+    """The TensorFlow distribution strategy training runs under."""
+
+    kind: str = "none"
+    cpu_replicas: int = 0
 
 
 @dataclass
@@ -144,6 +159,7 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    distribute: DistributeConfig = field(default_factory=DistributeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     seed: int = 42
     output_dir: str = "outputs"
@@ -159,6 +175,33 @@ def _known_keys(full_key: str) -> list[str]:
         else:
             return []
     return list(node.keys()) if isinstance(node, DictConfig) else []
+
+
+def _first_unknown(full_key: str) -> str:
+    """The shortest prefix of a dotted key that is not in the schema (``trian.lr`` -> ``trian``)."""
+    node: Any = OmegaConf.structured(Config)
+    parts = full_key.split(".")
+    for i, part in enumerate(parts):
+        if not isinstance(node, DictConfig) or part not in node:
+            return ".".join(parts[: i + 1])
+        node = node[part]
+    return full_key
+
+
+def _adds_to_mapping(full_key: str) -> bool:
+    """Whether ``full_key`` is, or is inside, a free-form mapping of the schema.
+
+    Such as ``schedule.lr_multipliers`` (or ``schedule.lr_multipliers.base``): Hydra refuses a
+    new entry there unless the override starts with ``+``.
+    """
+    node: Any = OmegaConf.structured(Config)
+    for part in full_key.split("."):
+        if not isinstance(node, DictConfig):
+            return False
+        if part not in node:
+            return node._metadata.object_type in (None, dict)
+        node = node[part]
+    return isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
 
 
 def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
@@ -210,6 +253,8 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     _check_choice(config.train.task, TASKS, "train.task")
     _check_choice(config.stacking.merge, MERGES, "stacking.merge")
     _check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
+    _check_choice(config.train.resume, RESUME_MODES, "train.resume")
+    _check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")
     if config.freeze.bn is not None:
         _check_choice(config.freeze.bn, BN_MODES, "freeze.bn")
     adapter = config.stacking.adapter
@@ -232,6 +277,18 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
             raise ConfigError(f"{key}={value} must be at least 1.")
     if not config.train.lr > 0:
         raise ConfigError(f"train.lr={config.train.lr} must be positive.")
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed={config.seed} must be between 0 and 2**32 - 1.")
+    names = {f"components.{k}.name": getattr(config.components, k).name for k in ("base", "head")}
+    for key, component in config.components.extra.items():
+        names[f"components.extra.{key}"] = key
+        names[f"components.extra.{key}.name"] = component.name
+    for key, name in names.items():
+        if name is not None and not COMPONENT_NAME.fullmatch(str(name)):
+            raise ConfigError(
+                f"{key}={name!r} is not a valid component name: it names files and MLflow "
+                "artifacts, so use letters, digits, '_', '.' and '-' only (no '/', no leading '.')."
+            )
     if not 0 < config.data.val_fraction < 1:
         raise ConfigError(
             f"data.val_fraction={config.data.val_fraction} must be between 0 and 1 (exclusive)."
@@ -298,8 +355,18 @@ def _compose_error(err: Exception, config_dir: Path) -> ConfigError:
         groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir())
         return ConfigError(f"{group!r} is not a config group. Groups: {groups}.")
     bad_key = re.search(r"Could not override '([\w.]+)'", text)
+    if bad_key and _adds_to_mapping(bad_key.group(1)):
+        full_key = bad_key.group(1)
+        cause = str(err.__cause__ or "").strip().splitlines()[:1] or ["a new key"]
+        append = re.search(r"To append to your config use (.+)", text)
+        how = append.group(1).strip() if append else f"+{full_key}=VALUE"
+        return ConfigError(
+            f"Cannot override {full_key}: {cause[0]}. A new entry in a mapping needs Hydra's "
+            f"'+' prefix: {how}"
+        )
     if bad_key:
         full_key = bad_key.group(1)
+        full_key = _first_unknown(full_key)
         known = _known_keys(full_key)
         close = difflib.get_close_matches(full_key.split(".")[-1], known, n=1)
         parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""

@@ -298,7 +298,13 @@ def pretrain_components(
     paths = {}
     for model in (base, head, head_wide):
         paths[model.name] = out_dir / f"{model.name}.keras"
-        model.save(paths[model.name])
+        # Beside the final name, then renamed: a killed pretrain leaves no half-written model.
+        tmp = out_dir / f".{model.name}.{os.getpid()}.keras"
+        try:
+            model.save(tmp)
+            os.replace(tmp, paths[model.name])
+        finally:
+            tmp.unlink(missing_ok=True)
     result = {
         "source_test_accuracy": float(accuracy),
         "source_test_loss": float(loss),

@@ -39,3 +39,7 @@ class TrackingError(TfstackError):
 
 class TrainingError(TfstackError):
     """Training diverged or stopped (for example a non-finite loss)."""
+
+
+class OutputError(TfstackError):
+    """An output file or directory cannot be written (permissions, a missing or read-only path)."""

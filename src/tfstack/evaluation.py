@@ -107,6 +107,11 @@ def learning_curve_figure(history: Sequence[dict], phase_starts: Sequence[tuple[
     return fig
 
 
+def close_figure(fig) -> None:
+    """Release a figure once it is saved and logged (pyplot keeps every figure otherwise)."""
+    plt.close(fig)
+
+
 def task_metrics(y_true: np.ndarray, outputs: np.ndarray, task: str) -> dict[str, float]:
     """Metrics computed from predictions, independent of the compiled Keras metrics.
 

@@ -26,12 +26,17 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfstack.config import Config, to_dict
-from tfstack.errors import ConfigError, DataError, TfstackError
+from tfstack.errors import ConfigError, DataError, OutputError, TfstackError
 
 logger = logging.getLogger(__name__)
 
 DVC_EXPS_DIR = "/.dvc/tmp/exps/"
+CONFIG_ARTIFACT = "config.yaml"
 TASK_TO_LABELS = {"classification": "multiclass", "binary": "binary", "regression": "regression"}
+# How EpochLogger writes per-epoch metrics: gathered into one write per 5 s (a sqlite write lasts
+# about as long as a demo epoch), queued on MLflow's background thread and awaited when the stage
+# ends, so tracking takes under 3% of training time (benchmarks/bench.py, section (c)).
+EPOCH_LOGGING = {"synchronous": False, "min_interval_s": 5.0}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -51,14 +56,14 @@ class Paths:
         out = Path(config.output_dir)
         out = out if out.is_absolute() else root / out
         resolved = out.resolve()
-        if (
-            not str(resolved).startswith(str(root.resolve()))
-            and not Path(config.output_dir).is_absolute()
+        if not Path(config.output_dir).is_absolute() and not resolved.is_relative_to(
+            root.resolve()
         ):
             raise ConfigError(
                 f"output_dir={config.output_dir} leaves the project root {root}; "
                 "use a path inside it or an absolute path."
             )
+        _check_writable(out, "output_dir")
         return cls(root=root, out=out)
 
     def stage(self, name: str) -> Path:
@@ -74,16 +79,46 @@ class Paths:
         return p if p.is_absolute() else self.root / p
 
 
+def _cannot_write(path: Path, err: OSError, key: str = "output_dir") -> OutputError:
+    return OutputError(
+        f"Cannot write {path}: {err.strerror or err}. Check that the directory exists and is "
+        f"writable (and that the disk has space), or set {key}=... to a directory you can write."
+    )
+
+
+def _check_writable(directory: Path, key: str) -> None:
+    """Create ``directory`` if needed and prove a file can be created in it, before any work."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(prefix=".tfstack-probe-", dir=directory):
+            pass
+    except OSError as err:
+        raise OutputError(
+            f"{key}={directory} cannot be written: {err.strerror or err}"
+            + (f" ({err.filename})" if err.filename and str(err.filename) != str(directory) else "")
+            + f". Set {key}=... to a directory you can write."
+        ) from err
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
+
+    A reader (or a process killed mid-write) sees the old file or the new one, never part of
+    one. Failures to write raise `OutputError` naming the file.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
+    except OSError as err:
+        raise _cannot_write(path, err) from err
     os.close(fd)
     os.unlink(tmp)  # Keras refuses to overwrite some formats; let the writer create it.
     try:
         yield Path(tmp)
         os.replace(tmp, path)
+    except OSError as err:
+        raise _cannot_write(path, err) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -93,6 +128,13 @@ def write_json(path: Path, obj) -> None:
     """Write JSON atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
+
+
+def config_yaml(config: Config) -> str:
+    """The resolved config as YAML, as logged in every run's ``config.yaml`` artifact."""
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_yaml(to_dict(config))
 
 
 def config_hash(config: Config) -> str:
@@ -156,6 +198,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
     keras.utils.set_random_seed(seed)
     if deterministic:
         tf.config.experimental.enable_op_determinism()
+    else:
+        # Op determinism is process-wide and the demo's pretraining turns it on; honour false.
+        from tensorflow.python.framework import config as tf_config
+
+        tf_config.disable_op_determinism()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,9 +213,11 @@ def seed_everything(seed: int, deterministic: bool) -> None:
 class RunLog:
     """The MLflow run of one pipeline execution, or a no-op when tracking is off."""
 
-    def __init__(self, config: Config, paths: Paths):
+    def __init__(self, config: Config, paths: Paths, extra_tags: dict | None = None):
         self.config = config
         self.paths = paths
+        # e.g. mlflow.parentRunId (a sweep's job), reproduced_from (tfstack reproduce)
+        self.extra_tags = dict(extra_tags or {})
         self.enabled = config.tracking.enabled
         self.uri = tracking_uri(config, paths.root) if self.enabled else None
         self.experiment = config.tracking.experiment
@@ -192,6 +241,7 @@ class RunLog:
             tags["data_hash"] = file_hash(data_path)
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
+        tags.update(self.extra_tags)
         return tags
 
     @contextlib.contextmanager
@@ -230,6 +280,8 @@ class RunLog:
             self.run_id = run_id
             if self.new:
                 tracking.log_params_flat(run_id, to_dict(self.config))
+                # The exact config (params are flattened strings): what `tfstack reproduce` reads.
+                tracking.log_text(run_id, config_yaml(self.config), CONFIG_ARTIFACT)
                 tracking.write_run_ref(
                     self.paths.run_ref,
                     run_id,
@@ -360,6 +412,8 @@ def build(config: Config, paths: Paths, run: RunLog):
     from tfstack.stacking import build_stacked
 
     start = time.perf_counter()
+    # Seeded here too: adapters and intermediate layers get their initial weights at build time.
+    seed_everything(config.seed, config.train.deterministic)
     bases, head = load_components(config, paths)
     result = build_stacked(
         config.stacking.strategy,
@@ -427,12 +481,21 @@ def _needs_unsafe_load(config: Config) -> bool:
 
 
 def load_model(path: Path, config: Config, *, stage: str, compile: bool = False):
-    """Load a model a previous stage wrote, with a clear message when it is missing."""
+    """Load a model a previous stage wrote, with a clear message when it is missing or damaged."""
     import keras
 
     if not path.is_file():
         raise DataError(f"{path} is missing; run the {stage} stage first (dvc repro {stage}).")
-    return keras.saving.load_model(path, compile=compile, safe_mode=not _needs_unsafe_load(config))
+    try:
+        return keras.saving.load_model(
+            path, compile=compile, safe_mode=not _needs_unsafe_load(config)
+        )
+    except Exception as err:  # Keras raises many types for a damaged file
+        first = (str(err).strip().splitlines() or [""])[0][:300]
+        raise DataError(
+            f"{path} cannot be loaded ({type(err).__name__}: {first}): it is damaged or was "
+            f"written by another version. Write it again: dvc repro -f {stage} (or tfstack run)."
+        ) from err
 
 
 def _load_splits(config: Config, paths: Paths):
@@ -446,12 +509,72 @@ def _load_splits(config: Config, paths: Paths):
 
 
 def _check_targets(config: Config, model, splits) -> None:
+    """Check the data fits the stacked model: input shapes and dtypes, labels or targets."""
     from tfstack.data import check_labels
 
+    _check_inputs(config, model, splits)
     outputs = int(model.outputs[0].shape[-1] or 1)
     task = TASK_TO_LABELS[config.train.task]
     for name in ("y_train", "y_val", "y_test"):
         check_labels(getattr(splits, name), outputs, task=task, key=f"data.path {name}")
+    if task == "regression":
+        produced = tuple(model.outputs[0].shape[1:])
+        for name in ("y_train", "y_val", "y_test"):
+            per_sample = tuple(getattr(splits, name).shape[1:]) or (1,)
+            if per_sample != produced:
+                raise DataError(
+                    f"data.path={config.data.path}: {name} has targets of shape {per_sample} per "
+                    f"sample, but the head (components.head.path={config.components.head.path}) "
+                    f"outputs {produced}. With train.task=regression the head needs one output per "
+                    "target value: use a head with that many outputs, or reshape the targets."
+                )
+
+
+def _check_inputs(config: Config, model, splits) -> None:
+    """The samples must have the shape and a numeric dtype the stacked model takes."""
+    if len(model.inputs) != 1:
+        return
+    expected = tuple(model.inputs[0].shape[1:])
+    for name in ("x_train", "x_val", "x_test"):
+        x = getattr(splits, name)
+        if x.dtype.kind not in "biuf":
+            raise DataError(
+                f"data.path={config.data.path}: {name} has dtype {x.dtype}; the model takes "
+                "numbers. Store numeric arrays, e.g. x.astype('float32')."
+            )
+        got = tuple(x.shape[1:])
+        if len(got) != len(expected) or any(
+            e is not None and e != g for e, g in zip(expected, got, strict=False)
+        ):
+            raise DataError(
+                f"data.path={config.data.path}: {name} holds samples of shape {got}, but the "
+                f"stacked model takes {expected} (the input of components.base.path="
+                f"{config.components.base.path}). Resize or reshape the data to {expected}, or "
+                "use a base whose input fits the data."
+            )
+
+
+def _check_loss_and_metrics(config: Config) -> None:
+    """Unknown loss or metric names fail before training, naming the config key."""
+    import keras
+
+    try:
+        keras.losses.get(config.train.loss)
+    except (ValueError, TypeError) as err:
+        raise ConfigError(
+            f"train.loss={config.train.loss!r} is not a Keras loss ({err}). Use a Keras loss "
+            "name such as sparse_categorical_crossentropy, binary_crossentropy or mse."
+        ) from err
+    for metric in config.train.metrics:
+        if metric in ("accuracy", "acc", "crossentropy", "ce"):  # names compile() resolves
+            continue
+        try:
+            keras.metrics.get(metric)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(
+                f"train.metrics: {metric!r} is not a Keras metric ({err}). Use Keras metric "
+                "names such as accuracy, auc or mae."
+            ) from err
 
 
 def make_phases(config: Config):
@@ -490,50 +613,106 @@ def feature_extractor_names(config: Config) -> list[str]:
     return names
 
 
-def train(config: Config, paths: Paths, run: RunLog, model=None):
-    """Run the schedule's phases on the stacked model; write the trained model and history."""
-    from tfstack.data import make_dataset
-    from tfstack.training import run_schedule
+def train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkpoint: bool = False):
+    """Train under the configured distribution strategy (see `_train`).
+
+    Under a strategy the stacked model is (re)loaded inside ``strategy.scope()`` so its variables
+    are mirrored; every phase then compiles and fits inside the same scope.
+    """
+    if config.distribute.kind == "none":
+        return _train(config, paths, run, model, keep_checkpoint=keep_checkpoint)
+    from tfstack.distribute import make_strategy
+
+    strategy = make_strategy(config.distribute.kind)
+    with strategy.scope():
+        if run.run_id:
+            from tfstack.tracking import log_tags
+
+            log_tags(run.run_id, {"distribute": config.distribute.kind})
+            run.metrics({"replicas": strategy.num_replicas_in_sync})
+        return _train(config, paths, run, None, keep_checkpoint=keep_checkpoint)
+
+
+def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkpoint: bool = False):
+    """Run the schedule's phases on the stacked model; write the trained model and history.
+
+    With ``train.resume=auto`` a checkpoint is written after every epoch and a matching one is
+    resumed (see `tfstack.checkpoints`); it is removed at the end unless ``keep_checkpoint``
+    (`run_all` removes it once evaluation is done too).
+    """
+    from tfstack import checkpoints, resume
+    from tfstack.data import ArrayDataset
 
     seed_everything(config.seed, config.train.deterministic)
     if model is None:
         model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
     splits = _load_splits(config, paths)
     _check_targets(config, model, splits)
+    _check_loss_and_metrics(config)
     batch = config.train.batch_size
-    train_ds = make_dataset(
-        splits.x_train, splits.y_train, batch_size=batch, shuffle=True, seed=config.seed
+    # ArrayDataset, not a bare tf.data pipeline: a cached frozen phase replays its batch order.
+    # Epoch-seeded: epoch k's order depends on (seed, k) only, so a resumed run sees the same.
+    train_ds = ArrayDataset(
+        splits.x_train,
+        splits.y_train,
+        batch_size=batch,
+        shuffle=True,
+        seed=config.seed,
+        epoch_seeded=True,
     )
-    val_ds = make_dataset(splits.x_val, splits.y_val, batch_size=batch, shuffle=False, seed=0)
+    val_ds = ArrayDataset(splits.x_val, splits.y_val, batch_size=batch, shuffle=False, seed=0)
     phases = make_phases(config)
+    state = resume.resumable_checkpoint(config, paths, run)
+    if state is not None and run.run_id:
+        resume.continue_run_record(run, state)
 
     def per_phase(phase, index):
         if not run.run_id:
             return []
         from tfstack.tracking import EpochLogger
 
-        return [EpochLogger(run.run_id, phase.name, phase_index=index)]
+        return [EpochLogger(run.run_id, phase.name, phase_index=index, **EPOCH_LOGGING)]
 
-    results = run_schedule(
+    directory = resume.checkpoint_dir(paths)
+    results = checkpoints.run_phases(
         model,
         phases,
         train_ds,
         val_ds,
+        directory=directory if config.train.resume == "auto" else None,
+        key=resume.checkpoint_key(config, paths),
+        run_id=run.run_id,
+        state=state,
         loss=config.train.loss,
         metrics=list(config.train.metrics),
         feature_extractors=feature_extractor_names(config),
         callbacks_for_phase=per_phase,
         verbose=config.train.verbose,
+        cache_frozen=config.train.cache_frozen == "auto",
     )
+    if run.run_id:
+        from tfstack.tracking import log_tags
+
+        log_tags(run.run_id, {f"phase.{r.index}.cached": str(r.cached).lower() for r in results})
+        # The whole phase, also when this process ran only its last epochs.
+        log_tags(
+            run.run_id,
+            {
+                f"phase.{r.index}.epochs": f"{r.initial_epoch}-{r.initial_epoch + r.epochs - 1}"
+                for r in results
+            },
+        )
+    counted = resume.logged_steps(run, "params_trainable") if state and run.run_id else set()
     history = []
     for result in results:
-        run.metrics(
-            {
-                "params_trainable": result.counts.trainable,
-                "params_non_trainable": result.counts.non_trainable,
-            },
-            step=result.initial_epoch,
-        )
+        if result.initial_epoch not in counted:
+            run.metrics(
+                {
+                    "params_trainable": result.counts.trainable,
+                    "params_non_trainable": result.counts.non_trainable,
+                },
+                step=result.initial_epoch,
+            )
         keys = list(result.history)
         for i in range(result.epochs):
             row = {"epoch": result.initial_epoch + i, "phase": result.name}
@@ -547,6 +726,8 @@ def train(config: Config, paths: Paths, run: RunLog, model=None):
     write_json(out / "phases.json", phases_record)
     run.json(phases_record, "training/phases.json")
     run.json(history, "training/history.json")
+    if config.train.resume == "auto" and not keep_checkpoint:
+        checkpoints.remove(directory)
     return model, results
 
 
@@ -600,6 +781,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     with atomic_path(plots / plot_name) as tmp:
         fig.savefig(tmp, format="png")
     run.figure(fig, f"evaluation/{plot_name}")
+    evaluation.close_figure(fig)
     history_path = paths.stage("train") / "history.json"
     if history_path.is_file():
         history = json.loads(history_path.read_text(encoding="utf-8"))
@@ -612,6 +794,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         with atomic_path(plots / "learning_curve.png") as tmp:
             curve.savefig(tmp, format="png")
         run.figure(curve, "evaluation/learning_curve.png")
+        evaluation.close_figure(curve)
     write_json(out / "metrics.json", metrics)
     run.metrics(metrics)
     if run.run_id and config.tracking.log_model:
@@ -638,18 +821,27 @@ def ensure_demo_inputs(config: Config, paths: Paths) -> None:
         pretrain(config, paths)
 
 
-def run_all(config: Config, paths: Paths) -> tuple[RunLog, dict]:
-    """build -> train -> evaluate in one process and one MLflow run."""
+def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[RunLog, dict]:
+    """build -> train -> evaluate in one process and one MLflow run (with extra ``tags``)."""
+    from tfstack import checkpoints, resume
+    from tfstack.guards import determinism_errors
+
     ensure_demo_inputs(config, paths)
-    run = RunLog(config, paths)
-    with run.stage("run", continue_run=False):
-        result = build(config, paths, run)  # its report logs stage_seconds_build
-        start = time.perf_counter()
-        model, _ = train(config, paths, run, model=result.model)
-        run.metrics({"stage_seconds_train": time.perf_counter() - start})
-        start = time.perf_counter()
-        metrics = evaluate(config, paths, run, model=model)
-        run.metrics({"stage_seconds_evaluate": time.perf_counter() - start})
+    run = RunLog(config, paths, extra_tags=tags)
+    with checkpoints.exclusive(paths.out):
+        # A killed execution of this config resumes into its own run (train.resume=auto).
+        run.run_id = resume.run_to_resume(config, paths, run)
+        resume.end_orphaned_run(run, keep=run.run_id)
+        with run.stage("run", continue_run=False), determinism_errors():
+            result = build(config, paths, run)  # its report logs stage_seconds_build
+            start = time.perf_counter()
+            model, _ = train(config, paths, run, model=result.model, keep_checkpoint=True)
+            run.metrics({"stage_seconds_train": time.perf_counter() - start})
+            start = time.perf_counter()
+            metrics = evaluate(config, paths, run, model=model)
+            run.metrics({"stage_seconds_evaluate": time.perf_counter() - start})
+        if config.train.resume == "auto":
+            checkpoints.remove(resume.checkpoint_dir(paths))
     return run, metrics
 
 
@@ -657,8 +849,20 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
     """One DVC stage in its own process."""
     if name in ("prepare", "pretrain"):
         return None, {"prepare": prepare, "pretrain": pretrain}[name](config, paths)
+    from tfstack import checkpoints, resume
+
     run = RunLog(config, paths)
-    with run.stage(name, continue_run=name != "build"):
+    with checkpoints.exclusive(paths.out):
+        if name == "build":  # the other stages continue the run that build started
+            resume.end_orphaned_run(run, keep=None)
+        result = _run_stage(name, config, paths, run)
+    return run, result
+
+
+def _run_stage(name: str, config: Config, paths: Paths, run: RunLog):
+    from tfstack.guards import determinism_errors
+
+    with run.stage(name, continue_run=name != "build"), determinism_errors():
         if name == "build":
             result = build(config, paths, run)
         elif name == "train":
@@ -671,4 +875,4 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
             result = evaluate(config, paths, run)
         else:  # pragma: no cover - the CLI only passes known names
             raise TfstackError(f"Unknown stage {name!r}.")
-    return run, result
+    return result

@@ -78,6 +78,9 @@ _LOCK_MESSAGES = ("database is locked", "database table is locked")
 
 RUN_REF_KEYS = ("run_id", "uri", "experiment")
 
+# HTTP answers MLflow's client retries with backoff (mlflow/utils/request_utils.py) besides 5xx.
+_RETRIED_HTTP_CODES = (408, 429)
+
 
 @dataclass(frozen=True)
 class RunHandle:
@@ -147,6 +150,9 @@ def check_reachable(uri: str, timeout_s: float = 5) -> None:
     For `http(s)://` URIs this probes `<uri>/health` once, so an unreachable server fails within
     about `timeout_s` seconds instead of after MLflow's retries (MLFLOW_HTTP_REQUEST_MAX_RETRIES=7,
     MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR=2 by default: measured 245 s against a closed port).
+    An answer that MLflow would retry (HTTP 408, 429, 5xx: e.g. a proxy whose tracking server is
+    down; measured 251 s for `tfstack run` against a 503) or a 404 (no MLflow server at that
+    address or path prefix) fails here too; any other answer (401, 403) counts as reachable.
     For `sqlite:///` URIs it checks that the database's directory exists and is writable. Other
     schemes are not checked.
 
@@ -194,8 +200,18 @@ def _check_http(uri: str, timeout_s: float) -> None:
             with urllib.request.urlopen(health, timeout=timeout_s):  # noqa: S310 (http(s) only)
                 pass
             outcome["error"] = None
-        except urllib.error.HTTPError:
-            outcome["error"] = None  # the server answered, even if not with 200: it is reachable
+        except urllib.error.HTTPError as exc:
+            # Another answer than 200 is reachable (401/403 fail fast in MLflow anyway), except
+            # what MLflow would retry for minutes, and 404: no MLflow server at this address.
+            if exc.code in _RETRIED_HTTP_CODES or exc.code >= 500:
+                outcome["error"] = ConnectionError(f"{health} answered HTTP {exc.code}")
+            elif exc.code == 404:
+                outcome["error"] = ConnectionError(
+                    f"{health} answered HTTP 404, so no MLflow tracking server is at this "
+                    f"address (check the host, port and any path prefix)"
+                )
+            else:
+                outcome["error"] = None
         except (OSError, ValueError) as exc:  # URLError, refused, timeout, DNS failure
             outcome["error"] = exc
 
@@ -803,6 +819,26 @@ def log_tags(run_id: str, tags: Mapping[str, Any]) -> None:
         )
 
 
+def delete_tags(run_id: str, keys: Sequence[str]) -> None:
+    """Remove tags from a run; keys the run does not have are skipped.
+
+    Args:
+        run_id: A run started or resumed in this process.
+        keys: Tag names, e.g. ``["error"]`` when a resumed run no longer failed.
+    """
+    handle = _handle(run_id)
+    present = _write("reading the run", handle.uri, handle.client.get_run, run_id).data.tags
+    for key in keys:
+        if key in present:
+            _write(
+                f"deleting tag {key} of run {run_id}",
+                handle.uri,
+                handle.client.delete_tag,
+                run_id,
+                key,
+            )
+
+
 def _metric_entries(metrics: Mapping[str, Any], step: int, timestamp_ms: int) -> list[Metric]:
     entries = []
     for key, value in metrics.items():
@@ -960,10 +996,27 @@ def default_pip_requirements() -> list[str]:
     (measured: about 4.6 s against 0.35 s for a tiny model).
     """
     packages = ["tensorflow", "keras", "mlflow"]
-    if keras.saving.get_custom_objects():
-        # mlflow.tensorflow cloudpickles registered custom objects beside the model.
-        packages.append("cloudpickle")
     return [f"{name}=={importlib.metadata.version(name)}" for name in packages]
+
+
+@contextlib.contextmanager
+def _without_global_custom_objects() -> Iterator[None]:
+    """Hide Keras's registered custom objects while MLflow saves a model.
+
+    mlflow.tensorflow.save_model cloudpickles every registered custom object (tfstack registers
+    its Cast layer and discriminative optimizers) into ``global_custom_objects.cloudpickle``, and
+    load_model unpickles it: a pickle in every logged model. Keras saves registered classes by
+    name in the model's config without that dict, so hiding it only drops the pickle; a process
+    that loads a model using tfstack's classes imports them (``import tfstack.adapters,
+    tfstack.schedules``) as for any registered Keras class.
+    """
+    registered = keras.saving.get_custom_objects()
+    saved = dict(registered)
+    registered.clear()
+    try:
+        yield
+    finally:
+        registered.update(saved)
 
 
 @contextlib.contextmanager
@@ -1030,7 +1083,7 @@ def log_keras_model(
     # Model.log resolves its store from the process-wide tracking URI; set it only for this call
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak into later runs
     # of this process and into every subprocess it starts).
-    with _process_tracking_uri(handle.uri):
+    with _process_tracking_uri(handle.uri), _without_global_custom_objects():
         info = _write(
             f"logging model {name!r} to run {run_id}",
             handle.uri,
@@ -1069,7 +1122,16 @@ class EpochLogger(keras.callbacks.Callback):
         client: `MlflowClient` to write with; None uses the run's cached client.
         phase_index: Position of the phase in the schedule.
         synchronous: False queues writes on MLflow's background thread and waits for them at
-            `on_train_end`, so logging does not hold up training.
+            `on_train_end`, so logging does not hold up training. With `min_interval_s` too, the
+            phase's last write is not waited for here but by the run's `flush` (`end_run`,
+            `tracked_run`), so no write holds up training.
+        min_interval_s: write the epochs gathered so far only once this many seconds have passed
+            since the phase began or since the last write, and at `on_train_end`, in one batch.
+            Every epoch keeps its own step and timestamp, so the run records the same metrics;
+            a phase of short epochs costs a few writes instead of one per epoch (a sqlite write
+            takes about as long as a demo epoch); the phase's tags go with those writes. An error
+            that ends training before `on_train_end` loses at most the last interval's epochs.
+            0 writes every epoch.
     """
 
     def __init__(
@@ -1080,6 +1142,7 @@ class EpochLogger(keras.callbacks.Callback):
         *,
         phase_index: int = 0,
         synchronous: bool = True,
+        min_interval_s: float = 0.0,
     ) -> None:
         super().__init__()
         self.handle = _handle(run_id)
@@ -1087,10 +1150,14 @@ class EpochLogger(keras.callbacks.Callback):
         self.phase = phase
         self.phase_index = int(phase_index)
         self.synchronous = synchronous
+        self.min_interval_s = float(min_interval_s)
         self.client = client or self.handle.client
         self.epochs_logged: list[int] = []
         self.logging_seconds: list[float] = []
         self._pending: list[Any] = []
+        self._unwritten: list[Metric] = []
+        self._unwritten_tags: list[RunTag] = []
+        self._last_write = time.monotonic()
 
     def _current_lr(self) -> float | None:
         optimizer = getattr(self.model, "optimizer", None)
@@ -1103,7 +1170,33 @@ class EpochLogger(keras.callbacks.Callback):
 
     def on_train_begin(self, logs: dict | None = None) -> None:
         self.epochs_logged = []
-        log_tags(self.run_id, {f"phase.{self.phase_index}.name": self.phase})
+        self._last_write = time.monotonic()
+        self._tag({f"phase.{self.phase_index}.name": self.phase})
+
+    def _tag(self, tags: dict[str, str]) -> None:
+        """Set tags now, or with the next write of metrics when writes are gathered."""
+        if self.min_interval_s > 0:
+            self._unwritten_tags.extend(RunTag(k, _tag_value(v)) for k, v in tags.items())
+        else:
+            log_tags(self.run_id, tags)
+
+    def _write_unwritten(self, epoch: int) -> None:
+        """Write the gathered epochs' metrics and tags (in batches MLflow accepts)."""
+        entries, self._unwritten = self._unwritten, []
+        tags, self._unwritten_tags = self._unwritten_tags, []
+        for index, chunk in enumerate(list(_chunks(entries, MAX_METRICS_PER_BATCH)) or [[]]):
+            operation = _write(
+                f"logging epoch {epoch} to run {self.run_id}",
+                self.handle.uri,
+                self.client.log_batch,
+                self.run_id,
+                metrics=list(chunk),
+                tags=tags if index == 0 else [],
+                synchronous=self.synchronous,
+            )
+            if operation is not None and not self.synchronous:
+                self._pending.append(operation)
+        self._last_write = time.monotonic()
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         start = time.perf_counter()
@@ -1120,26 +1213,28 @@ class EpochLogger(keras.callbacks.Callback):
         values["phase_index"] = float(self.phase_index)
         if not all(math.isfinite(v) for v in values.values()):
             logger.warning("epoch %d of phase %s has non-finite metrics", epoch, self.phase)
-        entries = _metric_entries(values, int(epoch), int(time.time() * 1000))
-        operation = _write(
-            f"logging epoch {epoch} to run {self.run_id}",
-            self.handle.uri,
-            self.client.log_batch,
-            self.run_id,
-            metrics=entries,
-            synchronous=self.synchronous,
-        )
-        if operation is not None and not self.synchronous:
-            self._pending.append(operation)
+        self._unwritten.extend(_metric_entries(values, int(epoch), int(time.time() * 1000)))
+        if time.monotonic() - self._last_write >= self.min_interval_s:
+            self._write_unwritten(int(epoch))
         self.epochs_logged.append(int(epoch))
         self.logging_seconds.append(time.perf_counter() - start)
 
     def on_train_end(self, logs: dict | None = None) -> None:
         start = time.perf_counter()
+        if self.epochs_logged and self.min_interval_s > 0:
+            first, last = self.epochs_logged[0], self.epochs_logged[-1]
+            self._tag({f"phase.{self.phase_index}.epochs": f"{first}-{last}"})
+        if self._unwritten or self._unwritten_tags:
+            self._write_unwritten(self.epochs_logged[-1] if self.epochs_logged else 0)
         pending, self._pending = self._pending, []
+        if self.min_interval_s > 0 and not self.synchronous:
+            # Off the training thread entirely: the run's flush (end of the stage) waits for it.
+            with _STATE_LOCK:
+                _PENDING.setdefault(self.run_id, []).extend(pending)
+            pending = []
         for operation in pending:
             operation.wait()
-        if self.epochs_logged:
+        if self.epochs_logged and self.min_interval_s <= 0:
             first, last = self.epochs_logged[0], self.epochs_logged[-1]
             log_tags(self.run_id, {f"phase.{self.phase_index}.epochs": f"{first}-{last}"})
         self.flush_seconds = time.perf_counter() - start
@@ -1150,3 +1245,161 @@ class EpochLogger(keras.callbacks.Callback):
                 1000 * sum(self.logging_seconds) / len(self.logging_seconds),
                 1000 * self.flush_seconds,
             )
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading runs back (tfstack compare, tfstack reproduce, sweeps)
+# ---------------------------------------------------------------------------------------------
+
+PARENT_RUN_TAG = "mlflow.parentRunId"
+
+
+def _reading_client(uri: str) -> MlflowClient:
+    """A client for a store that must already exist (reading never creates a database)."""
+    path = _sqlite_path(uri)
+    if path is not None and not path.is_file():
+        raise TrackingError(
+            f"tracking.uri={uri}: {path} does not exist, so it holds no runs. Run `tfstack run` "
+            f"first, or point tracking.uri at the store that holds your runs."
+        )
+    check_reachable(uri)
+    return _client(uri)
+
+
+def _run_record(run: Any) -> dict[str, Any]:
+    """A run as plain values: ids, name, status, times (ms), params, tags, latest metrics."""
+    return {
+        "run_id": run.info.run_id,
+        "run_name": run.info.run_name,
+        "status": run.info.status,
+        "experiment_id": run.info.experiment_id,
+        "start_time": run.info.start_time,
+        "end_time": run.info.end_time,
+        "params": dict(run.data.params),
+        "tags": dict(run.data.tags),
+        "metrics": dict(run.data.metrics),
+    }
+
+
+def get_run(uri: str, run_id: str) -> dict[str, Any]:
+    """Read one run as plain values (see `search_runs`), with its experiment's name.
+
+    Raises:
+        TrackingError: The store or the run does not exist.
+    """
+    client = _reading_client(uri)
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as exc:
+        raise TrackingError(
+            f"run {run_id} does not exist in tracking.uri={uri}. Check the id (MLflow UI, or "
+            f"`tfstack compare`), or point tracking.uri at the store that holds it."
+        ) from exc
+    record = _run_record(run)
+    record["experiment"] = client.get_experiment(run.info.experiment_id).name
+    return record
+
+
+def search_runs(
+    uri: str,
+    experiment: str,
+    *,
+    parent_run_id: str | None = None,
+    filter_string: str | None = None,
+    statuses: Sequence[str] | None = ("FINISHED",),
+) -> list[dict[str, Any]]:
+    """Runs of an experiment as plain dicts, oldest first.
+
+    Args:
+        uri: Tracking URI.
+        experiment: Experiment name.
+        parent_run_id: Only the children of this run (tag `mlflow.parentRunId`).
+        filter_string: An MLflow search filter, e.g. "tags.freeze = 'joint' and params.seed = '1'".
+        statuses: Keep runs with these statuses; None keeps all.
+
+    Returns:
+        One dict per run: `run_id`, `run_name`, `status`, `experiment_id`, `start_time`,
+        `end_time` (ms), `params`, `tags`, `metrics` (latest value of each metric).
+
+    Raises:
+        TrackingError: The store or experiment does not exist, or the filter is invalid.
+    """
+    client = _reading_client(uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise TrackingError(
+            f"tracking.experiment={experiment} does not exist in {uri}. Experiments there: {names}."
+        )
+    clauses = [f"tags.`{PARENT_RUN_TAG}` = '{parent_run_id}'"] if parent_run_id else []
+    if filter_string:
+        clauses.append(filter_string)
+    runs, token = [], None
+    while True:
+        try:
+            page = client.search_runs(
+                [found.experiment_id],
+                filter_string=" and ".join(clauses),
+                max_results=1000,
+                order_by=["attributes.start_time ASC"],
+                page_token=token,
+            )
+        except MlflowException as exc:
+            first_line = str(exc).strip().splitlines()[0]
+            raise TrackingError(
+                f"cannot search runs with filter {' and '.join(clauses)!r}: {first_line}. "
+                f'Filters look like "tags.freeze = \'joint\'" or "metrics.test_accuracy > 0.9".'
+            ) from exc
+        runs += [_run_record(run) for run in page]
+        token = page.token
+        if not token:
+            break
+    if statuses is not None:
+        runs = [run for run in runs if run["status"] in statuses]
+    return runs
+
+
+def metric_history(uri: str, run_id: str, key: str) -> list[tuple[int, float]]:
+    """All values of one metric of a run as `(step, value)`, by step (empty if never logged)."""
+    client = _reading_client(uri)
+    history = _write(
+        f"reading metric {key} of run {run_id}", uri, client.get_metric_history, run_id, key
+    )
+    return sorted((m.step, m.value) for m in history)
+
+
+def read_artifact_text(uri: str, run_id: str, artifact_file: str) -> str | None:
+    """The text of one artifact of a run, or None when the run has no such artifact."""
+    _check_artifact_file(artifact_file)
+    client = _reading_client(uri)
+    listed = {item.path for item in client.list_artifacts(run_id, str(Path(artifact_file).parent))}
+    if artifact_file not in listed:
+        return None
+    quiet = os.environ.get("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR")
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"  # no bar for one small file
+    try:
+        with tempfile.TemporaryDirectory(prefix="tfstack-artifact-") as tmp:
+            local = client.download_artifacts(run_id, artifact_file, tmp)
+            return Path(local).read_text(encoding="utf-8")
+    finally:
+        if quiet is None:
+            os.environ.pop("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", None)
+        else:
+            os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = quiet
+
+
+def attach_run(uri: str, run_id: str) -> str:
+    """Register an existing run for logging in this process without changing its status.
+
+    Unlike `start_run(run_id=...)`, a finished run stays FINISHED: used to add a comparison
+    table or a sweep's summary to a run after the fact.
+
+    Returns:
+        The run id.
+
+    Raises:
+        TrackingError: The run does not exist.
+    """
+    record = get_run(uri, run_id)
+    _RUNS[run_id] = RunHandle(run_id=run_id, uri=uri, experiment_id=record["experiment_id"])
+    return run_id

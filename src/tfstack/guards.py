@@ -1,0 +1,72 @@
+"""Turn TensorFlow failures caused by a setting into `TfstackError`s that say what to change.
+
+With ``train.deterministic=true`` tfstack turns on TensorFlow's op determinism. An op without a
+deterministic kernel on the device then fails inside ``fit`` with a TensorFlow error (GPU kernels
+raise ``UnimplementedError``; on CPU a few ops, such as ``Timestamp``, raise
+``FailedPreconditionError``, and unseeded random ops a ``RuntimeError``). `determinism_errors`
+turns those into a `TrainingError` naming the op and the setting, and lets every other error
+through unchanged.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+from collections.abc import Iterator
+
+from tfstack.errors import TfstackError, TrainingError
+
+# Most specific first: graph errors end with "[Op:__inference_<function>]", which names no op.
+_OP_PATTERNS = (
+    r"^(\w+) cannot be called when determinism is enabled",
+    r"implementation of (\w+)",
+    r"supported for (\w+)",
+    r"\{\{node ([^}]+)\}\}",
+    r"\[Op:(?!__inference)(\w+)\]",
+)
+
+
+def is_determinism_error(error: BaseException) -> bool:
+    """Whether TensorFlow raised ``error`` because op determinism is on."""
+    import tensorflow as tf
+
+    if isinstance(error, TfstackError):
+        return False
+    text = str(error).lower()
+    mentions = "determinis" in text
+    kinds = (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError, RuntimeError)
+    return mentions and isinstance(error, kinds)
+
+
+def op_name(error: BaseException) -> str:
+    """The op a determinism error names, or "an op" when it names none."""
+    lines = [line.strip() for line in str(error).splitlines()]
+    for pattern in _OP_PATTERNS:
+        for line in lines:
+            found = re.search(pattern, line)
+            if found:
+                return found.group(1)
+    return "an op"
+
+
+@contextlib.contextmanager
+def determinism_errors(setting: str = "train.deterministic") -> Iterator[None]:
+    """Re-raise TensorFlow's op-determinism failures as a `TrainingError` naming op and setting.
+
+    Raises:
+        TrainingError: an op has no deterministic implementation on this device.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_determinism_error(err):
+            raise
+        op = op_name(err)
+        lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+        detail = next((line for line in lines if "determinis" in line.lower()), lines[0])
+        raise TrainingError(
+            f"TensorFlow has no deterministic implementation of {op} here, and {setting}=true "
+            f"asks for op determinism ({type(err).__name__}: {detail[:300]}). Set "
+            f"{setting}=false to run it anyway (runs are then not bit-for-bit repeatable), or "
+            f"replace the layer that uses {op}."
+        ) from err

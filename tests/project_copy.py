@@ -1,0 +1,85 @@
+"""Shrunk copies of the project for end-to-end tests (the pattern of test_pipeline's fixture).
+
+`make_template` copies conf/, data/ and src/ under a directory, shrinks the config (one epoch,
+two pretraining epochs, quiet Keras) and runs the demo's prepare and pretrain stages once;
+`clone` then copies that template for one test in a fraction of a second, so each test starts
+from a project whose demo components exist and whose MLflow store is empty.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_BIN = Path(sys.executable).parent
+PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "MLproject", "python_env.yaml", "src"]
+TEMP_NAME = re.compile(r"^\.|\.tmp$|\.tfstack-probe")  # what an interrupted write would leave
+
+
+def shrink(project: Path) -> None:
+    """One epoch everywhere, two pretraining epochs, quiet Keras: the real config, made small."""
+    config = project / "conf" / "config.yaml"
+    config.write_text(config.read_text().replace("pretrain_epochs: 15", "pretrain_epochs: 2"))
+    for path in (project / "conf" / "train").glob("*.yaml"):
+        text = re.sub(r"(?m)^epochs: \d+", "epochs: 1", path.read_text())
+        path.write_text(re.sub(r"(?m)^verbose: \d+", "verbose: 0", text))
+
+
+def env() -> dict:
+    """The environment of a `tfstack` subprocess: the venv first on PATH, no leaked MLflow URI."""
+    environment = dict(os.environ)
+    environment["PATH"] = f"{VENV_BIN}:{environment['PATH']}"
+    environment["DVC_NO_ANALYTICS"] = "1"
+    environment["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    for leaked in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
+        environment.pop(leaked, None)
+    return environment
+
+
+def tfstack(project: Path, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    """Run the `tfstack` command in ``project``."""
+    return subprocess.run(
+        [str(VENV_BIN / "tfstack"), *args],
+        cwd=project,
+        env=env(),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def make_template(directory: Path) -> Path:
+    """A shrunk project copy with the demo's prepared data and pretrained components."""
+    project = directory / "template"
+    project.mkdir(parents=True)
+    for name in PROJECT_FILES:
+        source = ROOT / name
+        if source.is_dir():
+            shutil.copytree(source, project / name)
+        elif source.exists():
+            shutil.copy2(source, project / name)
+    shrink(project)
+    for stage in ("prepare", "pretrain"):
+        result = tfstack(project, stage)
+        assert result.returncode == 0, result.stderr[-3000:]
+    return project
+
+
+def clone(template: Path, destination: Path) -> Path:
+    """A copy of the template for one test (src/ is not needed: tfstack runs from the venv)."""
+    shutil.copytree(template, destination, ignore=shutil.ignore_patterns("src", "mlflow.db*"))
+    return destination
+
+
+def leftovers(directory: Path) -> list[Path]:
+    """Temporary files an interrupted or failed write would leave behind."""
+    return sorted(
+        p
+        for p in directory.rglob("*")
+        if p.is_file() and TEMP_NAME.search(p.name) and p.name != ".tfstack-lock"
+    )
