@@ -60,6 +60,7 @@ CATEGORIES = [
     "evaluation",
     "tracking",
     "other",
+    "exit",
 ]
 
 
@@ -193,7 +194,13 @@ def write_profiling_command(where: Path) -> None:
     script.write_text(
         "#!/bin/sh\n"
         'TFSTACK_BENCH_T0="$(date +%s.%N)"; export TFSTACK_BENCH_T0\n'
-        f'exec "{sys.executable}" "{Path(__file__).with_name("stage_profile.py")}" "$@"\n'
+        f'"{sys.executable}" "{Path(__file__).with_name("stage_profile.py")}" "$@"\n'
+        "status=$?\n"
+        'if [ -n "$TFSTACK_BENCH_PROFILE" ]; then\n'
+        '  echo "{\\"launched\\": $TFSTACK_BENCH_T0, \\"exited\\": $(date +%s.%N)}" '
+        '>> "$TFSTACK_BENCH_PROFILE.exits"\n'
+        "fi\n"
+        'exit "$status"\n'
     )
     script.chmod(0o755)
 
@@ -224,8 +231,13 @@ def pipeline_section(project: Path) -> dict:
         _sh(project, *command, env=_env(project, profile))
         wall = time.perf_counter() - start
         processes = _profiles(profile)
+        exited = {r["launched"]: r["exited"] for r in _profiles(Path(f"{profile}.exits"))}
         totals = {c: 0.0 for c in CATEGORIES}
         for record in processes:
+            # The interpreter's exit, after the last atexit handler (TensorFlow's teardown).
+            record["seconds"]["exit"] = exited[record["launched"]] - record["launched"]
+            record["seconds"]["exit"] -= record["wall"]
+            record["wall"] += record["seconds"]["exit"]
             for category, seconds in record["seconds"].items():
                 totals[category] = totals.get(category, 0.0) + seconds
         accounted = sum(r["wall"] for r in processes)

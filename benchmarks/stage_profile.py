@@ -14,8 +14,9 @@ exactly one category, the innermost one active:
 - ``tracking``: every call into ``tfstack.tracking`` and the run's tags (git, data hash);
 - ``other``: the rest (config, JSON outputs, the CLI).
 
-The totals and the process's wall time are appended as one JSON line to
-``TFSTACK_BENCH_PROFILE``.
+The totals and the process's wall time (to its last ``atexit`` handler) are appended as one JSON
+line to ``TFSTACK_BENCH_PROFILE``; the wrapper script appends when the interpreter has exited to
+``TFSTACK_BENCH_PROFILE.exits``.
 """
 
 from __future__ import annotations
@@ -172,6 +173,7 @@ def _report() -> None:
         return
     record = {
         "command": sys.argv[1:2],
+        "launched": LAUNCHED,
         "wall": time.time() - LAUNCHED,
         "seconds": PROFILE.totals,
     }

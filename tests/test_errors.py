@@ -333,6 +333,14 @@ def test_unreachable_tracking_server_fails_within_seconds(project, capsys):
     assert_left_clean(project, run=False)
 
 
+def test_tracking_store_in_a_missing_directory(project, capsys):
+    line = fail(capsys, "run", "tracking.uri=sqlite:////no/such/dir/mlflow.db")
+    assert "tracking.uri=sqlite:////no/such/dir/mlflow.db: directory /no/such/dir does not" in line
+    assert "Create it" in line
+    assert_left_clean(project, run=False)
+    assert not Path("/no/such/dir").exists()
+
+
 def test_output_dir_below_a_regular_file(project, capsys):
     (project / "notes.txt").write_text("a file, not a directory")
     line = fail(capsys, "run", f"output_dir={project / 'notes.txt' / 'out'}")

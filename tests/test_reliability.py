@@ -359,3 +359,35 @@ def test_a_run_whose_process_was_killed_before_any_checkpoint_is_not_left_runnin
     assert client.get_run(orphan).info.status == "KILLED"
     assert "ended before finishing" in client.get_run(orphan).data.tags["error"]
     assert [r.info.status for r in all_runs(project)] == ["KILLED", "FINISHED"]
+
+
+@pytest.mark.parametrize(
+    ("error", "op"),
+    [
+        (
+            tf.errors.UnimplementedError(
+                None,
+                None,
+                "A deterministic GPU implementation of SparseTensorDenseMatmulOp is not "
+                "currently available.",
+            ),
+            "SparseTensorDenseMatmulOp",
+        ),
+        (
+            tf.errors.UnimplementedError(
+                None, None, "Determinism is not yet supported for MaxPoolGradWithArgmax."
+            ),
+            "MaxPoolGradWithArgmax",
+        ),
+    ],
+)
+def test_gpu_ops_without_deterministic_kernels_are_reported_too(error, op):
+    """On GPUs TensorFlow raises UnimplementedError for such ops; the message names the op."""
+    from tfstack.errors import TrainingError
+    from tfstack.guards import determinism_errors
+
+    with pytest.raises(TrainingError, match=f"deterministic implementation of {op}.*=false"):
+        with determinism_errors():
+            raise error
+    with pytest.raises(ValueError), determinism_errors():  # anything else passes through
+        raise ValueError("not about determinism")

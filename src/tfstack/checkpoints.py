@@ -91,11 +91,6 @@ class TrainingState:
     optimizer_phase: int = 0
     total_epochs: int = 0
 
-    @property
-    def complete(self) -> bool:
-        """Whether every epoch of the schedule is done."""
-        return self.total_epochs > 0 and self.epochs_done >= self.total_epochs
-
     def to_json(self) -> str:
         # Compact, and without dataclasses.asdict's deep copy: written after every epoch.
         return json.dumps({"format": FORMAT, **vars(self)}, separators=(",", ":")) + "\n"

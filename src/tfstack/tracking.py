@@ -1122,9 +1122,7 @@ class EpochLogger(keras.callbacks.Callback):
         client: `MlflowClient` to write with; None uses the run's cached client.
         phase_index: Position of the phase in the schedule.
         synchronous: False queues writes on MLflow's background thread and waits for them at
-            `on_train_end`, so logging does not hold up training. With `min_interval_s` too, the
-            phase's last write is not waited for here but by the run's `flush` (`end_run`,
-            `tracked_run`), so no write holds up training.
+            `on_train_end`, so logging does not hold up training.
         min_interval_s: write the epochs gathered so far only once this many seconds have passed
             since the phase began or since the last write, and at `on_train_end`, in one batch.
             Every epoch keeps its own step and timestamp, so the run records the same metrics;
@@ -1227,11 +1225,6 @@ class EpochLogger(keras.callbacks.Callback):
         if self._unwritten or self._unwritten_tags:
             self._write_unwritten(self.epochs_logged[-1] if self.epochs_logged else 0)
         pending, self._pending = self._pending, []
-        if self.min_interval_s > 0 and not self.synchronous:
-            # Off the training thread entirely: the run's flush (end of the stage) waits for it.
-            with _STATE_LOCK:
-                _PENDING.setdefault(self.run_id, []).extend(pending)
-            pending = []
         for operation in pending:
             operation.wait()
         if self.epochs_logged and self.min_interval_s <= 0:
