@@ -1,15 +1,17 @@
-"""Distribution: mirrored training matches one device; multi-worker is refused clearly."""
+"""Distribution: mirrored and two-worker training match one process; failures are clear."""
 
 import json
+import socket
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
 from test_pipeline import project  # noqa: F401 (the shrunk project-copy fixture)
 
-from tfstack.distribute import is_chief, make_strategy
+from tfstack.distribute import is_chief, make_strategy, read_tf_config, synchronized_batchnorm
 from tfstack.errors import ConfigError
 
 TESTS = Path(__file__).resolve().parent
@@ -66,14 +68,44 @@ def test_mirrored_over_two_cpu_replicas_matches_one_device():
     assert mirrored["loss"] == pytest.approx(single["loss"], rel=1e-5)
 
 
-def test_multi_worker_is_refused_with_the_upstream_issue(monkeypatch):
-    monkeypatch.setenv(
-        "TF_CONFIG",
-        json.dumps({"cluster": {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}, "task": {"index": 0}}),
-    )
-    with pytest.raises(ConfigError, match="keras-team/keras#20585") as err:
-        make_strategy("multi_worker")
-    assert "distribute=mirrored" in str(err.value)
+@pytest.mark.parametrize(
+    ("tf_config", "message"),
+    [
+        ("", "distribute=multi_worker needs TF_CONFIG"),
+        ("{cluster", "TF_CONFIG is not valid JSON"),
+        ('{"task": {"type": "worker", "index": 0}}', "TF_CONFIG has no 'cluster'"),
+        ('{"cluster": {"worker": ["127.0.0.1:1"]}}', "TF_CONFIG has no 'task'"),
+        (
+            '{"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 1}}',
+            "TF_CONFIG task worker:1 is not in the cluster",
+        ),
+    ],
+)
+def test_bad_tf_config_is_named_before_anything_starts(tf_config, message):
+    with pytest.raises(ConfigError, match=message) as err:
+        read_tf_config({"TF_CONFIG": tf_config})
+    assert "TF_CONFIG" in str(err.value)
+
+
+def test_tf_config_of_a_worker_is_read():
+    spec = {"cluster": {"worker": ["a:1", "b:2"]}, "task": {"type": "worker", "index": 1}}
+    assert read_tf_config({"TF_CONFIG": json.dumps(spec)}) == spec
+
+
+def test_synchronized_batchnorm_is_switched_only_while_training():
+    import keras
+    from conftest import make_base, make_head
+
+    from tfstack.stacking import build_stacked
+
+    model = build_stacked("sequential", make_base(), make_head()).model
+    base = model.get_layer("base")
+    norms = [layer for layer in base.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    with synchronized_batchnorm(model) as switched:
+        assert switched == ["base/bn1", "base/bn2"]
+        assert all(layer.synchronized for layer in norms)
+    # What is saved afterwards is the model as it was.
+    assert [layer.get_config()["synchronized"] for layer in norms] == [False, False]
 
 
 def test_unknown_kind_and_default_strategy():
@@ -107,3 +139,121 @@ def test_tfstack_run_mirrored_matches_single_device_and_is_tracked(project):  # 
     assert mirrored.data.metrics["test_loss"] == pytest.approx(
         single.data.metrics["test_loss"], rel=1e-4
     )
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _two_workers(root: Path, overrides, *, kill_worker_at: str | None = None):
+    """`tfstack run` as worker 0 (the chief) and worker 1 on 127.0.0.1; their results."""
+    from test_pipeline import _env
+
+    ports = _free_ports(2)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in ports]}
+    procs = []
+    for index in (1, 0):  # the worker first: it waits for the chief's build
+        env = _env(root)
+        task = {"type": "worker", "index": index}
+        env["TF_CONFIG"] = json.dumps({"cluster": cluster, "task": task})
+        log = open(root / f"worker{index}.log", "w+")  # noqa: SIM115 (closed below)
+        cmd = ["tfstack", "run", "distribute=multi_worker", *overrides]
+        procs.append((subprocess.Popen(cmd, cwd=root, env=env, stdout=log, stderr=log), log))
+    worker, chief = procs
+    if kill_worker_at:
+        deadline = time.monotonic() + 300
+        while kill_worker_at not in (root / "worker1.log").read_text():
+            assert time.monotonic() < deadline and worker[0].poll() is None
+            time.sleep(0.2)
+        worker[0].kill()
+    results = []
+    for proc, log in (chief, worker):
+        proc.wait(timeout=600)
+        log.seek(0)
+        results.append((proc.returncode, log.read()))
+        log.close()
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("freeze", "schedule"), [("frozen", "two_phase"), ("joint", "single")])
+def test_two_workers_train_like_one_process_and_only_the_chief_logs(
+    project,  # noqa: F811
+    freeze,
+    schedule,
+):
+    """Two MultiWorkerMirroredStrategy workers on 127.0.0.1 against one process.
+
+    ``frozen`` + ``two_phase``: a cached frozen phase, then a recompiled fine-tuning phase.
+    ``joint``: the base's BatchNormalization trains, with statistics of the global batch.
+
+    Tolerance: both see the same global batches (each worker half of every batch), gradients
+    and BatchNormalization statistics are all-reduced (distribute.sync_batchnorm), so only the
+    order of floating-point sums differs: losses within rel 1e-4, accuracy within one test
+    sample (abs 2e-3 of 846).
+    """
+    from test_pipeline import _runs, _sh, assert_complete_run
+
+    overrides = [f"freeze={freeze}", f"schedule={schedule}"]
+    _sh(project, "tfstack", "run", *overrides)
+    (chief_code, chief_log), (worker_code, worker_log) = _two_workers(project, overrides)
+    assert chief_code == 0, chief_log[-3000:]
+    assert worker_code == 0, worker_log[-3000:]
+    assert "tfstack run: worker 1 of 2 done (the chief logs the run)" in worker_log
+    assert "All 2 replicas joined" in worker_log
+    client, runs = _runs(project)
+    assert len(runs) == 2, "the non-chief worker must not start an MLflow run"
+    single, multi = runs
+    assert_complete_run(client, multi, epochs=1, freeze=freeze)
+    assert multi.data.tags["distribute"] == "multi_worker"
+    assert multi.data.metrics["replicas"] == 2
+    assert single.data.tags.get("distribute") is None
+    for name in ("test_loss", "val_loss", "loss"):
+        assert multi.data.metrics[name] == pytest.approx(single.data.metrics[name], rel=1e-4), name
+    assert multi.data.metrics["test_accuracy"] == pytest.approx(
+        single.data.metrics["test_accuracy"], abs=2e-3
+    )
+    cached = [multi.data.tags[f"phase.{i}.cached"] for i in range(2 if freeze == "frozen" else 1)]
+    assert cached == (["true", "false"] if freeze == "frozen" else ["false"])
+    assert multi.data.metrics["params_trainable"] == single.data.metrics["params_trainable"]
+    assert (project / "outputs" / "train" / "model.keras").is_file()
+    assert not list(project.glob("**/tfstack-worker-*")), "the worker's scratch save was left"
+
+
+@pytest.mark.slow
+def test_a_worker_that_dies_fails_the_chiefs_run_clearly(project):  # noqa: F811
+    from test_pipeline import _runs
+
+    (chief_code, chief_log), (worker_code, _) = _two_workers(
+        project, ["freeze=joint", "train.epochs=500", "train.verbose=2"], kill_worker_at="Epoch 3/"
+    )
+    assert worker_code != 0
+    assert chief_code == 2, chief_log[-3000:]
+    assert (
+        "tfstack: error: Multi-worker training on worker 0 of 2 stopped: another worker failed "
+        "or left" in chief_log
+    )
+    assert "Traceback" not in chief_log and "Exception ignored" not in chief_log
+    _, runs = _runs(project)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "another worker failed or left" in runs[0].data.tags["error"]
+
+
+@pytest.mark.slow
+def test_the_worker_stops_clearly_when_the_chief_fails_before_training(project):  # noqa: F811
+    from test_pipeline import _runs
+
+    overrides = ["experiment=wide_head", "stacking=sequential"]
+    (chief_code, chief_log), (worker_code, worker_log) = _two_workers(project, overrides)
+    assert chief_code == 2 and "last dimension 32 != 64" in chief_log
+    assert worker_code == 2, worker_log[-3000:]
+    assert "tfstack: error: Multi-worker training on worker 1 of 2 stopped" in worker_log
+    assert "Traceback" not in worker_log
+    _, runs = _runs(project)
+    assert [r.info.status for r in runs] == ["FAILED"]

@@ -244,6 +244,16 @@ def main(argv: list[str] | None = None) -> int:
         from tfstack import pipeline
 
         paths = pipeline.Paths.from_config(config, Path.cwd())
+        if config.distribute.kind == "multi_worker" and args.command in ("run", "train"):
+            # Before any other TensorFlow op. The other stages do not join the cluster.
+            from tfstack.distribute import is_chief, make_strategy, task_name
+
+            strategy = make_strategy("multi_worker")
+            if not is_chief(strategy):
+                pipeline.train_worker(config, paths)
+                done = f"{task_name(strategy)} done (the chief logs the run)"
+                print(f"tfstack {args.command}: {done}")
+                return 0
         if args.command == "run":
             run, metrics = pipeline.run_all(config, paths)
             print(_summary(run, metrics, paths))

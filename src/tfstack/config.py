@@ -137,6 +137,8 @@ class DistributeConfig:
 
     kind: str = "none"
     cpu_replicas: int = 0
+    # Trainable BatchNormalization normalizes over the global batch, not each replica's part.
+    sync_batchnorm: bool = True
 
 
 @dataclass

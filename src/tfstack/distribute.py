@@ -6,25 +6,37 @@ mirrors (and can be tested) on CPU. The model is loaded, every phase is recompil
 inside ``strategy.scope()``, so freeze policies, schedules and per-phase optimizers work as in
 a single process.
 
-``multi_worker`` (``MultiWorkerMirroredStrategy`` from ``TF_CONFIG``) is refused with a clear
-message: ``Model.fit`` in Keras 3.15 fails under it (keras-team/keras#20585, still open). Checked
-here with two workers on 127.0.0.1: first ``strategy.reduce`` of a nested batch in
-``_maybe_symbolic_build``, then ``reduce("MEAN", axis=0)`` of scalar metrics.
+``multi_worker`` is ``tf.distribute.MultiWorkerMirroredStrategy`` configured from ``TF_CONFIG``:
+synchronous data-parallel training, one process per worker, gradients all-reduced every step.
+TensorFlow requires the strategy before any other TensorFlow op, so the CLI makes it first
+(`make_strategy` keeps the one instance). Only the chief (task ``chief``, or ``worker`` 0) logs to
+MLflow and writes outputs; the other workers train their shard and exit.
+
+Keras 3.15's ``Model.fit`` fails under this strategy (keras-team/keras#20585, open). Two
+functions of ``keras.src.backend.tensorflow.trainer`` assume a single worker; `_fix_keras_fit`
+replaces them while a multi-worker strategy exists (see there). With them, two workers on
+127.0.0.1 train to the same weights as one process (tests/test_distribute.py).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
 import logging
 import os
+from collections.abc import Iterator
 
+import keras
 import tensorflow as tf
 
-from tfstack.errors import ConfigError
+from tfstack.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
 
 KINDS = ("none", "mirrored", "multi_worker")
+
+_multi_worker: tf.distribute.MultiWorkerMirroredStrategy | None = None
 
 
 def configure_cpu_replicas(count: int) -> None:
@@ -53,33 +65,101 @@ def make_strategy(kind: str, *, cpu_replicas: int = 0) -> tf.distribute.Strategy
 
     Args:
         kind: ``none``, ``mirrored`` or ``multi_worker``.
-        cpu_replicas: with ``mirrored`` on a machine without accelerators, mirror over this many
-            logical CPU devices (0 = the physical devices as they are).
+        cpu_replicas: on a machine without accelerators, mirror over this many logical CPU
+            devices (per worker with ``multi_worker``; 0 = the physical devices as they are).
 
     Returns:
-        A ``tf.distribute.Strategy`` (the default strategy for ``none``).
+        A ``tf.distribute.Strategy`` (the default strategy for ``none``). ``multi_worker`` returns
+        the same instance on every call: TensorFlow allows one per process.
 
     Raises:
-        ConfigError: an unknown kind, or ``multi_worker`` (not supported by Keras 3.15's fit).
+        ConfigError: an unknown kind, a missing or malformed ``TF_CONFIG``, or a multi-worker
+            strategy asked for after TensorFlow started.
     """
     if kind not in KINDS:
         raise ConfigError(f"distribute={kind!r} is not valid. Expected one of {list(KINDS)}.")
     if kind == "none":
         return tf.distribute.get_strategy()
-    if kind == "multi_worker":
-        task = json.loads(os.environ.get("TF_CONFIG", "{}")).get("task", {})
-        raise ConfigError(
-            "distribute=multi_worker is not supported: Keras 3.15's Model.fit fails under "
-            "tf.distribute.MultiWorkerMirroredStrategy (keras-team/keras#20585) "
-            f"(TF_CONFIG task: {task or 'unset'}). Use distribute=mirrored on one machine."
-        )
     if cpu_replicas:
         configure_cpu_replicas(cpu_replicas)
+    if kind == "multi_worker":
+        return _make_multi_worker()
     gpus = tf.config.list_logical_devices("GPU")
     devices = [d.name for d in gpus] or [d.name for d in tf.config.list_logical_devices("CPU")]
     strategy = tf.distribute.MirroredStrategy(devices)
     logger.info("MirroredStrategy over %s (%d replicas)", devices, strategy.num_replicas_in_sync)
     return strategy
+
+
+def read_tf_config(environ: dict | None = None) -> dict:
+    """The cluster spec and this task from ``TF_CONFIG``, checked.
+
+    Raises:
+        ConfigError: ``TF_CONFIG`` is unset, not JSON, or lacks a cluster or this task.
+    """
+    text = (os.environ if environ is None else environ).get("TF_CONFIG", "")
+    example = (
+        'TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, '
+        '"task": {"type": "worker", "index": 0}}\''
+    )
+    if not text.strip():
+        raise ConfigError(
+            "distribute=multi_worker needs TF_CONFIG, the cluster and this process's task. Set "
+            f"it in every worker's environment, e.g. {example}"
+        )
+    try:
+        spec = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"TF_CONFIG is not valid JSON ({err}). Example: {example}") from None
+    cluster = spec.get("cluster") if isinstance(spec, dict) else None
+    task = spec.get("task") if isinstance(spec, dict) else None
+    if not isinstance(cluster, dict) or not cluster:
+        raise ConfigError(f"TF_CONFIG has no 'cluster' of job -> addresses. Example: {example}")
+    if not isinstance(task, dict) or "type" not in task or "index" not in task:
+        raise ConfigError(
+            f"TF_CONFIG has no 'task' with 'type' and 'index' (received {task!r}). "
+            f"Example: {example}"
+        )
+    jobs = {k: v for k, v in cluster.items() if k in ("chief", "worker")}
+    addresses = jobs.get(task["type"], [])
+    if not isinstance(task["index"], int) or not 0 <= task["index"] < len(addresses):
+        raise ConfigError(
+            f"TF_CONFIG task {task['type']}:{task['index']} is not in the cluster "
+            f"{json.dumps(jobs)}. Give each worker its own index, from 0."
+        )
+    return spec
+
+
+def _make_multi_worker() -> tf.distribute.MultiWorkerMirroredStrategy:
+    global _multi_worker
+    if _multi_worker is not None:
+        return _multi_worker
+    spec = read_tf_config()
+    task = spec["task"]
+    try:
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+    except RuntimeError as err:  # "Collective ops must be configured at program startup"
+        raise ConfigError(
+            "distribute=multi_worker must start before TensorFlow runs anything in this process "
+            f"({err}). Run `tfstack run` or `tfstack train` in a fresh process."
+        ) from err
+    _fix_keras_fit()
+    _multi_worker = strategy
+    logger.info(
+        "MultiWorkerMirroredStrategy: task %s:%s of %s, %d replicas",
+        task["type"],
+        task["index"],
+        json.dumps(spec["cluster"]),
+        strategy.num_replicas_in_sync,
+    )
+    return strategy
+
+
+def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
+    """Whether ``strategy`` spans more than this process."""
+    return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
+        strategy.extended._in_multi_worker_mode()
+    )
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
@@ -90,3 +170,152 @@ def is_chief(strategy: tf.distribute.Strategy) -> bool:
     return resolver.task_type == "chief" or (
         resolver.task_type == "worker" and resolver.task_id == 0
     )
+
+
+def task_name(strategy: tf.distribute.Strategy) -> str:
+    """``worker 1 of 2``-style name of this process in the cluster."""
+    resolver = getattr(strategy, "cluster_resolver", None)
+    if resolver is None or not resolver.task_type:
+        return "the only process"
+    count = sum(len(v) for v in resolver.cluster_spec().as_dict().values())
+    return f"{resolver.task_type} {resolver.task_id} of {count}"
+
+
+@contextlib.contextmanager
+def cluster_errors(strategy: tf.distribute.Strategy) -> Iterator[None]:
+    """Turn "another worker is gone" from TensorFlow's collectives into one clear error.
+
+    When a worker fails (its own error is in its log) or is stopped, the others' collective ops
+    abort with a gRPC error several screens long.
+
+    Raises:
+        TrainingError: a collective op aborted because a worker left.
+    """
+    if not is_multi_worker(strategy):
+        yield
+        return
+    try:
+        yield
+        return
+    except (tf.errors.UnavailableError, tf.errors.CancelledError, tf.errors.AbortedError) as err:
+        text = str(err)
+        if "heartbeat" in text:
+            reason = "a worker stopped sending heartbeats"
+        elif "Socket closed" in text or "Connection reset" in text:
+            reason = "a worker closed its connection"
+        else:
+            reason = (text.strip().splitlines() or [type(err).__name__])[0][:200]
+    # Raised outside the handler, so nothing keeps the aborted op's frames: TensorFlow's
+    # all-reduce thread pool in them is then freed now, not at exit, where its __del__ prints
+    # "Exception ignored ... Bad file descriptor".
+    raise TrainingError(
+        f"Multi-worker training on {task_name(strategy)} stopped: another worker failed or "
+        f"left ({reason}). Its log says why; fix that and start every worker again."
+    )
+
+
+def barrier(strategy: tf.distribute.Strategy) -> None:
+    """Block until every worker reaches this point (an all-reduce of one number)."""
+    if not is_multi_worker(strategy):
+        return
+
+    @tf.function  # eagerly, TensorFlow warns of the overhead of every collective
+    def all_reduce_one():
+        return strategy.reduce("SUM", strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    logger.info("All %d replicas joined", int(all_reduce_one()))
+
+
+@contextlib.contextmanager
+def synchronized_batchnorm(model: keras.Model) -> Iterator[list[str]]:
+    """While inside, every BatchNormalization in ``model`` normalizes over the global batch.
+
+    Under a strategy each replica sees only its part of a batch, so a BatchNormalization that
+    trains (``freeze=joint``, ``partial`` with ``bn=train``) would normalize with that part's
+    statistics and train a different model than one device does. Keras's ``synchronized=True``
+    all-reduces the statistics instead (two all-reduces per layer and step). Frozen layers run in
+    inference mode either way. The flag is reset on exit, so the saved model is unchanged.
+
+    Yields:
+        The paths of the layers that were switched.
+    """
+    from tfstack.freezing import leaf_layers
+
+    switched = [
+        (path, layer)
+        for path, layer in leaf_layers(model)
+        if isinstance(layer, keras.layers.BatchNormalization) and not layer.synchronized
+    ]
+    for _, layer in switched:
+        layer.synchronized = True
+    try:
+        yield [path for path, _ in switched]
+    finally:
+        for _, layer in switched:
+            layer.synchronized = False
+
+
+def _fix_keras_fit() -> None:
+    """Make Keras 3.15's ``Model.fit`` work under a multi-worker strategy.
+
+    Two single-worker assumptions in ``keras/src/backend/tensorflow/trainer.py`` break it
+    (reproduced with two workers on 127.0.0.1, keras-team/keras#20585):
+
+    - ``_maybe_symbolic_build`` peeks at one batch to build the metrics and averages it across
+      replicas with ``strategy.reduce``, which cannot convert the batch of several workers
+      (``Attempt to convert a value (PerReplica...) to a Tensor``). Building only needs shapes,
+      so this replacement takes the batch of this worker's first replica.
+    - ``reduce_per_replica`` averages every step's logs with ``strategy.reduce("MEAN", v,
+      axis=0)``; the logs are scalars (``Invalid reduction dimension 0 for input with 0
+      dimensions``). The replacement reduces scalars with ``axis=None``. Keras's metric
+      variables are already summed across replicas on update, so the mean of equal values is
+      the global metric, as in one process.
+
+    Both replacements defer to Keras's own code outside multi-worker mode. Applied once per
+    process; a Keras without these functions is left alone (and the two-worker test says
+    whether fit works there).
+    """
+    from keras.src import tree
+    from keras.src.backend.tensorflow import trainer
+
+    if getattr(trainer.reduce_per_replica, "_tfstack_fix", False):
+        return
+    if not hasattr(trainer, "reduce_per_replica") or not hasattr(
+        trainer.TensorFlowTrainer, "_maybe_symbolic_build"
+    ):
+        logger.warning("This Keras has no reduce_per_replica to fix; fit is used as it is")
+        return
+    keras_reduce = trainer.reduce_per_replica
+    keras_build = trainer.TensorFlowTrainer._maybe_symbolic_build
+
+    @functools.wraps(keras_reduce)
+    def reduce_per_replica(values, strategy, reduction):
+        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
+            return keras_reduce(values, strategy, reduction)
+
+        def mean(value):
+            rank = getattr(getattr(value, "shape", None), "rank", None)
+            return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
+
+        return tree.map_structure(mean, values)
+
+    @functools.wraps(keras_build)
+    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
+        strategy = self._distribute_strategy
+        if iterator is not None and strategy is not None and is_multi_worker(strategy):
+            for _, _, batches in iterator:
+                data_batch = tree.map_structure(
+                    lambda x: (
+                        strategy.experimental_local_results(x)[0]
+                        if isinstance(x, tf.distribute.DistributedValues)
+                        else x
+                    ),
+                    next(batches),
+                )
+                break
+            iterator = None
+        return keras_build(self, iterator=iterator, data_batch=data_batch)
+
+    reduce_per_replica._tfstack_fix = True
+    trainer.reduce_per_replica = reduce_per_replica
+    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build

@@ -613,32 +613,69 @@ def feature_extractor_names(config: Config) -> list[str]:
     return names
 
 
-def train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkpoint: bool = False):
+def train(
+    config: Config,
+    paths: Paths,
+    run: RunLog,
+    model=None,
+    *,
+    keep_checkpoint: bool = False,
+    chief: bool = True,
+):
     """Train under the configured distribution strategy (see `_train`).
 
     Under a strategy the stacked model is (re)loaded inside ``strategy.scope()`` so its variables
-    are mirrored; every phase then compiles and fits inside the same scope.
+    are mirrored; every phase then compiles and fits inside the same scope. Under
+    ``multi_worker`` every worker first waits for the others here (the chief arrives once its
+    build is done), and only the chief writes (``chief=False`` on the other workers).
     """
     if config.distribute.kind == "none":
-        return _train(config, paths, run, model, keep_checkpoint=keep_checkpoint)
-    from tfstack.distribute import make_strategy
+        return _train(config, paths, run, model, keep_checkpoint=keep_checkpoint, chief=True)
+    from tfstack.distribute import barrier, cluster_errors, make_strategy
 
     strategy = make_strategy(config.distribute.kind)
-    with strategy.scope():
+    with cluster_errors(strategy), strategy.scope():
+        barrier(strategy)
         if run.run_id:
             from tfstack.tracking import log_tags
 
-            log_tags(run.run_id, {"distribute": config.distribute.kind})
+            log_tags(
+                run.run_id,
+                {
+                    "distribute": config.distribute.kind,
+                    "sync_batchnorm": str(config.distribute.sync_batchnorm).lower(),
+                },
+            )
             run.metrics({"replicas": strategy.num_replicas_in_sync})
-        return _train(config, paths, run, None, keep_checkpoint=keep_checkpoint)
+        model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
+        with contextlib.ExitStack() as stack:
+            if config.distribute.sync_batchnorm:
+                from tfstack.distribute import synchronized_batchnorm
+
+                synced = stack.enter_context(synchronized_batchnorm(model))
+                logger.info("Batch statistics over the global batch in %s", synced or "no layer")
+            return _train(config, paths, run, model, keep_checkpoint=keep_checkpoint, chief=chief)
 
 
-def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkpoint: bool = False):
+def train_worker(config: Config, paths: Paths) -> None:
+    """A non-chief worker's part of ``distribute=multi_worker``: train, log nothing, write nothing.
+
+    It reads the build stage's outputs of this workspace (the chief's, on a shared file system;
+    elsewhere run ``dvc repro build`` or ``dvc pull`` first) after every worker has joined.
+    """
+    run = RunLog(config, paths)
+    run.enabled = False
+    train(config, paths, run, chief=False)
+
+
+def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint: bool, chief: bool):
     """Run the schedule's phases on the stacked model; write the trained model and history.
 
     With ``train.resume=auto`` a checkpoint is written after every epoch and a matching one is
     resumed (see `tfstack.checkpoints`); it is removed at the end unless ``keep_checkpoint``
-    (`run_all` removes it once evaluation is done too).
+    (`run_all` removes it once evaluation is done too). Under ``multi_worker`` there are no
+    checkpoints: every worker would have to resume the same epoch. ``chief=False`` writes
+    nothing.
     """
     from tfstack import checkpoints, resume
     from tfstack.data import ArrayDataset
@@ -662,7 +699,8 @@ def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkp
     )
     val_ds = ArrayDataset(splits.x_val, splits.y_val, batch_size=batch, shuffle=False, seed=0)
     phases = make_phases(config)
-    state = resume.resumable_checkpoint(config, paths, run)
+    resumable = config.train.resume == "auto" and config.distribute.kind != "multi_worker"
+    state = resume.resumable_checkpoint(config, paths, run) if resumable else None
     if state is not None and run.run_id:
         resume.continue_run_record(run, state)
 
@@ -679,7 +717,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkp
         phases,
         train_ds,
         val_ds,
-        directory=directory if config.train.resume == "auto" else None,
+        directory=directory if resumable else None,
         key=resume.checkpoint_key(config, paths),
         run_id=run.run_id,
         state=state,
@@ -718,6 +756,13 @@ def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkp
             row = {"epoch": result.initial_epoch + i, "phase": result.name}
             row.update({k: result.history[k][i] for k in keys})
             history.append(row)
+    if not chief:
+        # Saving may run collective ops (a variable first created on save is broadcast from the
+        # chief), so every worker saves, as TensorFlow's multi-worker guide says; here, to a
+        # temporary directory that is removed.
+        with tempfile.TemporaryDirectory(prefix="tfstack-worker-") as scratch:
+            model.save(Path(scratch) / "model.keras")
+        return model, results
     out = paths.stage("train")
     with atomic_path(out / "model.keras") as tmp:
         model.save(tmp)
@@ -726,7 +771,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model=None, *, keep_checkp
     write_json(out / "phases.json", phases_record)
     run.json(phases_record, "training/phases.json")
     run.json(history, "training/history.json")
-    if config.train.resume == "auto" and not keep_checkpoint:
+    if resumable and not keep_checkpoint:
         checkpoints.remove(directory)
     return model, results
 
@@ -837,6 +882,9 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
             start = time.perf_counter()
             model, _ = train(config, paths, run, model=result.model, keep_checkpoint=True)
             run.metrics({"stage_seconds_train": time.perf_counter() - start})
+            if config.distribute.kind == "multi_worker":
+                # Its variables belong to the cluster; the chief evaluates a local copy.
+                model = None
             start = time.perf_counter()
             metrics = evaluate(config, paths, run, model=model)
             run.metrics({"stage_seconds_evaluate": time.perf_counter() - start})
