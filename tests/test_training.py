@@ -278,32 +278,69 @@ def test_logged_metrics_match_between_cached_and_uncached_runs(tmp_path):
         )
 
 
-@pytest.mark.parametrize(
-    "layer, kind",
-    [
-        (keras.layers.Dropout(0.3, name="dropout"), "Dropout"),
-        (keras.layers.GaussianNoise(0.1, name="noise"), "GaussianNoise"),
-        (keras.layers.RandomFlip(name="flip"), "RandomFlip"),
-    ],
-)
-def test_caching_is_refused_and_logged_when_the_frozen_base_is_random(layer, kind, caplog):
-    keras.utils.set_random_seed(0)
-    stack = build_stacked("sequential", _base_with(layer), make_head())
+def _fit_base(model, phase, *, cache=True):
+    """One phase on the standard datasets, with ``base`` as the feature extractor."""
     train_ds, val_ds = _datasets()
-    with caplog.at_level(logging.INFO, logger="tfstack.training"):
-        result = fit_phase(
-            stack.model,
-            _frozen_phase(epochs=1)[0],
-            train_ds,
-            val_ds,
-            loss=LOSS,
-            feature_extractors=["base"],
-            verbose=0,
-            cache_frozen=True,
-        )
-    assert not result.cached
-    assert f"{layer.name!r} ({kind}) draws random numbers" in result.cache_note
-    assert "not caching" in caplog.text and kind in caplog.text
+    return fit_phase(
+        model,
+        phase,
+        train_ds,
+        val_ds,
+        loss=LOSS,
+        feature_extractors=["base"],
+        verbose=0,
+        cache_frozen=cache,
+    )
+
+
+RANDOM_LAYERS = [
+    lambda: keras.layers.Dropout(0.3, name="dropout"),
+    lambda: keras.layers.GaussianNoise(0.1, name="noise"),
+    lambda: keras.layers.RandomFlip(name="flip"),
+]
+
+
+@pytest.mark.parametrize("make_layer", RANDOM_LAYERS, ids=["Dropout", "Noise", "RandomFlip"])
+@pytest.mark.parametrize("strategy", ["sequential", "functional"])
+def test_a_frozen_base_runs_in_inference_mode_so_its_random_layers_are_off(
+    make_layer, strategy, caplog
+):
+    """Frozen means called with training=False: the head trains on the same features every
+    epoch, so training on cached features gives exactly the same model."""
+    runs = {}
+    for cache in (False, True):
+        keras.utils.set_random_seed(0)
+        stack = build_stacked(strategy, _base_with(make_layer()), make_head())
+        with caplog.at_level(logging.INFO, logger="tfstack.training"):
+            result = _fit_base(stack.model, _frozen_phase(epochs=2)[0], cache=cache)
+        runs[cache] = stack.model, result
+    (plain, uncached), (cached_model, cached) = runs[False], runs[True]
+    assert cached.cached and not uncached.cached
+    assert uncached.inference_mode == cached.inference_mode == ["base"]
+    assert "calling frozen ['base'] with training=False" in caplog.text
+    assert _max_weight_difference(plain, cached_model) <= 1e-6
+    np.testing.assert_allclose(uncached.history["loss"], cached.history["loss"], rtol=1e-6)
+    # The stacked model itself is unchanged: its random layer still acts in training mode.
+    layer = plain.get_layer("base").layers[3]
+    assert type(layer).__name__ in ("Dropout", "GaussianNoise", "RandomFlip")
+    features = np.random.default_rng(0).random((16, 8, 8, 4), dtype=np.float32)
+    assert not np.allclose(layer(features, training=True), layer(features, training=False))
+
+
+def test_a_base_that_trains_keeps_its_dropout_and_random_layers_after_it_prevent_caching():
+    keras.utils.set_random_seed(0)
+    stack = build_stacked(
+        "functional",
+        _base_with(keras.layers.Dropout(0.3, name="dropout")),
+        make_head(),
+        intermediate=[{"class_name": "Dropout", "config": {"rate": 0.2, "name": "between"}}],
+    )
+    joint = _fit_base(stack.model, Phase("joint", 1, FreezePolicy("joint"), 1e-3))
+    assert joint.inference_mode == [] and not joint.cached
+    frozen = _fit_base(stack.model, _frozen_phase(epochs=1)[0])
+    # The base is frozen (inference mode), and the cut falls before the random layer after it.
+    assert frozen.inference_mode == ["base"]
+    assert frozen.cached and "base" in frozen.cache_note
 
 
 @pytest.mark.parametrize(

@@ -13,6 +13,13 @@ layers and variables, so fitting it trains the stacked model's head in place. Th
 is compiled like the stacked model (same loss, metrics and fresh optimizer, discriminative rates
 included) and fitted on the cached outputs in the batches and order the uncached phase would use
 (`tfstack.data.ArrayDataset`), so history, metric names and per-epoch logs are the same.
+
+Frozen means inference mode: a frozen feature extractor is called with ``training=False``, as in
+Keras's transfer-learning guide, so its Dropout, noise and random augmentation are off. Keras 3
+does not do this by itself: a frozen Dropout still drops under ``fit``, and a ``training=False``
+written into a functional graph is overridden by the outer call's ``training=True``. A phase
+with such a component fits `inference_view`, the stacked model with those components wrapped to
+be called in inference mode (same layers, same variables, never saved).
 """
 
 from __future__ import annotations
@@ -49,6 +56,7 @@ class PhaseResult:
     seconds: float = 0.0
     cached: bool = False
     cache_note: str = ""
+    inference_mode: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -64,6 +72,7 @@ class PhaseResult:
             "seconds": self.seconds,
             "cached": self.cached,
             "cache_note": self.cache_note,
+            "inference_mode": self.inference_mode,
         }
 
 
@@ -83,27 +92,39 @@ class FrozenSplit:
     cut: list[str]
 
 
-def _random_or_training_dependent(layer: keras.layers.Layer) -> str | None:
+def _random_or_training_dependent(
+    layer: keras.layers.Layer, *, inference: bool = False
+) -> str | None:
     """Why ``layer`` (or a layer inside it) may give another output in training mode, or None.
 
     A frozen layer is not an inference-mode layer: Keras 3 runs Dropout, noise and random
     augmentation whenever ``training=True``, trainable or not, and adds activity-regularization
-    losses. Only a non-trainable BatchNormalization switches to inference mode.
+    losses. Only a non-trainable BatchNormalization switches to inference mode. With
+    ``inference`` (a frozen feature extractor, always called with ``training=False``) only the
+    activity-regularization losses remain: Keras adds them in either mode.
     """
-    sublayers = layer._flatten_layers(include_self=True, recursive=True)
-    for sub in sublayers:
-        kind = type(sub).__name__
-        if sub._seed_generators or kind.startswith("Random"):
-            return (
-                f"layer {sub.name!r} ({kind}) draws random numbers whenever training=True, "
-                "frozen or not, so its output differs every epoch"
-            )
+    for sub in layer._flatten_layers(include_self=True, recursive=True):
         if getattr(sub, "activity_regularizer", None) is not None:
+            kind = type(sub).__name__
             return f"layer {sub.name!r} ({kind}) adds an activity-regularization loss in training"
-        if isinstance(sub, keras.layers.BatchNormalization) and sub.trainable:
-            return f"layer {sub.name!r} (BatchNormalization) is trainable and runs in training mode"
-        if isinstance(sub, keras.layers.TFSMLayer) and sub.call_training_endpoint:
-            return f"layer {sub.name!r} (TFSMLayer) calls a training endpoint in training mode"
+        reason = None if inference else _training_mode_reason(sub)
+        if reason:
+            return reason
+    return None
+
+
+def _training_mode_reason(layer: keras.layers.Layer) -> str | None:
+    """Why this one layer computes something else when ``training=True``, or None."""
+    kind = type(layer).__name__
+    if layer._seed_generators or kind.startswith("Random"):
+        return (
+            f"layer {layer.name!r} ({kind}) draws random numbers whenever training=True, "
+            "frozen or not, so its output differs every epoch"
+        )
+    if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
+        return f"layer {layer.name!r} (BatchNormalization) is trainable and runs in training mode"
+    if isinstance(layer, keras.layers.TFSMLayer) and layer.call_training_endpoint:
+        return f"layer {layer.name!r} (TFSMLayer) calls a training endpoint in training mode"
     return None
 
 
@@ -130,14 +151,17 @@ def split_frozen(
     Returns:
         ``(split, note)``: the split and a note naming the cut, or ``(None, reason)``.
     """
+    extractors = set()
     for name in feature_extractors:
         component = get_component(model, name, error=TrainingError, setting="feature_extractors")
         trainable = sum(int(math.prod(v.shape)) for v in component.trainable_weights)
         if trainable:
             return None, f"feature extractor {name!r} trains {trainable} parameters in this phase"
-        reason = _random_or_training_dependent(component)
+        # Frozen, so called in inference mode (see inference_view): random layers are off.
+        reason = _random_or_training_dependent(component, inference=True)
         if reason:
             return None, f"feature extractor {name!r} is not deterministic: {reason}"
+        extractors.add(id(component))
     try:
         inputs, outputs = list(model.inputs), list(model.outputs)
     except (AttributeError, ValueError):
@@ -147,8 +171,10 @@ def split_frozen(
 
     def frozen_operation(operation) -> bool:
         if id(operation) not in checked:
+            inference = id(operation) in extractors
             checked[id(operation)] = (
-                not operation.trainable_weights and _random_or_training_dependent(operation) is None
+                not operation.trainable_weights
+                and _random_or_training_dependent(operation, inference=inference) is None
             )
         return checked[id(operation)]
 
@@ -193,6 +219,74 @@ def split_frozen(
     )
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, cut, strict=True))
     return FrozenSplit(frozen, trainable, names), f"cached the outputs of {shapes}"
+
+
+class _InferenceCall(keras.layers.Layer):
+    """Calls a component with ``training=False`` whatever the outer call says.
+
+    ``call`` takes no ``training`` argument, so a functional graph cannot pass the outer value
+    on. Exists only inside a phase's `inference_view`; never saved.
+    """
+
+    def __init__(self, inner: keras.layers.Layer):
+        super().__init__(name=f"{inner.name}_inference_mode", dtype=inner.dtype_policy)
+        self.inner = inner
+
+    def call(self, *args, **kwargs):
+        kwargs.pop("training", None)
+        return self.inner(*args, training=False, **kwargs)
+
+    def compute_output_spec(self, *args, **kwargs):
+        kwargs.pop("training", None)
+        return self.inner.compute_output_spec(*args, **kwargs)
+
+
+def frozen_in_training_mode(model: keras.Model, feature_extractors: Sequence[str]) -> list[str]:
+    """The frozen feature extractors that would compute something else in training mode.
+
+    Dropout, noise, random augmentation or a SavedModel's training endpoint inside them: these
+    must be called in inference mode (`inference_view`) to be frozen.
+    """
+    names = []
+    for name in feature_extractors:
+        component = get_component(model, name, error=TrainingError, setting="feature_extractors")
+        if not component.trainable_weights and any(
+            _training_mode_reason(sub)
+            for sub in component._flatten_layers(include_self=True, recursive=True)
+        ):
+            names.append(name)
+    return names
+
+
+def inference_view(model: keras.Model, names: Sequence[str]) -> keras.Model:
+    """``model`` with the named components always called with ``training=False``.
+
+    Every layer (so every variable) is the model's own: fitting the view trains the model in
+    place. Functional models are re-traced with `keras.models.clone_model`'s ``call_function``;
+    a ``keras.Sequential`` is chained again as a functional model.
+
+    Args:
+        model: the stacked model.
+        names: components to run in inference mode.
+
+    Returns:
+        A model with ``model``'s inputs, outputs and name.
+    """
+    wrapped = set(names)
+
+    def call(layer, *args, **kwargs):
+        if layer.name in wrapped:
+            return _InferenceCall(layer)(*args, **kwargs)
+        return layer(*args, **kwargs)
+
+    if isinstance(model, keras.Sequential):
+        spec = model.inputs[0]
+        inputs = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name)
+        x = inputs
+        for layer in model.layers:
+            x = call(layer, x)
+        return keras.Model(inputs, x, name=model.name)
+    return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
 
 
 def _plan_cache(
@@ -292,14 +386,18 @@ def fit_phase(
 ) -> PhaseResult:
     """Freeze, recompile and fit one phase.
 
-    With ``cache_frozen``, a phase whose feature extractors are all frozen and deterministic
-    computes the frozen part's outputs once per split and fits the trainable part on them (see
-    the module docstring); the result's ``cached`` and ``cache_note`` say whether and why. In a
-    cached phase the callbacks are attached to the trainable part, which shares the stacked
-    model's variables and optimizer. Dropout, noise, ``Random*`` augmentation, activity
-    regularizers and trainable BatchNormalization in a feature extractor prevent caching; a
-    custom layer that changes its output with ``training`` in some other way is not detected,
-    so turn caching off for it.
+    Frozen feature extractors are called with ``training=False`` (their Dropout, noise and
+    random augmentation off; ``inference_mode`` in the result names those it changed): the
+    phase fits `inference_view`, whose layers are the model's.
+
+    With ``cache_frozen``, a phase whose feature extractors are all frozen computes the frozen
+    part's outputs once per split and fits the trainable part on them (see the module
+    docstring); the result's ``cached`` and ``cache_note`` say whether and why. In a cached or
+    inference-mode phase the callbacks are attached to that model, which shares the stacked
+    model's variables and optimizer. Activity regularizers in a feature extractor, a training
+    extractor, and random layers between it and the trainable layers prevent caching; a custom
+    layer that changes its output with ``training`` in some other way is not detected, so turn
+    caching off for it.
 
     Args:
         model: the stacked model.
@@ -354,6 +452,17 @@ def fit_phase(
         )
     elif cache_frozen:
         logger.info("Phase %d %r: not caching frozen outputs: %s", index, phase.name, note)
+    # Cached phases run the frozen part in inference mode already (predict).
+    inference = frozen_in_training_mode(model, feature_extractors)
+    if inference and split is None:
+        # The view's layers are the model's: same optimizer, built on the model's variables in
+        # its order, as for the cached split above.
+        model.optimizer.build(model.trainable_variables)
+        fit_model = inference_view(model, inference)
+        fit_model.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
+        logger.info(
+            "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
+        )
     history = fit_model.fit(
         fit_train,
         validation_data=fit_val,
@@ -377,6 +486,7 @@ def fit_phase(
         seconds=seconds,
         cached=split is not None,
         cache_note=note,
+        inference_mode=inference,
     )
 
 
