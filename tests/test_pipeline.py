@@ -6,11 +6,9 @@ so the pipeline takes seconds, and a real sqlite MLflow store at the copy's root
 
 import json
 import os
-import re
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -19,31 +17,15 @@ import numpy as np
 import pytest
 import yaml
 from mlflow.tracking import MlflowClient
+from project_copy import PROJECT_FILES, ROOT, VENV_BIN, env
+from project_copy import shrink as _shrink
 
 from tfstack import cli
 
-ROOT = Path(__file__).resolve().parents[1]
-VENV_BIN = Path(sys.executable).parent
-PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "MLproject", "python_env.yaml", "src"]
-
-
-def _shrink(project: Path) -> None:
-    """One epoch everywhere, quiet Keras: the real config, made small."""
-    config = project / "conf" / "config.yaml"
-    config.write_text(config.read_text().replace("pretrain_epochs: 15", "pretrain_epochs: 2"))
-    for path in (project / "conf" / "train").glob("*.yaml"):
-        text = re.sub(r"(?m)^epochs: \d+", "epochs: 1", path.read_text())
-        path.write_text(re.sub(r"(?m)^verbose: \d+", "verbose: 0", text))
-
 
 def _env(project: Path) -> dict:
-    env = dict(os.environ)
-    env["PATH"] = f"{VENV_BIN}:{env['PATH']}"
-    env["DVC_NO_ANALYTICS"] = "1"
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
-    for leaked in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-        env.pop(leaked, None)
-    return env
+    """The environment of a subprocess in ``project`` (see `project_copy.env`)."""
+    return env()
 
 
 def _sh(project: Path, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:

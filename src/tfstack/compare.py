@@ -29,6 +29,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from tfstack.errors import TfstackError  # noqa: E402
+from tfstack.files import atomic_path  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -379,12 +380,13 @@ class Comparison:
             "markdown": out_dir / "comparison.md",
             "png": out_dir / "validation_curves.png",
         }
-        files["csv"].write_text(to_csv(self.rows, self.group_by, self.val_metric))
         note = "\n\n".join([*self.notes, self.verdict])
-        files["markdown"].write_text(
-            to_markdown(self.rows, self.group_by, self.val_metric, note=note)
-        )
-        self.figure.savefig(files["png"], format="png")
+        with atomic_path(files["csv"]) as tmp:
+            tmp.write_text(to_csv(self.rows, self.group_by, self.val_metric))
+        with atomic_path(files["markdown"]) as tmp:
+            tmp.write_text(to_markdown(self.rows, self.group_by, self.val_metric, note=note))
+        with atomic_path(files["png"]) as tmp:
+            self.figure.savefig(tmp, format="png")
         return files
 
 

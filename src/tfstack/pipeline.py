@@ -27,6 +27,7 @@ from pathlib import Path
 
 from tfstack.config import Config, to_dict
 from tfstack.errors import ConfigError, DataError, OutputError, TfstackError
+from tfstack.files import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -79,13 +80,6 @@ class Paths:
         return p if p.is_absolute() else self.root / p
 
 
-def _cannot_write(path: Path, err: OSError, key: str = "output_dir") -> OutputError:
-    return OutputError(
-        f"Cannot write {path}: {err.strerror or err}. Check that the directory exists and is "
-        f"writable (and that the disk has space), or set {key}=... to a directory you can write."
-    )
-
-
 def _check_writable(directory: Path, key: str) -> None:
     """Create ``directory`` if needed and prove a file can be created in it, before any work."""
     try:
@@ -98,36 +92,6 @@ def _check_writable(directory: Path, key: str) -> None:
             + (f" ({err.filename})" if err.filename and str(err.filename) != str(directory) else "")
             + f". Set {key}=... to a directory you can write."
         ) from err
-
-
-@contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
-
-    A reader (or a process killed mid-write) sees the old file or the new one, never part of
-    one. Failures to write raise `OutputError` naming the file.
-    """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
-    except OSError as err:
-        raise _cannot_write(path, err) from err
-    os.close(fd)
-    os.unlink(tmp)  # Keras refuses to overwrite some formats; let the writer create it.
-    try:
-        yield Path(tmp)
-        os.replace(tmp, path)
-    except OSError as err:
-        raise _cannot_write(path, err) from err
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically."""
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n", encoding="utf-8")
 
 
 def config_yaml(config: Config) -> str:

@@ -44,6 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfstack.config import Config, validate
 from tfstack.errors import ConfigError, TfstackError
+from tfstack.files import write_json
 
 logger = logging.getLogger(__name__)
 
@@ -167,7 +168,7 @@ def task(cfg: DictConfig) -> float:
             value=worst(objective["mode"]),
             error=f"{type(err).__name__}: {err}",
         )
-    (job_dir / RESULT_FILE).write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_json(job_dir / RESULT_FILE, result)
     return float(result["value"])
 
 
