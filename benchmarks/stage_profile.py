@@ -181,13 +181,13 @@ def _report() -> None:
         f.write(json.dumps(record) + "\n")
 
 
-def main() -> int:
+def main() -> None:
     builtins.__import__ = _import
     atexit.register(_report)
     from tfstack import cli
 
-    return cli.main(sys.argv[1:])
+    cli.run(sys.argv[1:])  # exits as the `tfstack` command does
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()
