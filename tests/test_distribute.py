@@ -108,6 +108,26 @@ def test_synchronized_batchnorm_is_switched_only_while_training():
     assert [layer.get_config()["synchronized"] for layer in norms] == [False, False]
 
 
+@pytest.mark.parametrize(
+    ("cluster", "task", "chief"),
+    [
+        ({"worker": ["a:1", "b:1"]}, ("worker", 0), True),
+        ({"worker": ["a:1", "b:1"]}, ("worker", 1), False),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, ("chief", 0), True),
+        ({"chief": ["c:1"], "worker": ["a:1"]}, ("worker", 0), False),
+    ],
+)
+def test_the_chief_is_the_chief_task_or_else_worker_0(cluster, task, chief):
+    import types
+
+    import tensorflow as tf
+
+    resolver = tf.distribute.cluster_resolver.SimpleClusterResolver(
+        tf.train.ClusterSpec(cluster), task_type=task[0], task_id=task[1]
+    )
+    assert is_chief(types.SimpleNamespace(cluster_resolver=resolver)) is chief
+
+
 def test_unknown_kind_and_default_strategy():
     with pytest.raises(ConfigError, match="distribute='tpu'"):
         make_strategy("tpu")

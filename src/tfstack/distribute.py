@@ -163,13 +163,18 @@ def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
 
 
 def is_chief(strategy: tf.distribute.Strategy) -> bool:
-    """Whether this process logs to MLflow and writes outputs (always true but for workers > 0)."""
+    """Whether this process logs to MLflow and writes outputs.
+
+    The ``chief`` task when the cluster has one, else ``worker`` 0 (TensorFlow's convention);
+    always true outside a cluster.
+    """
     resolver = getattr(strategy, "cluster_resolver", None)
     if resolver is None or not resolver.task_type:
         return True
-    return resolver.task_type == "chief" or (
-        resolver.task_type == "worker" and resolver.task_id == 0
-    )
+    if resolver.task_type == "chief":
+        return True
+    has_chief = bool(resolver.cluster_spec().as_dict().get("chief"))
+    return resolver.task_type == "worker" and resolver.task_id == 0 and not has_chief
 
 
 def task_name(strategy: tf.distribute.Strategy) -> str:
