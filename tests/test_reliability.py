@@ -391,3 +391,26 @@ def test_gpu_ops_without_deterministic_kernels_are_reported_too(error, op):
             raise error
     with pytest.raises(ValueError), determinism_errors():  # anything else passes through
         raise ValueError("not about determinism")
+
+
+def test_a_phase_record_in_a_checkpoint_reads_back_as_the_same_result():
+    """What a resumed run reports for phases finished before the kill (phases.json, MLflow)."""
+    from tfstack.checkpoints import _result_from_record
+    from tfstack.freezing import ParamCounts
+    from tfstack.training import PhaseResult
+
+    result = PhaseResult(
+        name="head",
+        index=0,
+        initial_epoch=0,
+        epochs=2,
+        lr=1e-3,
+        freeze="frozen",
+        counts=ParamCounts(27, 120),
+        history={"loss": [1.0, 0.5]},
+        seconds=1.5,
+        cached=True,
+        cache_note="cached the outputs of base (None, 8)",
+        inference_mode=["base"],
+    )
+    assert _result_from_record(json.loads(json.dumps(result.to_dict()))) == result

@@ -424,6 +424,7 @@ def _result_from_record(record: dict[str, Any]) -> PhaseResult:
         seconds=record.get("seconds", 0.0),
         cached=record.get("cached", False),
         cache_note=record.get("cache_note", ""),
+        inference_mode=list(record.get("inference_mode", [])),
     )
 
 
