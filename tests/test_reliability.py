@@ -26,7 +26,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from project_copy import ROOT, VENV_BIN, clone, env, leftovers, make_template
+from project_copy import ROOT, VENV_BIN, clone, env, leftovers, make_template, tfstack
 
 from tfstack import cli
 
@@ -132,14 +132,7 @@ def test_a_killed_run_resumes_into_the_same_run_and_matches_an_uninterrupted_one
             x_test=source["x_test"],
             y_test=source["y_test"],
         )
-    reference = subprocess.run(
-        [str(VENV_BIN / "tfstack"), "run", *RESUMABLE, "output_dir=reference"],
-        cwd=project,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    reference = tfstack(project, "run", *RESUMABLE, "output_dir=reference")
     assert reference.returncode == 0, reference.stderr[-3000:]
 
     killed_at = [_run_and_kill(project, 2)]  # inside the first phase (epochs 0-3)
@@ -147,14 +140,7 @@ def test_a_killed_run_resumes_into_the_same_run_and_matches_an_uninterrupted_one
     assert killed.info.status == "RUNNING"  # what SIGKILL leaves; the rerun takes it over
     killed_at.append(_run_and_kill(project, 6))  # inside the second phase (epochs 4-7)
     assert len(all_runs(project)) == 2, "a rerun must not start another run"
-    resumed = subprocess.run(
-        [str(VENV_BIN / "tfstack"), "run", *RESUMABLE],
-        cwd=project,
-        env=env(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    resumed = tfstack(project, "run", *RESUMABLE)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "Resuming training at epoch" in resumed.stderr
     assert 2 <= killed_at[0] < killed_at[1] <= 8, killed_at  # usually 2 and 6: mid-phase

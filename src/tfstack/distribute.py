@@ -283,12 +283,12 @@ def _fix_keras_fit() -> None:
     from keras.src import tree
     from keras.src.backend.tensorflow import trainer
 
-    if getattr(trainer.reduce_per_replica, "_tfstack_fix", False):
-        return
     if not hasattr(trainer, "reduce_per_replica") or not hasattr(
         trainer.TensorFlowTrainer, "_maybe_symbolic_build"
     ):
         logger.warning("This Keras has no reduce_per_replica to fix; fit is used as it is")
+        return
+    if getattr(trainer.reduce_per_replica, "_tfstack_fix", False):
         return
     keras_reduce = trainer.reduce_per_replica
     keras_build = trainer.TensorFlowTrainer._maybe_symbolic_build

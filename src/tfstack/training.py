@@ -6,13 +6,14 @@ nothing in Keras 3, and an optimizer built for one set of variables refuses anot
 sequence across phases.
 
 Frozen-feature caching (``cache_frozen=True``): when a phase leaves every feature extractor frozen
-and nothing in them draws random numbers, the frozen part gives the same output for a sample in
-every epoch. `split_frozen` cuts the stacked model after that part into a ``frozen`` model (run
-once per split, in inference mode) and a ``trainable`` model that shares the stacked model's
-layers and variables, so fitting it trains the stacked model's head in place. The trainable part
-is compiled like the stacked model (same loss, metrics and fresh optimizer, discriminative rates
-included) and fitted on the cached outputs in the batches and order the uncached phase would use
-(`tfstack.data.ArrayDataset`), so history, metric names and per-epoch logs are the same.
+(so called in inference mode, see below) and none adds an activity-regularization loss, the
+frozen part gives the same output for a sample in every epoch. `split_frozen` cuts the stacked
+model after that part into a ``frozen`` model (run once per split, in inference mode) and a
+``trainable`` model that shares the stacked model's layers and variables, so fitting it trains
+the stacked model's head in place. The trainable part is compiled like the stacked model (same
+loss, metrics and fresh optimizer, discriminative rates included) and fitted on the cached
+outputs in the batches and order the uncached phase would use (`tfstack.data.ArrayDataset`),
+so history, metric names and per-epoch logs are the same.
 
 Frozen means inference mode: a frozen feature extractor is called with ``training=False``, as in
 Keras's transfer-learning guide, so its Dropout, noise and random augmentation are off. Keras 3
@@ -439,11 +440,7 @@ def fit_phase(
         split, note = _plan_cache(model, feature_extractors, train_data, val_data)
     fit_model, fit_train, fit_val = model, _batches(train_data), _batches(val_data)
     if split is not None:
-        # Built on the stacked model's variables, in its order, so the optimizer state saved with
-        # the stacked model reloads onto the right variables.
-        model.optimizer.build(model.trainable_variables)
-        split.trainable.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
-        fit_model = split.trainable
+        fit_model = _compiled_like(model, split.trainable, loss=loss, metrics=metrics)
         fit_train = train_data.with_inputs(_frozen_outputs(split.frozen, train_data))
         if val_data is not None:
             fit_val = val_data.with_inputs(_frozen_outputs(split.frozen, val_data))
@@ -455,11 +452,8 @@ def fit_phase(
     # Cached phases run the frozen part in inference mode already (predict).
     inference = frozen_in_training_mode(model, feature_extractors)
     if inference and split is None:
-        # The view's layers are the model's: same optimizer, built on the model's variables in
-        # its order, as for the cached split above.
-        model.optimizer.build(model.trainable_variables)
-        fit_model = inference_view(model, inference)
-        fit_model.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
+        view = inference_view(model, inference)
+        fit_model = _compiled_like(model, view, loss=loss, metrics=metrics)
         logger.info(
             "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
         )
@@ -488,6 +482,17 @@ def fit_phase(
         cache_note=note,
         inference_mode=inference,
     )
+
+
+def _compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> keras.Model:
+    """``other`` (made of ``model``'s layers) compiled with ``model``'s fresh optimizer.
+
+    The optimizer is built on the stacked model's variables, in its order, so the optimizer
+    state saved with the stacked model reloads onto the right variables.
+    """
+    model.optimizer.build(model.trainable_variables)
+    other.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
+    return other
 
 
 def _frozen_outputs(frozen: keras.Model, data: ArrayDataset):
