@@ -15,15 +15,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 import keras  # noqa: E402
-import matplotlib  # noqa: E402
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import mlflow.pyfunc  # noqa: E402
 import mlflow.tensorflow  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
 
 from tfstack import tracking  # noqa: E402
@@ -82,10 +79,10 @@ def test_start_log_end_lands_in_one_finished_run(uri, tmp_path):
     tracking.log_metrics(run_id, {"test_accuracy": np.float32(0.75), "test_loss": 1.5}, step=3)
     tracking.log_json(run_id, {"layers": np.arange(3), "n": np.int64(3)}, "build/layers.json")
     tracking.log_text(run_id, "summary", "build/summary.txt")
-    figure, axes = plt.subplots()
+    figure = Figure()
+    axes = figure.subplots()
     axes.plot([0, 1], [1, 0])
     tracking.log_figure(run_id, figure, "eval/curve.png")
-    plt.close(figure)
     local = tmp_path / "notes.md"
     local.write_text("notes")
     tracking.log_artifact_file(run_id, local, "docs")

@@ -22,14 +22,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-
-from tfstack.errors import TfstackError  # noqa: E402
-from tfstack.files import atomic_path  # noqa: E402
+from tfstack.errors import TfstackError
+from tfstack.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -320,7 +316,8 @@ def curves_figure(rows: Sequence[Row], group_by=GROUP_BY, val_metric=VAL_METRIC)
     """Validation curves of every configuration overlaid: colour = freeze policy, line style =
     stacking, marker = schedule; mean over seeds with a band of ± one standard deviation."""
     panels = [val_metric, "val_loss"] if val_metric != "val_loss" else ["val_loss"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.2), dpi=100)
+    fig = Figure(figsize=(6.0 * len(panels), 4.2), dpi=100)
+    axes = fig.subplots(1, len(panels))
     axes = list(axes) if len(panels) > 1 else [axes]
     keys = dict(zip(group_by, range(len(group_by)), strict=True))
     for i, row in enumerate(rows):
@@ -521,7 +518,6 @@ def compare_store(
         runs, histories, group_by=group_by, val_metric=val_metric, rank_by=rank_by
     )
     files = comparison.write(out_dir)
-    plt.close(comparison.figure)
     parents = {run["tags"].get(tracking.PARENT_RUN_TAG) for run in runs}
     parent = parent_run_id or (parents.pop() if len(parents) == 1 else None)
     if parent and log_to_parent:

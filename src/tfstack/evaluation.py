@@ -2,8 +2,9 @@
 
 Classification (multi-class and binary) gets a confusion matrix; regression gets predicted
 against true. Every run gets a learning curve over the global epoch, with phase boundaries
-marked. Figures are matplotlib figures (Agg backend); tables are JSON-ready lists of dicts that
-DVC's plot templates read.
+marked. Figures are `matplotlib.figure.Figure` objects made without pyplot, so importing this
+module never switches a notebook's backend and nothing needs closing; tables are JSON-ready lists
+of dicts that DVC's plot templates read.
 """
 
 from __future__ import annotations
@@ -11,12 +12,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 
-import matplotlib
-
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import numpy as np
+from matplotlib.figure import Figure
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +45,8 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np
 def confusion_figure(matrix: np.ndarray, title: str = "Confusion matrix"):
     """A labelled heat map of a confusion matrix."""
     classes = matrix.shape[0]
-    fig, ax = plt.subplots(figsize=(1.0 + 0.6 * classes, 0.8 + 0.6 * classes), dpi=100)
+    fig = Figure(figsize=(1.0 + 0.6 * classes, 0.8 + 0.6 * classes), dpi=100)
+    ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(classes))
     ax.set_yticks(range(classes))
@@ -68,7 +66,8 @@ def regression_figure(y_true: np.ndarray, y_pred: np.ndarray, title: str = "Pred
     """A scatter of predictions against targets with the identity line."""
     y_true = np.asarray(y_true, dtype=float).ravel()
     y_pred = np.asarray(y_pred, dtype=float).ravel()
-    fig, ax = plt.subplots(figsize=(4.5, 4.5), dpi=100)
+    fig = Figure(figsize=(4.5, 4.5), dpi=100)
+    ax = fig.subplots()
     ax.scatter(y_true, y_pred, s=8, alpha=0.6)
     low, high = float(min(y_true.min(), y_pred.min())), float(max(y_true.max(), y_pred.max()))
     ax.plot([low, high], [low, high], color="black", linewidth=1, label="y = x")
@@ -90,7 +89,8 @@ def learning_curve_figure(history: Sequence[dict], phase_starts: Sequence[tuple[
     keys = [k for k in history[0] if k not in ("epoch", "phase", "lr")] if history else []
     train_keys = [k for k in keys if not k.startswith("val_")]
     panels = train_keys[:2] or ["loss"]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.6), dpi=100)
+    fig = Figure(figsize=(5 * len(panels), 3.6), dpi=100)
+    axes = fig.subplots(1, len(panels))
     axes = np.atleast_1d(axes)
     epochs = [row["epoch"] for row in history]
     for ax, key in zip(axes, panels, strict=False):
@@ -105,11 +105,6 @@ def learning_curve_figure(history: Sequence[dict], phase_starts: Sequence[tuple[
         ax.legend()
     fig.tight_layout()
     return fig
-
-
-def close_figure(fig) -> None:
-    """Release a figure once it is saved and logged (pyplot keeps every figure otherwise)."""
-    plt.close(fig)
 
 
 def task_metrics(y_true: np.ndarray, outputs: np.ndarray, task: str) -> dict[str, float]:

@@ -790,7 +790,6 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     with atomic_path(plots / plot_name) as tmp:
         fig.savefig(tmp, format="png")
     run.figure(fig, f"evaluation/{plot_name}")
-    evaluation.close_figure(fig)
     history_path = paths.stage("train") / "history.json"
     if history_path.is_file():
         history = json.loads(history_path.read_text(encoding="utf-8"))
@@ -803,7 +802,6 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         with atomic_path(plots / "learning_curve.png") as tmp:
             curve.savefig(tmp, format="png")
         run.figure(curve, "evaluation/learning_curve.png")
-        evaluation.close_figure(curve)
     write_json(out / "metrics.json", metrics)
     run.metrics(metrics)
     if run.run_id and config.tracking.log_model:
