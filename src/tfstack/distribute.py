@@ -13,15 +13,15 @@ TensorFlow requires the strategy before any other TensorFlow op, so the CLI make
 MLflow and writes outputs; the other workers train their shard and exit.
 
 Keras 3.15's ``Model.fit`` fails under this strategy (keras-team/keras#20585, open). Two
-functions of ``keras.src.backend.tensorflow.trainer`` assume a single worker; `_fix_keras_fit`
-replaces them while a multi-worker strategy exists (see there). With them, two workers on
-127.0.0.1 train to the same weights as one process (tests/test_distribute.py).
+functions of ``keras.src.backend.tensorflow.trainer`` assume a single worker;
+`tfstack._keras_compat.fix_multi_worker_fit` replaces them while a multi-worker strategy
+exists (see there). With them, two workers on 127.0.0.1 train to the same weights as one
+process (tests/test_distribute.py).
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import logging
 import os
@@ -30,6 +30,7 @@ from collections.abc import Iterator
 import keras
 import tensorflow as tf
 
+from tfstack import _keras_compat
 from tfstack.errors import ConfigError, TrainingError
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,7 @@ def _make_multi_worker() -> tf.distribute.MultiWorkerMirroredStrategy:
             "distribute=multi_worker must start before TensorFlow runs anything in this process "
             f"({err}). Run `tfstack run` or `tfstack train` in a fresh process."
         ) from err
-    _fix_keras_fit()
+    _keras_compat.fix_multi_worker_fit(is_multi_worker)
     _multi_worker = strategy
     logger.info(
         "MultiWorkerMirroredStrategy: task %s:%s of %s, %d replicas",
@@ -158,7 +159,7 @@ def _make_multi_worker() -> tf.distribute.MultiWorkerMirroredStrategy:
 def is_multi_worker(strategy: tf.distribute.Strategy) -> bool:
     """Whether ``strategy`` spans more than this process."""
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) and bool(
-        strategy.extended._in_multi_worker_mode()
+        _keras_compat.in_multi_worker_mode(strategy)
     )
 
 
@@ -258,69 +259,3 @@ def synchronized_batchnorm(model: keras.Model) -> Iterator[list[str]]:
     finally:
         for _, layer in switched:
             layer.synchronized = False
-
-
-def _fix_keras_fit() -> None:
-    """Make Keras 3.15's ``Model.fit`` work under a multi-worker strategy.
-
-    Two single-worker assumptions in ``keras/src/backend/tensorflow/trainer.py`` break it
-    (reproduced with two workers on 127.0.0.1, keras-team/keras#20585):
-
-    - ``_maybe_symbolic_build`` peeks at one batch to build the metrics and averages it across
-      replicas with ``strategy.reduce``, which cannot convert the batch of several workers
-      (``Attempt to convert a value (PerReplica...) to a Tensor``). Building only needs shapes,
-      so this replacement takes the batch of this worker's first replica.
-    - ``reduce_per_replica`` averages every step's logs with ``strategy.reduce("MEAN", v,
-      axis=0)``; the logs are scalars (``Invalid reduction dimension 0 for input with 0
-      dimensions``). The replacement reduces scalars with ``axis=None``. Keras's metric
-      variables are already summed across replicas on update, so the mean of equal values is
-      the global metric, as in one process.
-
-    Both replacements defer to Keras's own code outside multi-worker mode. Applied once per
-    process; a Keras without these functions is left alone (and the two-worker test says
-    whether fit works there).
-    """
-    from keras.src import tree
-    from keras.src.backend.tensorflow import trainer
-
-    if not hasattr(trainer, "reduce_per_replica") or not hasattr(
-        trainer.TensorFlowTrainer, "_maybe_symbolic_build"
-    ):
-        logger.warning("This Keras has no reduce_per_replica to fix; fit is used as it is")
-        return
-    if getattr(trainer.reduce_per_replica, "_tfstack_fix", False):
-        return
-    keras_reduce = trainer.reduce_per_replica
-    keras_build = trainer.TensorFlowTrainer._maybe_symbolic_build
-
-    @functools.wraps(keras_reduce)
-    def reduce_per_replica(values, strategy, reduction):
-        if reduction not in ("auto", "mean") or not is_multi_worker(strategy):
-            return keras_reduce(values, strategy, reduction)
-
-        def mean(value):
-            rank = getattr(getattr(value, "shape", None), "rank", None)
-            return strategy.reduce("MEAN", value, axis=None if rank == 0 else 0)
-
-        return tree.map_structure(mean, values)
-
-    @functools.wraps(keras_build)
-    def _maybe_symbolic_build(self, iterator=None, data_batch=None):
-        strategy = self._distribute_strategy
-        if iterator is not None and strategy is not None and is_multi_worker(strategy):
-            for _, _, batches in iterator:
-                data_batch = tree.map_structure(
-                    lambda x: (
-                        strategy.experimental_local_results(x)[0]
-                        if isinstance(x, tf.distribute.DistributedValues)
-                        else x
-                    ),
-                    next(batches),
-                )
-                break
-            iterator = None
-        return keras_build(self, iterator=iterator, data_batch=data_batch)
-
-    reduce_per_replica._tfstack_fix = True
-    trainer.reduce_per_replica = reduce_per_replica
-    trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build

@@ -164,9 +164,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         tf.config.experimental.enable_op_determinism()
     else:
         # Op determinism is process-wide and the demo's pretraining turns it on; honour false.
-        from tensorflow.python.framework import config as tf_config
+        from tfstack._keras_compat import disable_op_determinism
 
-        tf_config.disable_op_determinism()
+        disable_op_determinism()
 
 
 # ---------------------------------------------------------------------------------------------

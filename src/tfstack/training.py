@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 import keras
 import tensorflow as tf
 
+from tfstack import _keras_compat
 from tfstack.data import ArrayDataset
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, get_component
@@ -104,7 +105,7 @@ def _random_or_training_dependent(
     ``inference`` (a frozen feature extractor, always called with ``training=False``) only the
     activity-regularization losses remain: Keras adds them in either mode.
     """
-    for sub in layer._flatten_layers(include_self=True, recursive=True):
+    for sub in _keras_compat.flatten_layers(layer):
         if getattr(sub, "activity_regularizer", None) is not None:
             kind = type(sub).__name__
             return f"layer {sub.name!r} ({kind}) adds an activity-regularization loss in training"
@@ -117,7 +118,7 @@ def _random_or_training_dependent(
 def _training_mode_reason(layer: keras.layers.Layer) -> str | None:
     """Why this one layer computes something else when ``training=True``, or None."""
     kind = type(layer).__name__
-    if layer._seed_generators or kind.startswith("Random"):
+    if _keras_compat.uses_seed_generators(layer) or kind.startswith("Random"):
         return (
             f"layer {layer.name!r} ({kind}) draws random numbers whenever training=True, "
             "frozen or not, so its output differs every epoch"
@@ -127,12 +128,6 @@ def _training_mode_reason(layer: keras.layers.Layer) -> str | None:
     if isinstance(layer, keras.layers.TFSMLayer) and layer.call_training_endpoint:
         return f"layer {layer.name!r} (TFSMLayer) calls a training endpoint in training mode"
     return None
-
-
-def _producer(tensor):
-    """The operation that produced a KerasTensor, and the call (node) that did."""
-    operation, node_index, _ = tensor._keras_history
-    return operation, operation._inbound_nodes[node_index]
 
 
 def split_frozen(
@@ -183,7 +178,7 @@ def split_frozen(
 
     def frozen_tensor(tensor) -> bool:
         if id(tensor) not in is_frozen:
-            operation, node = _producer(tensor)
+            operation, node = _keras_compat.producer(tensor)
             is_frozen[id(tensor)] = node.is_input or (
                 frozen_operation(operation) and all(frozen_tensor(t) for t in node.input_tensors)
             )
@@ -196,17 +191,17 @@ def split_frozen(
             if all(tensor is not t for t in cut):
                 cut.append(tensor)
             return
-        for parent in _producer(tensor)[1].input_tensors:
+        for parent in _keras_compat.producer(tensor)[1].input_tensors:
             collect(parent)
 
     for tensor in outputs:
         collect(tensor)
     if any(frozen_tensor(t) for t in outputs):
         return None, "nothing after the frozen part trains"
-    raw = [_producer(t)[0].name for t in cut if _producer(t)[1].is_input]
+    raw = [_keras_compat.producer(t)[0].name for t in cut if _keras_compat.producer(t)[1].is_input]
     if raw:
         return None, f"layers that train take the model input {raw} directly"
-    names = [_producer(t)[0].name for t in cut]
+    names = [_keras_compat.producer(t)[0].name for t in cut]
     single = len(cut) == 1
     frozen = keras.Model(
         inputs[0] if len(inputs) == 1 else inputs,
@@ -252,8 +247,7 @@ def frozen_in_training_mode(model: keras.Model, feature_extractors: Sequence[str
     for name in feature_extractors:
         component = get_component(model, name, error=TrainingError, setting="feature_extractors")
         if not component.trainable_weights and any(
-            _training_mode_reason(sub)
-            for sub in component._flatten_layers(include_self=True, recursive=True)
+            _training_mode_reason(sub) for sub in _keras_compat.flatten_layers(component)
         ):
             names.append(name)
     return names
