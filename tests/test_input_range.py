@@ -1,4 +1,4 @@
-"""Tests of tfstack.input_range: the data's value range against what the model's first layers expect.
+"""Tests of tfstack.input_range: the range of the data against what the first layers expect.
 
 Unit tests use tiny models built here (the base nested in a stacked model, as tfstack trains it)
 and two Keras Applications models with and without their own preprocessing; one end-to-end test
@@ -135,7 +135,7 @@ def test_keras_applications_with_their_own_preprocessing():
 
 
 def test_per_channel_normalization_is_followed_channel_by_channel():
-    """ImageNet mean/std per channel (ConvNeXt's first layer): 0..255 fits, [0, 1] is scaled twice."""
+    """ImageNet mean/std per channel (as ConvNeXt starts): 0..255 fits, [0, 1] is scaled twice."""
     normalization = keras.layers.Normalization(
         mean=[0.485 * 255, 0.456 * 255, 0.406 * 255],
         variance=[(0.229 * 255) ** 2, (0.224 * 255) ** 2, (0.225 * 255) ** 2],
