@@ -147,6 +147,18 @@ def test_per_channel_normalization_is_followed_channel_by_channel():
     assert kinds(images / np.float32(255), model) == ["scaled_twice"]
 
 
+def test_an_adapted_normalization_is_read_after_a_reload(tmp_path):
+    """train reloads the built model from .keras: the adapted mean and variance must count."""
+    pixels = np.random.default_rng(4).uniform(0, 255, size=(40, *SHAPE)).astype("float32")
+    normalization = keras.layers.Normalization(name="adapted")
+    normalization.adapt(pixels)
+    stacked(normalization).save(tmp_path / "stacked.keras")
+    model = keras.models.load_model(tmp_path / "stacked.keras")
+
+    assert kinds(pixels, model) == []
+    assert kinds(pixels / 255, model) == ["scaled_twice"]
+
+
 def test_the_demo_data_does_not_warn_and_its_raw_pixels_would(tmp_path):
     raw = demo.write_raw_digits(tmp_path / "data")
     demo.make_transfer_task(raw, tmp_path / "prepare", seed=42)

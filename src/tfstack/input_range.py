@@ -155,7 +155,9 @@ def check_input_range(
     return [warning] if warning else []
 
 
-def _judge(found: ValueRange, first: _FirstLayers, key: str, *, is_image: bool):
+def _judge(
+    found: ValueRange, first: _FirstLayers, key: str, *, is_image: bool
+) -> InputRangeWarning | None:
     """The finding, if any, for a range that reaches the first weighted layer."""
     whole = "whole-number " if found.integral and found.dtype.startswith("float") else ""
     values = f"{whole}{found.dtype} values from {found.minimum:g} to {found.maximum:g}"
@@ -193,12 +195,12 @@ def _judge(found: ValueRange, first: _FirstLayers, key: str, *, is_image: bool):
     if first.rescaling and 0 < span < TINY_SPAN and span < data_span / 10:
         return InputRangeWarning(
             "scaled_twice",
-            f"{key} holds {values}, already scaled, and the model scales them again: after its "
+            f"{key} holds {values}; after the model's "
             f"{', '.join(repr(n) for n in first.rescaling)} they span only {span:.2g} at its "
-            f"first layer {first.first!r}. "
-            "Give the model the unscaled data its preprocessing expects (e.g. images in 0..255: "
-            "drop the / 255 from the data preparation), or use a base without its own "
-            "preprocessing (include_preprocessing=False).",
+            f"first layer {first.first!r}: the data is scaled once too often. If it is already "
+            "scaled (e.g. images divided by 255), give the model the unscaled data its "
+            "preprocessing expects (drop the / 255 from the data preparation), or use a base "
+            "without its own preprocessing (include_preprocessing=False).",
             f"scaled twice: {', '.join(first.rescaling)} on {found.minimum:g}..{found.maximum:g}",
         )
     return None
