@@ -265,21 +265,89 @@ def test_check_labels_accepts_valid_labels():
     assert check_labels(np.array([0.3, 2.5]), 1, task="regression") == []
 
 
-def test_check_labels_refuses_non_integer_and_negative_labels():
-    non_integer = r"must be integers; received dtype float64 with values \[0\.5\]"
-    with pytest.raises(DataError, match=non_integer):
-        check_labels(np.array([0.0, 0.5, 1.0]), 3, task="multiclass")
-    with pytest.raises(DataError, match=r"labels \[-1\] do not fit"):
-        check_labels(np.array([-1, 0, 1]), 3, task="multiclass")
+def test_check_labels_refuses_non_integer_labels_and_names_both_fixes():
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([0.0, 0.5, 1.0, 0.5]), 3, task="multiclass", key="d.npz y_train")
+    message = str(err.value)
+    assert message.startswith("d.npz y_train: multiclass labels must be integer class ids")
+    assert "float64 values such as [0.5]" in message
+    assert "set train.task=regression" in message
     with pytest.raises(DataError, match=r"one-hot, store np\.argmax"):
         check_labels(np.eye(3), 3, task="multiclass")
 
 
+def test_check_labels_negative_labels_are_never_valid():
+    """A label of -1 for a 10-output head: not 'a head with at least 9 outputs'."""
+    y = np.array([-1, 0, 3, 8, -1])
+    with pytest.raises(DataError) as err:
+        check_labels(y, 10, task="multiclass", key="data.path y_train")
+    message = str(err.value)
+    assert message.startswith("data.path y_train: labels [-1] are negative")
+    assert "a negative label is never valid: labels must be in 0..K-1" in message
+    assert "valid labels 0..9, for a head with 10 outputs" in message
+    assert "If -1 marks unlabelled samples, drop them." in message
+    assert "at least" not in message
+
+
+def test_check_labels_negative_and_too_large_labels_are_both_named():
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([-2, -1, 0, 1, 5]), 3, task="multiclass")
+    message = str(err.value)
+    assert "labels [-2, -1] are negative" in message and "If -2 marks" not in message
+    assert "Also, labels [5] do not fit the head, which has 3 outputs" in message
+    assert "at least 6 outputs" in message
+
+
+def test_check_labels_for_a_one_output_head_points_to_binary():
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([0, 1, 1]), 1, task="multiclass")
+    message = str(err.value)
+    assert "which has 1 output (valid labels 0..0)" in message
+    assert "A head with 1 output is for train.task=binary" in message
+
+
+def test_check_labels_nan_labels_and_class_names():
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([0.0, np.nan, 1.0]), 3, task="multiclass")
+    assert "multiclass labels hold 1 NaN or infinite values, in samples [1]" in str(err.value)
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([1.0, np.inf]), 1, task="binary")
+    assert "binary labels hold 1 NaN or infinite values" in str(err.value)
+    with pytest.raises(DataError) as err:
+        check_labels(np.array(["cat", "dog"]), 2, task="multiclass")
+    assert "received dtype <U3" in str(err.value)
+    assert "np.searchsorted(names, y)" in str(err.value)
+
+
+def test_check_labels_regression_targets_must_be_finite_numbers():
+    assert check_labels(np.array([[0.5, 1.0], [2.0, -3.0]]), 2, task="regression") == []
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([[0.5], [np.nan], [np.inf]]), 1, task="regression", key="y_val")
+    assert str(err.value).startswith(
+        "y_val: regression targets hold 2 NaN or infinite values, in samples [1, 2]"
+    )
+    with pytest.raises(DataError, match="regression targets must be numbers; received dtype <U1"):
+        check_labels(np.array(["a", "b"]), 1, task="regression")
+
+
 def test_check_labels_binary():
-    with pytest.raises(DataError, match=r"binary labels must be 0 or 1; found \[2\]"):
+    with pytest.raises(DataError) as err:
         check_labels(np.array([0, 1, 2]), 1, task="binary")
-    with pytest.raises(DataError, match="needs a head with 1 .sigmoid. output; the head outputs 2"):
+    message = str(err.value)
+    assert "binary labels must be 0 or 1; found [2] among 3 distinct labels [0, 1, 2]" in message
+    assert "Set train.task=classification, with a head of 3 softmax outputs" in message
+    assert "two classes" not in message
+    with pytest.raises(DataError) as err:
+        check_labels(np.array([-1, 1, 1]), 1, task="binary")
+    assert "found [-1]. Negative labels are never valid." in str(err.value)
+    assert "(y == 1).astype('int64')" in str(err.value)
+    with pytest.raises(DataError, match=r"found \[2\]\. Map the two classes .* \(y == 2\)"):
+        check_labels(np.array([1, 2]), 1, task="binary")
+    with pytest.raises(DataError) as err:
         check_labels(np.array([0, 1]), 2, task="binary")
+    message = str(err.value)
+    assert "train.task=binary needs a head with 1 (sigmoid) output; the head outputs 2" in message
+    assert "Set train.task=classification for a 2-way softmax head (labels 0..1)" in message
     with pytest.raises(DataError, match="Unknown task 'ranking'"):
         check_labels(np.array([0, 1]), 2, task="ranking")
 

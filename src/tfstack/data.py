@@ -358,30 +358,34 @@ def check_labels(
     task: str,
     key: str = "y_train",
 ) -> list[int]:
-    """Check that integer labels fit a head with ``num_outputs`` outputs.
+    """Check that labels fit a head with ``num_outputs`` outputs, or that targets are numbers.
 
     For ``task="multiclass"`` the labels must be integers in ``[0, num_outputs)`` (sparse labels
     for a softmax head). For ``task="binary"`` the head has one output and the labels are 0 or 1.
-    ``task="regression"`` has nothing to check.
+    For ``task="regression"`` the targets must be finite numbers. Messages name the fix in the
+    config's words (``train.task=classification`` is ``task="multiclass"`` here).
 
     Args:
-        y: Labels, shape ``(n,)`` or ``(n, 1)``.
+        y: Labels, shape ``(n,)`` or ``(n, 1)``; for regression, targets of any shape.
         num_outputs: Size of the head's last output dimension.
         task: ``"multiclass"``, ``"binary"`` or ``"regression"``.
         key: What the labels are called in messages (e.g. ``data.path=... y_train``).
 
     Returns:
-        The sorted distinct labels (empty for regression).
+        The sorted distinct labels (empty for regression, and for no labels).
 
     Raises:
-        DataError: The labels are not integer class ids, fall outside the head's range,
-            or ``task`` is unknown.
+        DataError: The labels are not integer class ids, fall outside the head's range, or are
+            NaN or infinite; regression targets are not finite numbers; or ``task`` is unknown.
     """
     if task not in TASKS:
         raise DataError(f"Unknown task {task!r}. Expected one of: {', '.join(TASKS)}.")
-    if task == "regression":
-        return []
     y = np.asarray(y)
+    if y.size == 0:
+        return []
+    if task == "regression":
+        _check_regression_targets(y, key)
+        return []
     if y.ndim == 2 and y.shape[1] == 1:
         y = y[:, 0]
     if y.ndim != 1:
@@ -389,36 +393,112 @@ def check_labels(
             f"{key}: {task} labels must be integer class ids of shape (n,); received shape "
             f"{y.shape}. If they are one-hot, store np.argmax(y, axis=1) instead."
         )
-    if not _is_label_array(y):
-        non_integer = _first_values(y[~np.isclose(y, np.round(y))]) if y.dtype.kind == "f" else []
-        raise DataError(
-            f"{key}: {task} labels must be integers; received dtype {y.dtype}"
-            + (f" with values {non_integer}" if non_integer else "")
-            + "."
-        )
+    _check_label_values(y, task, key)
     labels = [int(v) for v in np.unique(y)]
     if task == "binary":
-        if num_outputs != 1:
-            raise DataError(
-                f"{key}: task=binary needs a head with 1 (sigmoid) output; the head outputs "
-                f"{num_outputs}. Use task=multiclass for a {num_outputs}-way softmax head."
-            )
-        bad = [v for v in labels if v not in (0, 1)]
-        if bad:
-            raise DataError(
-                f"{key}: binary labels must be 0 or 1; found {_first_values(bad)}. "
-                "Map the two classes to 0 and 1."
-            )
+        _check_binary_labels(labels, num_outputs, key)
         return labels
-    bad = [v for v in labels if not 0 <= v < num_outputs]
-    if bad:
-        raise DataError(
-            f"{key}: labels {_first_values(bad)} do not fit the head, which has {num_outputs} "
-            f"outputs (valid labels 0..{num_outputs - 1}); the data has {len(labels)} distinct "
-            f"labels from {labels[0]} to {labels[-1]}. Relabel the classes to 0..K-1, or use "
-            f"a head with at least {labels[-1] + 1} outputs (stacking=adapter cannot fix this)."
-        )
+    _check_multiclass_labels(labels, num_outputs, key)
     return labels
+
+
+def _check_regression_targets(y: np.ndarray, key: str) -> None:
+    """Regression targets are numbers, all finite (one NaN makes every loss NaN)."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(
+            f"{key}: regression targets must be numbers; received dtype {y.dtype}. Store "
+            "them as floats (y.astype('float32')), or set train.task=classification for classes."
+        )
+    bad = ~np.isfinite(y) if y.dtype.kind == "f" else np.zeros(y.shape, dtype=bool)
+    if bad.any():
+        rows = np.flatnonzero(bad.reshape(len(y), -1).any(axis=1))
+        raise DataError(
+            f"{key}: regression targets hold {int(bad.sum())} NaN or infinite values, in samples "
+            f"{_first_values(rows.tolist(), 5)}. Drop those samples or fill in their targets."
+        )
+
+
+def _check_label_values(y: np.ndarray, task: str, key: str) -> None:
+    """Class labels are finite whole numbers."""
+    if y.dtype.kind not in "biuf":
+        raise DataError(
+            f"{key}: {task} labels must be integer class ids; received dtype {y.dtype}. Map the "
+            "class names to 0..K-1, the same way in every split: names = np.unique(y_train), "
+            "then y = np.searchsorted(names, y)."
+        )
+    if y.dtype.kind == "f" and not np.all(np.isfinite(y)):
+        rows = np.flatnonzero(~np.isfinite(y))
+        raise DataError(
+            f"{key}: {task} labels hold {len(rows)} NaN or infinite values, in samples "
+            f"{_first_values(rows.tolist(), 5)}; every sample needs a class id. Drop those "
+            "samples or label them."
+        )
+    if not _is_label_array(y):
+        fractional = _first_values(np.unique(y[y != np.round(y)]))
+        raise DataError(
+            f"{key}: {task} labels must be integer class ids; received {y.dtype} values such as "
+            f"{fractional}. Store whole-number class ids (0..K-1), or, if these are continuous "
+            "targets, set train.task=regression (with a one-output head)."
+        )
+
+
+def _check_binary_labels(labels: list[int], num_outputs: int, key: str) -> None:
+    """Binary labels are 0 or 1, for a head with one (sigmoid) output."""
+    if num_outputs != 1:
+        raise DataError(
+            f"{key}: train.task=binary needs a head with 1 (sigmoid) output; the head outputs "
+            f"{num_outputs}. Set train.task=classification for a {num_outputs}-way softmax head "
+            f"(labels 0..{num_outputs - 1}), or use a head with one sigmoid output."
+        )
+    bad = [v for v in labels if v not in (0, 1)]
+    if not bad:
+        return
+    found = f"{key}: binary labels must be 0 or 1; found {_first_values(bad)}"
+    if len(labels) > 2:
+        raise DataError(
+            f"{found} among {len(labels)} distinct labels {_first_values(labels)}: that is a "
+            f"{len(labels)}-class task. Set train.task=classification, with a head of "
+            f"{len(labels)} softmax outputs and the labels relabelled to 0..{len(labels) - 1}."
+        )
+    negative = " Negative labels are never valid." if labels[0] < 0 else ""
+    if len(labels) == 2:
+        fix = f"(y == {labels[1]}).astype('int64')"
+        raise DataError(f"{found}.{negative} Map the two classes to 0 and 1, e.g. {fix}.")
+    raise DataError(f"{found}.{negative} Map the classes to 0 and 1.")
+
+
+def _check_multiclass_labels(labels: list[int], num_outputs: int, key: str) -> None:
+    """Multiclass labels are 0..K-1 for a head of K (softmax) outputs."""
+    negative = [v for v in labels if v < 0]
+    too_large = [v for v in labels if v >= num_outputs]
+    if not negative and not too_large:
+        return
+    outputs = f"{num_outputs} output{'s' if num_outputs != 1 else ''}"
+    valid = f"valid labels 0..{num_outputs - 1}"
+    parts = []
+    if negative:
+        parts.append(
+            f"{key}: labels {_first_values(negative)} are negative, and a negative label is never "
+            f"valid: labels must be in 0..K-1 (here {valid}, for a head with {outputs})."
+            + (
+                f" If {negative[0]} marks unlabelled samples, drop them."
+                if len(negative) == 1
+                else ""
+            )
+        )
+    if too_large:
+        prefix = "Also, labels" if negative else f"{key}: labels"
+        parts.append(
+            f"{prefix} {_first_values(too_large)} do not fit the head, which has {outputs} "
+            f"({valid}); the data has {len(labels)} distinct labels from {labels[0]} to "
+            f"{labels[-1]}. Relabel the classes to 0..K-1, or use a head with at least "
+            f"{too_large[-1] + 1} outputs (stacking=adapter cannot fix this)."
+        )
+    if num_outputs == 1:
+        parts.append(
+            "A head with 1 output is for train.task=binary (labels 0 and 1) or regression."
+        )
+    raise DataError(" ".join(parts))
 
 
 def file_hash(path: str | os.PathLike[str]) -> str:

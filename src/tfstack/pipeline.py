@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -650,6 +651,16 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     splits = _load_splits(config, paths)
     _check_targets(config, model, splits)
     _check_loss_and_metrics(config)
+    from tfstack.input_range import check_input_range
+
+    # A warning, not an error: the data is the user's to fix (and stays as given).
+    key = f"data.path={config.data.path} x_train"
+    for warning in check_input_range(splits.x_train, model, key=key) if chief else []:
+        print(f"tfstack: warning: {warning.message}", file=sys.stderr)
+        if run.run_id:
+            from tfstack.tracking import log_tags
+
+            log_tags(run.run_id, {"input_range_warning": warning.summary})
     batch = config.train.batch_size
     # ArrayDataset, not a bare tf.data pipeline: a cached frozen phase replays its batch order.
     # Epoch-seeded: epoch k's order depends on (seed, k) only, so a resumed run sees the same.
