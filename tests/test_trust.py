@@ -399,7 +399,7 @@ def test_run_refuses_a_hostile_savedmodel_base(tmp_path):
     assert all(run.info.status != "RUNNING" for run in recorded)
     assert not (project / "outputs" / "build" / "stacked.keras").exists()
 
-    # Trusted, the same run goes through build, train (the stacked model reloads) and evaluate.
+    # Trusted, the same run goes through build, train and evaluate, and the graph runs.
     result = tfstack(project, "run", *overrides, "components.base.trust_code=true")
     assert result.returncode == 0, result.stderr[-3000:]
     assert marker.exists()
