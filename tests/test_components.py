@@ -132,7 +132,7 @@ def test_savedmodel_is_wrapped_frozen_and_opaque(tmp_path):
     export_dir = str(tmp_path / "exported")
     original.export(export_dir)
 
-    model = load_component(export_dir, name="base")
+    model = load_component(export_dir, name="base", trust_code=True)
 
     assert model.name == "base"
     assert is_opaque(model)
@@ -147,7 +147,7 @@ def test_savedmodel_wrapper_stays_opaque_after_keras_reload(tmp_path):
     export_dir = str(tmp_path / "exported")
     tiny_model().export(export_dir)
     wrapper_path = str(tmp_path / "wrapper.keras")
-    load_component(export_dir, name="base").save(wrapper_path)
+    load_component(export_dir, name="base", trust_code=True).save(wrapper_path)
 
     with pytest.raises(ComponentError) as error:
         load_component(wrapper_path, name="base")
@@ -344,7 +344,7 @@ def test_cut_at_on_savedmodel_is_refused(tmp_path):
     export_dir = str(tmp_path / "exported")
     tiny_model().export(export_dir)
     with pytest.raises(ComponentError) as error:
-        load_component(export_dir, name="base", cut_at="features")
+        load_component(export_dir, name="base", cut_at="features", trust_code=True)
     assert_message(error, "components.base.cut_at=features", export_dir, "opaque")
 
 
@@ -355,7 +355,7 @@ def test_savedmodel_with_several_inputs_is_refused(tmp_path):
     keras.Model([left, right], joined).export(export_dir)
 
     with pytest.raises(ComponentError) as error:
-        load_component(export_dir, name="base")
+        load_component(export_dir, name="base", trust_code=True)
     assert_message(error, export_dir, "takes 2 inputs", "one input only", ".keras")
 
 
@@ -366,7 +366,7 @@ def test_savedmodel_with_several_outputs_is_refused(tmp_path):
     keras.Model(inputs, outputs).export(export_dir)
 
     with pytest.raises(ComponentError) as error:
-        load_component(export_dir, name="base")
+        load_component(export_dir, name="base", trust_code=True)
     assert_message(error, export_dir, "returns 2 outputs", "one output only")
 
 

@@ -201,7 +201,7 @@ def test_savedmodel_component_refuses_partial_and_stays_frozen_under_joint(tmp_p
         [keras.Input((8,)), keras.layers.Dense(8, name="dense")], name="exported"
     )
     exported.export(str(tmp_path / "saved"))
-    base = load_component(str(tmp_path / "saved"), name="base")
+    base = load_component(str(tmp_path / "saved"), name="base", trust_code=True)
     model = build_stacked("sequential", base, make_head()).model
     with pytest.raises(FreezeError, match="SavedModel") as err:
         apply_freeze_policy(

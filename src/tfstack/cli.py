@@ -59,7 +59,17 @@ def _parser() -> argparse.ArgumentParser:
     inspect.add_argument(
         "models", nargs="+", help="MODEL [MODEL2]: files or keras_applications:NAME"
     )
-    inspect.add_argument("--trust-code", action="store_true", help="allow Lambda layers")
+    inspect.add_argument(
+        "--trust-code",
+        action="store_true",
+        help="allow code in the models: Lambda layers, custom classes, SavedModels",
+    )
+    inspect.add_argument(
+        "--modules",
+        default="",
+        help="comma-separated Python modules to import first, which register the models' "
+        "custom Keras classes (needs --trust-code)",
+    )
     inspect.add_argument("--cut-at", help="use the first model up to this layer's output")
     tracking_help = "tracking.uri=... tracking.experiment=... (as for tfstack run)"
     compare = commands.add_parser("compare", help="compare runs: table, CSV, Markdown, curves")
@@ -176,7 +186,11 @@ def _inspect(args) -> int:
     from tfstack.adapters import describe_adapter, plan_adapter
     from tfstack.components import load_component
     from tfstack.shapes import check_compatibility, input_specs, output_specs, summary_text
+    from tfstack.trust import TrustOptions
 
+    # The fixes messages name are this command's options, not config keys.
+    options = TrustOptions(trust_code="--trust-code", modules="--modules {modules}")
+    modules = [module.strip() for module in args.modules.split(",") if module.strip()]
     models = []
     for i, source in enumerate(args.models[:2]):
         name = "model_1" if i == 0 else "model_2"
@@ -185,8 +199,10 @@ def _inspect(args) -> int:
                 source,
                 name=name,
                 trust_code=args.trust_code,
+                modules=modules,
                 cut_at=args.cut_at if i == 0 else None,
                 key=name,
+                trust_options=options,
             )
         )
     for source, model in zip(args.models, models, strict=False):

@@ -11,12 +11,21 @@ import logging
 import os
 import types
 import zipfile
+from collections.abc import Sequence
 
 import h5py
 import keras
 import tensorflow as tf
 
 from tfstack.errors import ComponentError
+from tfstack.trust import (
+    TrustOptions,
+    find_code,
+    import_modules,
+    refusal_message,
+    unknown_class_message,
+    unresolved,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,7 +43,9 @@ def load_component(
     name: str,
     cut_at: str | None = None,
     trust_code: bool = False,
+    modules: Sequence[str] = (),
     key: str | None = None,
+    trust_options: TrustOptions | None = None,
     weights: str | None = None,
     include_top: bool = False,
     pooling: str | None = None,
@@ -49,9 +60,15 @@ def load_component(
         name: Component name; the returned model carries it.
         cut_at: Name of a top-level layer; the model is cut after that layer's output
             (e.g. a classifier's penultimate features).
-        trust_code: Load with `safe_mode=False`, allowing Lambda layers and other code in the file.
-            Only for files you trust.
+        trust_code: Allow code in the source: Lambda layers, custom classes, a `TFSMLayer`, a
+            SavedModel directory (the file then loads with `safe_mode=False`). Only for files you
+            trust; without it, a source that carries code is refused before Keras or TensorFlow
+            deserializes anything.
+        modules: Python modules to import first, which register the file's custom classes with
+            `keras.saving.register_keras_serializable`. Needs `trust_code` (importing runs code).
         key: Config key prefix used in error messages; defaults to `components.<name>`.
+        trust_options: How the user sets trust and modules, for the fixes messages name;
+            defaults to the config keys `<key>.trust_code=true` and `<key>.modules=[...]`.
         weights: Keras Applications only: None (random init) or a local weights file path.
             Nothing is ever downloaded.
         include_top: Keras Applications only: keep the classifier on top.
@@ -63,10 +80,13 @@ def load_component(
         A `keras.Model` named `name`.
 
     Raises:
-        ComponentError: The source is missing, unreadable, not a model, refused under safe mode,
-            has no defined input, or `cut_at` names no layer.
+        ComponentError: The source is missing, unreadable, not a model, carries code without
+            `trust_code`, uses a class no module registers, has no defined input, or `cut_at`
+            names no layer; or `modules` are given without trust or cannot be imported.
     """
     key = key or f"components.{name}"
+    trust_options = trust_options or TrustOptions.for_key(key)
+    import_modules(modules, trusted=trust_code, options=trust_options)
     application_kwargs = {
         "weights": weights,
         "include_top": include_top,
@@ -78,7 +98,9 @@ def load_component(
         model = _load_application(source, key=key, **application_kwargs)
     else:
         _reject_application_kwargs(source, key=key, **application_kwargs)
-        model = _load_path(source, name=name, trust_code=trust_code, key=key)
+        model = _load_path(
+            source, name=name, trust_code=trust_code, key=key, trust_options=trust_options
+        )
 
     _require_defined_input(model, source=source, key=key)
     if cut_at is not None:
@@ -117,10 +139,21 @@ def is_opaque(model: keras.Model) -> bool:
     return False
 
 
-def _load_path(path: str, *, name: str, trust_code: bool, key: str) -> keras.Model:
+def _load_path(
+    path: str, *, name: str, trust_code: bool, key: str, trust_options: TrustOptions
+) -> keras.Model:
     """Load a `.keras`, `.h5`/`.hdf5` file or a SavedModel directory."""
     if os.path.isdir(path):
         if any(os.path.isfile(os.path.join(path, file)) for file in SAVEDMODEL_FILES):
+            if not trust_code:
+                # Refused before tf.saved_model.load: loading and calling it runs its graph.
+                raise ComponentError(
+                    f"{key}.path={path} is a TensorFlow SavedModel directory, whose graph is "
+                    f"code (it can read and write files with tf.io.read_file, tf.io.write_file "
+                    f"and more) that runs when tfstack loads and calls it; tfstack refuses code "
+                    f"in untrusted components. If you trust this SavedModel, set "
+                    f"{trust_options.trust_code}."
+                )
             return _load_savedmodel(path, name=name, key=key)
         entries = sorted(os.listdir(path))[:5]
         raise ComponentError(
@@ -133,23 +166,23 @@ def _load_path(path: str, *, name: str, trust_code: bool, key: str) -> keras.Mod
             f"{key}.path={path} does not exist (working directory: {os.getcwd()}). "
             f"Fix the path, or use {key}.path=keras_applications:NAME for a Keras application."
         )
-    extension = os.path.splitext(path)[1].lower()
-    if extension in KERAS_EXTENSIONS:
-        config = _read_keras_config(path, key=key)
-    elif extension in H5_EXTENSIONS:
-        config = _read_h5_config(path, key=key)
-    else:
-        raise ComponentError(
-            f"{key}.path={path} has extension {extension!r}; expected .keras, .h5, .hdf5, "
-            f"a SavedModel directory, or keras_applications:NAME. Save the model with "
-            f"model.save('model.keras') and point {key}.path at that file."
-        )
+    config = read_model_config(path, key=key)
 
+    # Decided on the config alone, before Keras deserializes (and so imports or runs) anything.
+    code = find_code(config, include_compile=False)
+    if code and not trust_code:
+        raise ComponentError(refusal_message(f"{key}.path={path}", code, options=trust_options))
+    if missing := unresolved(code):
+        raise ComponentError(
+            unknown_class_message(f"{key}.path={path}", missing, options=trust_options)
+        )
     try:
         model = keras.saving.load_model(path, compile=False, safe_mode=not trust_code)
     except ValueError as err:
         if "safe_mode" in str(err):
-            raise ComponentError(_unsafe_message(path, config, key=key, err=err)) from err
+            raise ComponentError(
+                _unsafe_message(path, key=key, fix=trust_options.trust_code, err=err)
+            ) from err
         raise _load_failed(path, key=key, err=err) from err
     except Exception as err:  # Keras raises many types; all mean "cannot load".
         raise _load_failed(path, key=key, err=err) from err
@@ -160,6 +193,31 @@ def _load_path(path: str, *, name: str, trust_code: bool, key: str) -> keras.Mod
             f"Wrap it in a model (keras.Sequential([keras.Input(...), layer])) and save that."
         )
     return model
+
+
+def read_model_config(path: str, *, key: str) -> object:
+    """The serialized model config of a `.keras` or `.h5`/`.hdf5` file, read without Keras.
+
+    Args:
+        path: The model file.
+        key: Config key prefix for messages (`<key>.path=...`).
+
+    Returns:
+        The config as JSON values (a dict for any file Keras wrote).
+
+    Raises:
+        ComponentError: Another extension, or a file that cannot be read.
+    """
+    extension = os.path.splitext(path)[1].lower()
+    if extension in KERAS_EXTENSIONS:
+        return _read_keras_config(path, key=key)
+    if extension in H5_EXTENSIONS:
+        return _read_h5_config(path, key=key)
+    raise ComponentError(
+        f"{key}.path={path} has extension {extension!r}; expected .keras, .h5, .hdf5, "
+        f"a SavedModel directory, or keras_applications:NAME. Save the model with "
+        f"model.save('model.keras') and point {key}.path at that file."
+    )
 
 
 def _read_keras_config(path: str, *, key: str) -> dict:
@@ -197,32 +255,12 @@ def _read_h5_config(path: str, *, key: str) -> dict:
     return json.loads(raw_config)
 
 
-def _lambda_layer_names(config: object) -> list[str]:
-    """Find the names of Lambda layers anywhere in a serialized model config."""
-    names = []
-    if isinstance(config, dict):
-        if config.get("class_name") == "Lambda":
-            names.append(config.get("config", {}).get("name", "?"))
-        for value in config.values():
-            names.extend(_lambda_layer_names(value))
-    elif isinstance(config, list):
-        for value in config:
-            names.extend(_lambda_layer_names(value))
-    return names
-
-
-def _unsafe_message(path: str, config: dict, *, key: str, err: Exception) -> str:
-    """Explain a safe-mode refusal, naming the Lambda layers if there are any."""
-    lambda_names = _lambda_layer_names(config)
-    if lambda_names:
-        found = f"holds a Lambda layer ({', '.join(lambda_names)}), which runs arbitrary code"
-    elif "TFSMLayer" in str(err):
-        found = "holds a TFSMLayer, which loads an external SavedModel"
-    else:
-        found = f"holds code that Keras refuses to load in safe mode ({err})"
+def _unsafe_message(path: str, *, key: str, fix: str, err: Exception) -> str:
+    """Explain a safe-mode refusal by Keras of something `find_code` does not know as code."""
+    first = (str(err).strip().splitlines() or [""])[0][:300]
     return (
-        f"{key}.path={path} {found}; tfstack loads untrusted files with safe_mode=True. "
-        f"If you trust this file, set {key}.trust_code=true."
+        f"{key}.path={path} holds something Keras refuses to load in safe mode ({first}); "
+        f"tfstack loads untrusted files with safe_mode=True. If you trust this file, set {fix}."
     )
 
 

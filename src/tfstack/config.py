@@ -42,6 +42,8 @@ class ComponentConfig:
     name: str | None = None
     cut_at: str | None = None
     trust_code: bool = False
+    # Python modules that register the file's custom Keras classes; importing needs trust_code.
+    modules: list[str] = field(default_factory=list)
     weights: str | None = None
     include_top: bool = False
     pooling: str | None = None

@@ -325,6 +325,7 @@ def _component_kwargs(component) -> dict:
     kwargs = {
         "cut_at": component.cut_at,
         "trust_code": component.trust_code,
+        "modules": list(component.modules),
     }
     if component.path.startswith("keras_applications:"):
         kwargs.update(
@@ -437,24 +438,76 @@ def log_build_report(run: RunLog, build_dir: Path) -> None:
             tracking.log_tags(run.run_id, {"adapter": described})
 
 
-def _needs_unsafe_load(config: Config) -> bool:
-    """Reloading our own stacked model needs safe_mode off for trusted code or SavedModels."""
-    components = [config.components.base, config.components.head, *config.components.extra.values()]
-    return any(c.trust_code for c in components) or any(
-        Path(c.path).is_dir() for c in components if not c.path.startswith("keras_applications:")
+def _components_by_name(config: Config) -> dict:
+    """Component name (the stacked model's sub-model) -> (config key, component config)."""
+    components = {"base": config.components.base, "head": config.components.head}
+    components.update({f"extra.{k}": c for k, c in config.components.extra.items()})
+    return {c.name or key: (f"components.{key}", c) for key, c in components.items()}
+
+
+def _reload_safe_mode(path: Path, config: Config, *, stage: str, compile: bool) -> bool:
+    """Keep per-component trust when reloading a stacked model a previous stage wrote.
+
+    Code in a component's sub-model is allowed only when that component trusts code (its
+    modules are imported first); code anywhere else is refused. Keras then loads with
+    safe_mode=False only when there is code and all of it is trusted, never for everything
+    because one component is trusted.
+    """
+    from tfstack.components import read_model_config
+    from tfstack.errors import ComponentError
+    from tfstack.trust import (
+        TrustOptions,
+        describe_code,
+        find_code_by_component,
+        import_modules,
+        refusal_message,
+        unknown_class_message,
+        unresolved,
     )
+
+    try:
+        model_config = read_model_config(str(path), key=stage)
+    except ComponentError as err:
+        reason = str(err).removeprefix(f"{stage}.path={path} ")
+        raise DataError(
+            f"{path} cannot be loaded ({reason}): it is damaged or was written by another "
+            f"version. Write it again: dvc repro -f {stage} (or tfstack run)."
+        ) from err
+    components = _components_by_name(config)
+    owned = find_code_by_component(model_config, components, include_compile=compile)
+    for owner, elements in owned.items():
+        if owner is None:
+            raise ComponentError(
+                f"{path} holds {describe_code(elements)} outside every component (base, head, "
+                f"extra); tfstack trusts code only per component and refuses it. Rebuild it "
+                f"from trusted components: dvc repro -f {stage} (or tfstack run)."
+            )
+        key, component = components[owner]
+        subject = f"{path}: component {owner!r}"
+        options = TrustOptions.for_key(key)
+        if not component.trust_code:
+            raise ComponentError(refusal_message(subject, elements, options=options))
+        import_modules(component.modules, trusted=True, options=options)
+        if missing := unresolved(elements):
+            raise ComponentError(unknown_class_message(subject, missing, options=options))
+    return not owned
 
 
 def load_model(path: Path, config: Config, *, stage: str, compile: bool = False):
-    """Load a model a previous stage wrote, with a clear message when it is missing or damaged."""
+    """Load a model a previous stage wrote, with a clear message when it is missing or damaged.
+
+    Raises:
+        DataError: The file is missing or damaged.
+        ComponentError: It holds code of a component that does not trust code, or code outside
+            every component.
+    """
     import keras
 
     if not path.is_file():
         raise DataError(f"{path} is missing; run the {stage} stage first (dvc repro {stage}).")
+    safe_mode = _reload_safe_mode(path, config, stage=stage, compile=compile)
     try:
-        return keras.saving.load_model(
-            path, compile=compile, safe_mode=not _needs_unsafe_load(config)
-        )
+        return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     except Exception as err:  # Keras raises many types for a damaged file
         first = (str(err).strip().splitlines() or [""])[0][:300]
         raise DataError(
