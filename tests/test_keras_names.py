@@ -48,8 +48,23 @@ def test_optimizer_names_are_what_keras_optimizers_get_accepts():
         assert type(keras.optimizers.get(name)) is cls
 
 
-def test_compile_aliases_compile():
+def _compiles(loss: str, metric: str) -> bool:
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2, activation="softmax")])
-    for alias in keras_names.COMPILE_METRIC_ALIASES:
-        model.compile(loss=keras_names.COMPILE_LOSS_ALIASES[0], metrics=[alias.upper()])
+    model.compile(loss=loss, metrics=[metric])
+    try:
         model.evaluate(np.ones((2, 3)), np.array([0, 1]), verbose=0)
+    except ValueError:
+        return False
+    return True
+
+
+def test_compile_aliases_are_what_compile_resolves():
+    for alias in keras_names.COMPILE_METRIC_ALIASES:
+        assert _compiles("sparse_categorical_crossentropy", alias.upper())
+        assert keras_names.is_metric(alias.upper())
+    for alias in keras_names.COMPILE_LOSS_ALIASES:
+        assert _compiles(alias.upper(), "accuracy")
+        assert keras_names.is_loss(alias.upper())
+        # A loss alias only: compile refuses it as a metric, so the check must too.
+        assert not _compiles("sparse_categorical_crossentropy", alias)
+        assert not keras_names.is_metric(alias)

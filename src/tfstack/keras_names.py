@@ -183,8 +183,9 @@ KERAS_METRICS = frozenset(
 )
 
 # Names `Model.compile` resolves itself, case-insensitively, to the accuracy or cross-entropy
-# that fits the labels and outputs (keras/src/trainers/compile_utils.py).
-COMPILE_METRIC_ALIASES = ("accuracy", "acc", "crossentropy", "ce")
+# that fits the labels and outputs (keras/src/trainers/compile_utils.py: get_metric, get_loss).
+# "crossentropy" and "ce" are loss aliases only: as a metric, compile refuses them.
+COMPILE_METRIC_ALIASES = ("accuracy", "acc")
 COMPILE_LOSS_ALIASES = ("crossentropy", "ce")
 
 
