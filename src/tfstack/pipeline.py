@@ -330,7 +330,7 @@ def _component_kwargs(component) -> dict:
             weights=component.weights,
             include_top=component.include_top,
             pooling=component.pooling,
-            input_shape=tuple(component.input_shape) if component.input_shape else None,
+            input_shape=tuple(component.input_shape) if component.input_shape is not None else None,
         )
     return kwargs
 
@@ -552,7 +552,7 @@ def make_phases(config: Config):
         unfreeze_last=f.unfreeze_last,
         unfreeze_pattern=f.unfreeze_pattern,
         bn=f.bn,
-        components=tuple(f.components) if f.components else None,
+        components=tuple(f.components) if f.components is not None else None,
     )
     s = config.schedule
     return make_schedule(
