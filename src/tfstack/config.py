@@ -372,6 +372,15 @@ def _check_no_ops(config: Config) -> None:
             "auto, or a list of Keras layer configs such as [{class_name: Dense, config: "
             "{units: 12}}]."
         )
+    pattern = config.freeze.unfreeze_pattern
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"freeze.unfreeze_pattern={pattern!r} is not a valid regex: {err}. Example: "
+                """'freeze.unfreeze_pattern="conv2|dense"' (quoted for Hydra and the shell)."""
+            ) from err
     if config.freeze.policy != "partial":
         for key in ("unfreeze_last", "unfreeze_pattern"):
             value = getattr(config.freeze, key)
