@@ -101,7 +101,7 @@ def test_stable_interface_keys_exist():
         (["stacking.adapter=sometimes"], "stacking.adapter='sometimes' is not valid"),
         (["data=npz"], "data.path"),
         (["components.head.path="], "components.head.path is not set"),
-        (["freeze.unfreeze_pattern=^conv"], "Quote values with special characters"),
+        (["freeze.unfreeze_pattern=^conv"], """'freeze.unfreeze_pattern="^conv"'"""),
     ],
 )
 def test_mistakes_fail_with_the_key_named(overrides, message):
@@ -151,3 +151,102 @@ def test_committed_params_yaml_is_what_dvc_composes():
     assert committed == expected.read_text(), "conf/ changed: run `make params`"
     assert tfstack.config.compose_yaml(CONF) == committed
     validate(yaml.safe_load(committed), source="params.yaml")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # Non-finite numbers are refused at validation, with the key named.
+        (["train.lr=inf"], "train.lr=inf is not a finite number"),
+        (["train.lr=nan"], "train.lr=nan is not a finite number"),
+        (["schedule.lr_decay=inf"], "schedule.lr_decay=inf is not a finite number"),
+        (["schedule.fine_tune_lr_factor=nan"], "schedule.fine_tune_lr_factor=nan is not a finite"),
+        (["schedule=gradual", "schedule.lr_multipliers.base=inf"], "lr_multipliers.base=inf"),
+        (["data.val_fraction=nan"], "data.val_fraction=nan must be between 0 and 1"),
+        # Ranges of every number.
+        (["train.lr=0"], "train.lr=0.0 must be positive"),
+        (["schedule.fine_tune_lr_factor=0"], "schedule.fine_tune_lr_factor=0.0 must be positive"),
+        (["schedule.lr_decay=-0.5"], "schedule.lr_decay=-0.5 must be positive"),
+        (["schedule=gradual", "schedule.lr_multipliers.base=0"], "must be positive"),
+        (["schedule.fine_tune_epochs=-1"], "schedule.fine_tune_epochs=-1 must be at least 0"),
+        (["schedule.unfreeze_last=0"], "schedule.unfreeze_last=0 must be at least 1"),
+        (["schedule.stages=1"], "schedule.stages=1 must be at least 2"),
+        (["distribute.cpu_replicas=-1"], "distribute.cpu_replicas=-1 must be at least 0"),
+        (["demo.pretrain_epochs=0"], "demo.pretrain_epochs=0 must be at least 1"),
+        (["train.verbose=3"], "train.verbose=3 is not a Keras verbosity"),
+        (["+components.base.input_shape=[]"], "components.base.input_shape=[] is not a shape"),
+        (["components.base.input_shape=[8]"], "+components.base.input_shape=VALUE"),
+        # The key the user set, not one derived from it (was: freeze.unfreeze_last=0).
+        (["schedule=gradual", "schedule.unfreeze_step=0"], "schedule.unfreeze_step=0 must be"),
+        # Keras names, without importing Keras.
+        (["train.optimizer=nosuch"], "train.optimizer='nosuch' is not a Keras optimizer"),
+        (["train.optimizer=lion"], "'lion' is a Keras optimizer that tfstack does not support"),
+        (
+            ["train.loss=mse2"],
+            "train.loss='mse2' is not a Keras loss. Did you mean train.loss=mse?",
+        ),
+        (["train.metrics=[accuracy,aucc]"], "train.metrics: 'aucc' is not a Keras metric"),
+    ],
+)
+def test_numbers_and_names_are_checked_at_validation(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, config_dir=CONF)
+    assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # An empty value read as "unset" would silently mean the default.
+        (["freeze=partial", "freeze.components=[]"], "freeze.components=[] names no feature"),
+        (["stacking=adapter", "stacking.adapter=[]"], "stacking.adapter=[] holds no layer"),
+        (["freeze=partial", "freeze.unfreeze_pattern=''"], "freeze.unfreeze_pattern='' is empty"),
+        (["tracking.uri=''"], "tracking.uri='' is empty"),
+        (["components.base.cut_at=''"], "components.base.cut_at='' is empty"),
+        # A partial-freeze selector under another policy would be ignored.
+        (["freeze.unfreeze_pattern=conv"], "applies only to freeze=partial"),
+        (["freeze=joint", "freeze.unfreeze_last=1"], "freeze.unfreeze_last=1 applies only to"),
+    ],
+)
+def test_values_that_would_be_ignored_are_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, config_dir=CONF)
+    assert message in str(err.value)
+
+
+def test_keras_names_accepted_without_tensorflow_are_accepted():
+    config = compose(
+        ["train.loss=ce", "train.metrics=[acc,AUC,mae]", "train.optimizer=sgd"], config_dir=CONF
+    )
+    assert config.train.metrics == ["acc", "AUC", "mae"]
+    # 0 fine-tuning epochs is a valid value: two_phase then has no fine-tuning phase.
+    assert compose(["schedule.fine_tune_epochs=0"], config_dir=CONF).schedule.fine_tune_epochs == 0
+
+
+@pytest.mark.parametrize(
+    ("override", "suggestion"),
+    [
+        ("freeze.unfreeze_pattern=conv[12]*", """'freeze.unfreeze_pattern="conv[12]*"'"""),
+        ("freeze.unfreeze_pattern=conv(1|2)", """'freeze.unfreeze_pattern="conv(1|2)"'"""),
+        ('freeze.unfreeze_pattern=a"b[', """'freeze.unfreeze_pattern='"'"'a"b['"'"''"""),
+    ],
+)
+def test_an_unparsable_override_is_named_with_how_to_quote_it(override, suggestion):
+    import shlex
+
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    with pytest.raises(ConfigError) as err:
+        compose(["freeze=partial", override], config_dir=CONF)
+    message = str(err.value)
+    assert f"Cannot parse the override {override!r}" in message
+    assert message.endswith(suggestion)
+    # What the shell passes for the suggestion is what Hydra reads back as the intended value.
+    (passed,) = shlex.split(suggestion)
+    parsed = OverridesParser.create().parse_overrides([passed])[0]
+    assert parsed.value() == override.split("=", 1)[1]
+
+
+def test_an_override_that_is_not_key_value_says_so():
+    with pytest.raises(ConfigError, match=r"Cannot parse the override '\(': an override is KEY="):
+        compose(["("], config_dir=CONF)

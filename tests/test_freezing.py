@@ -210,3 +210,59 @@ def test_savedmodel_component_refuses_partial_and_stays_frozen_under_joint(tmp_p
     assert "freeze.components" in str(err.value)
     report = apply_freeze_policy(model, FreezePolicy("joint"), feature_extractors=["base"])
     assert report.counts.trainable == 27  # only the head: the SavedModel never trains
+
+
+def test_a_pattern_matching_nothing_fails_even_when_unfreeze_last_selects_layers():
+    # Before: the union of both selectors was checked, so unfreeze_last=2 hid a pattern typo.
+    with pytest.raises(FreezeError, match="matches no layer") as err:
+        apply_freeze_policy(
+            _stack(),
+            FreezePolicy("partial", unfreeze_last=2, unfreeze_pattern="^base/conv9$"),
+            feature_extractors=["base"],
+        )
+    assert "freeze.unfreeze_pattern='^base/conv9$'" in str(err.value)
+    assert "each selector must match on its own" in str(err.value)
+
+
+def test_a_pattern_selecting_only_bn_fails_even_when_unfreeze_last_selects_layers():
+    with pytest.raises(FreezeError, match="selects only BatchNormalization"):
+        apply_freeze_policy(
+            _stack(),
+            FreezePolicy("partial", unfreeze_last=1, unfreeze_pattern="bn2"),
+            feature_extractors=["base"],
+        )
+
+
+def test_both_selectors_that_match_unfreeze_their_union():
+    model = _stack()
+    report = apply_freeze_policy(
+        model,
+        FreezePolicy("partial", unfreeze_last=1, unfreeze_pattern="conv1"),
+        feature_extractors=["base"],
+    )
+    assert {"base/conv1", "base/features"} <= set(report.trainable_layers)
+    assert "base/conv2" not in report.trainable_layers
+
+
+def test_unfreeze_last_from_a_schedule_names_the_schedule_key():
+    with pytest.raises(FreezeError, match=r"^schedule.unfreeze_last=9 but component 'base'"):
+        apply_freeze_policy(
+            _stack(),
+            FreezePolicy(
+                "partial", unfreeze_last=9, unfreeze_last_setting="schedule.unfreeze_last=9"
+            ),
+            feature_extractors=["base"],
+        )
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"kind": "partial", "unfreeze_pattern": ""}, "freeze.unfreeze_pattern='' is empty"),
+        ({"kind": "partial", "unfreeze_last": 1, "components": ()}, "freeze.components=\\[\\]"),
+    ],
+)
+def test_empty_selectors_are_refused_not_read_as_unset(kwargs, message):
+    # Before: '' counted as "no pattern" and () as "every feature extractor".
+    with pytest.raises(FreezeError, match=message):
+        FreezePolicy(**kwargs)

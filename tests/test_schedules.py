@@ -187,3 +187,67 @@ def test_non_finite_loss_stops_with_the_epoch_named():
             feature_extractors=["base"],
             verbose=0,
         )
+
+
+def test_zero_fine_tune_epochs_means_no_fine_tuning_phase(caplog):
+    # Before: `fine_tune_epochs or epochs` ran a fine-tuning phase of train.epochs epochs.
+    phases = make_schedule(
+        "two_phase", epochs=3, lr=1e-3, optimizer="adam", freeze=FreezePolicy(), fine_tune_epochs=0
+    )
+    assert [(p.name, p.epochs) for p in phases] == [("head", 3)]
+    assert "schedule.fine_tune_epochs=0" in caplog.text
+    unset = make_schedule("two_phase", epochs=3, lr=1e-3, optimizer="adam", freeze=FreezePolicy())
+    assert [(p.name, p.epochs) for p in unset] == [("head", 3), ("fine_tune", 3)]
+
+
+def test_zero_fine_tune_epochs_trains_the_head_only():
+    model = _model()
+    phases = make_schedule(
+        "two_phase", epochs=1, lr=1e-3, optimizer="adam", freeze=FreezePolicy(), fine_tune_epochs=0
+    )
+    results = run_schedule(
+        model, phases, _dataset(), _dataset(), loss=LOSS, feature_extractors=["base"], verbose=0
+    )
+    assert [(r.name, r.epochs) for r in results] == [("head", 1)]
+    assert all(not w.trainable for w in model.get_layer("base").weights)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs", "message"),
+    [
+        # Before: "Phase 'fine_tune' has lr=inf" or no error at all; now the config key.
+        ("two_phase", {"fine_tune_lr_factor": float("inf")}, "schedule.fine_tune_lr_factor=inf"),
+        ("two_phase", {"fine_tune_lr_factor": 0.0}, "schedule.fine_tune_lr_factor=0.0"),
+        ("two_phase", {"fine_tune_epochs": -1}, "schedule.fine_tune_epochs=-1"),
+        ("two_phase", {"unfreeze_last": 0}, "schedule.unfreeze_last=0"),
+        ("gradual", {"lr_decay": float("nan")}, "schedule.lr_decay=nan"),
+        ("gradual", {"lr_decay": 0.0}, "schedule.lr_decay=0.0"),
+        # Before: blamed freeze.unfreeze_last, a key the user never set.
+        ("gradual", {"unfreeze_step": 0}, "schedule.unfreeze_step=0"),
+        ("single", {"lr": float("inf")}, "train.lr=inf"),
+        ("single", {"epochs": 0}, "train.epochs=0"),
+        ("gradual", {"lr_multipliers": {"base": float("inf")}}, "schedule.lr_multipliers.base=inf"),
+    ],
+)
+def test_schedule_values_are_refused_naming_the_config_key(name, kwargs, message):
+    arguments = {"epochs": 1, "lr": 1e-3, "optimizer": "adam", "freeze": FreezePolicy()}
+    arguments.update(kwargs)
+    with pytest.raises(ScheduleError) as err:
+        make_schedule(name, **arguments)
+    assert str(err.value).startswith(message)
+
+
+def test_unfreeze_policies_carry_the_schedule_key_they_come_from():
+    two = make_schedule("two_phase", epochs=1, lr=1e-3, optimizer="adam", freeze=FreezePolicy())
+    assert two[1].freeze.last_setting == "schedule.unfreeze_last=2"
+    gradual = make_schedule(
+        "gradual", epochs=1, lr=1e-3, optimizer="adam", freeze=FreezePolicy(), unfreeze_step=2
+    )
+    assert gradual[2].freeze.last_setting.startswith("schedule.unfreeze_step=2 (phase unfreeze_2")
+
+
+def test_two_phase_fine_tunes_only_the_named_components():
+    # Before: two_phase with freeze=frozen dropped freeze.components (every base fine-tuned).
+    freeze = FreezePolicy("frozen", components=("base",))
+    phases = make_schedule("two_phase", epochs=1, lr=1e-3, optimizer="adam", freeze=freeze)
+    assert phases[1].freeze.components == ("base",)

@@ -10,7 +10,9 @@ work. This module imports neither TensorFlow nor MLflow.
 from __future__ import annotations
 
 import difflib
+import math
 import re
+import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
+from tfstack import keras_names
 from tfstack.errors import ConfigError
 
 STRATEGIES = ("sequential", "adapter", "functional")
@@ -192,6 +195,19 @@ def _first_unknown(full_key: str) -> str:
     return full_key
 
 
+def _in_schema(full_key: str) -> bool:
+    """Whether a dotted key names a field of the schema (``components.base.input_shape``)."""
+    node: Any = OmegaConf.structured(Config)
+    parts = full_key.split(".")
+    if parts[:2] == ["components", "extra"] and len(parts) == 4:
+        parts = ["components", "base", parts[3]]  # extra.<name>.<field>: a ComponentConfig
+    for part in parts:
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node[part]
+    return True
+
+
 def _adds_to_mapping(full_key: str) -> bool:
     """Whether ``full_key`` is, or is inside, a free-form mapping of the schema.
 
@@ -231,6 +247,184 @@ def _check_choice(value: Any, choices: tuple[str, ...], key: str, group: str | N
         raise ConfigError(
             f"{key}={value!r} is not valid. Expected one of {list(choices)} (set {how})."
         )
+
+
+# Lower bounds of the numbers in the config: (key, lowest allowed, whether the bound itself is
+# allowed). Floats must also be finite: `train.lr=inf` would otherwise pass and fail later as
+# "the loss became nan". `None` (where the schema allows it) is not checked.
+_LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
+    ("train.epochs", 1, True),
+    ("train.batch_size", 1, True),
+    ("train.lr", 0, False),
+    # 0 is honoured: two_phase then has no fine-tuning phase (the phase is skipped and logged).
+    ("schedule.fine_tune_epochs", 0, True),
+    ("schedule.fine_tune_lr_factor", 0, False),
+    ("schedule.unfreeze_last", 1, True),
+    ("schedule.stages", 2, True),
+    ("schedule.unfreeze_step", 1, True),
+    ("schedule.lr_decay", 0, False),
+    ("freeze.unfreeze_last", 1, True),
+    ("distribute.cpu_replicas", 0, True),
+    ("demo.target_train_per_class", 1, True),
+    ("demo.pretrain_epochs", 1, True),
+)
+_HINTS = {
+    "train.lr": "e.g. train.lr=0.001",
+    "schedule.fine_tune_lr_factor": "e.g. 0.1 fine-tunes at a tenth of train.lr",
+    "schedule.stages": "gradual unfreezing is the head phase, then at least one unfreezing phase",
+    "schedule.lr_decay": "phase k trains at train.lr * lr_decay**k, e.g. 0.5",
+    "freeze.unfreeze_last": "use freeze=frozen to train the head only",
+    "schedule.unfreeze_last": "the layers with weights that two_phase unfreezes",
+    "schedule.unfreeze_step": "the layers with weights each gradual phase unfreezes in addition",
+    "distribute.cpu_replicas": "0 keeps the devices as they are",
+}
+
+
+def _value(config: Config, key: str) -> Any:
+    node: Any = config
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _check_number(key: str, value: Any, lowest: float, inclusive: bool) -> None:
+    """Refuse a non-finite float, or a number below its bound, naming the key."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{key}={value} is not a finite number. Set {key} to a finite number.")
+    if value < lowest or (value == lowest and not inclusive):
+        bound = (
+            f"at least {lowest:g}" if inclusive else "positive" if lowest == 0 else f"> {lowest}"
+        )
+        hint = f" ({_HINTS[key]})" if key in _HINTS else ""
+        raise ConfigError(f"{key}={value} must be {bound}{hint}.")
+
+
+def _check_numbers(config: Config) -> None:
+    """Every number of the config is finite and within its range."""
+    for key, lowest, inclusive in _LOWER_BOUNDS:
+        value = _value(config, key)
+        if value is not None:
+            _check_number(key, value, lowest, inclusive)
+    for name, factor in config.schedule.lr_multipliers.items():
+        key = f"schedule.lr_multipliers.{name}"
+        if not math.isfinite(factor):
+            raise ConfigError(
+                f"{key}={factor} is not a finite number. Set {key} to a finite number."
+            )
+        if not factor > 0:
+            raise ConfigError(
+                f"{key}={factor} must be positive; to stop a component training, use a freeze "
+                "policy (freeze=frozen, or freeze.components=[...] with freeze=partial)."
+            )
+    fraction = config.data.val_fraction
+    if not (math.isfinite(fraction) and 0 < fraction < 1):
+        raise ConfigError(f"data.val_fraction={fraction} must be between 0 and 1 (exclusive).")
+    if config.train.verbose not in (0, 1, 2):
+        raise ConfigError(
+            f"train.verbose={config.train.verbose} is not a Keras verbosity: use 0 (silent), "
+            "1 (progress bar) or 2 (one line per epoch)."
+        )
+    if not 0 <= config.seed < 2**32:
+        raise ConfigError(f"seed={config.seed} must be between 0 and 2**32 - 1.")
+    components = {"base": config.components.base, "head": config.components.head}
+    components.update({f"extra.{k}": c for k, c in config.components.extra.items()})
+    for name, component in components.items():
+        shape = component.input_shape
+        if shape is not None and (not shape or any(d < 1 for d in shape)):
+            raise ConfigError(
+                f"components.{name}.input_shape={list(shape)} is not a shape: give every "
+                "dimension but the batch as a positive number, e.g. [96, 96, 3], or null for the "
+                "application's default."
+            )
+
+
+def _check_no_ops(config: Config) -> None:
+    """Refuse values that would be silently ignored, or silently replaced by a default.
+
+    An empty string or list where null means "not set" would be read as null (``if x:``), so
+    ``freeze.components=[]`` would mean every feature extractor and ``stacking.adapter=[]`` would
+    mean ``auto``. A partial-freeze selector under another policy would be ignored.
+    """
+    optional_strings = {
+        "freeze.unfreeze_pattern": config.freeze.unfreeze_pattern,
+        "tracking.uri": config.tracking.uri,
+        "tracking.run_name": config.tracking.run_name,
+        "tracking.experiment": config.tracking.experiment,
+        "data.path": config.data.path,
+    }
+    components = {"base": config.components.base, "head": config.components.head}
+    components.update({f"extra.{k}": c for k, c in config.components.extra.items()})
+    for name, component in components.items():
+        for attribute in ("cut_at", "weights", "pooling"):
+            optional_strings[f"components.{name}.{attribute}"] = getattr(component, attribute)
+    for key, value in optional_strings.items():
+        if value is not None and not str(value).strip():
+            raise ConfigError(
+                f"{key}={value!r} is empty. Set it to a value, or to null where it may be unset "
+                f"({key}=null)."
+            )
+    if config.freeze.components is not None and not config.freeze.components:
+        raise ConfigError(
+            "freeze.components=[] names no feature extractor. List the ones to unfreeze, e.g. "
+            "freeze.components=[base], or set freeze.components=null for all of them."
+        )
+    if config.stacking.adapter == []:
+        raise ConfigError(
+            "stacking.adapter=[] holds no layer. Use null (no adapter: a mismatch is refused), "
+            "auto, or a list of Keras layer configs such as [{class_name: Dense, config: "
+            "{units: 12}}]."
+        )
+    pattern = config.freeze.unfreeze_pattern
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as err:
+            raise ConfigError(
+                f"freeze.unfreeze_pattern={pattern!r} is not a valid regex: {err}. Example: "
+                """'freeze.unfreeze_pattern="conv2|dense"' (quoted for Hydra and the shell)."""
+            ) from err
+    if config.freeze.policy != "partial":
+        for key in ("unfreeze_last", "unfreeze_pattern"):
+            value = getattr(config.freeze, key)
+            if value is not None:
+                raise ConfigError(
+                    f"freeze.{key}={value!r} applies only to freeze=partial, and freeze.policy is "
+                    f"{config.freeze.policy!r}, so it would be ignored. Add freeze=partial, or "
+                    f"remove freeze.{key}."
+                )
+
+
+def _check_keras_names(train: TrainConfig) -> None:
+    """Optimizer, loss and metric names Keras accepts, checked without importing Keras."""
+    if train.optimizer not in keras_names.SUPPORTED_OPTIMIZERS:
+        other = train.optimizer.lower() in keras_names.KERAS_OPTIMIZERS
+        close = difflib.get_close_matches(train.optimizer, keras_names.SUPPORTED_OPTIMIZERS, n=1)
+        what = (
+            "is a Keras optimizer that tfstack does not support"
+            if other
+            else "is not a Keras optimizer"
+        )
+        hint = f" Did you mean train.optimizer={close[0]}?" if close else ""
+        raise ConfigError(
+            f"train.optimizer={train.optimizer!r} {what}.{hint} Use one of "
+            f"{list(keras_names.SUPPORTED_OPTIMIZERS)}."
+        )
+    if not keras_names.is_loss(train.loss):
+        close = difflib.get_close_matches(train.loss, keras_names.KERAS_LOSSES, n=1)
+        hint = f" Did you mean train.loss={close[0]}?" if close else ""
+        raise ConfigError(
+            f"train.loss={train.loss!r} is not a Keras loss.{hint} Use a Keras loss name such as "
+            "sparse_categorical_crossentropy, binary_crossentropy or mse (names are "
+            "case-sensitive)."
+        )
+    for metric in train.metrics:
+        if not keras_names.is_metric(metric):
+            close = difflib.get_close_matches(metric, keras_names.KERAS_METRICS, n=1)
+            hint = f" Did you mean {close[0]}?" if close else ""
+            raise ConfigError(
+                f"train.metrics: {metric!r} is not a Keras metric.{hint} Use Keras metric names "
+                "such as accuracy, auc or mae (names are case-sensitive)."
+            )
 
 
 def validate(cfg: Any, *, source: str = "config") -> Config:
@@ -273,16 +467,9 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
                 f"components.{key}.path is not set. Point it at a .keras/.h5 file, a SavedModel "
                 "directory or keras_applications:NAME."
             )
-    for key, value in {
-        "train.epochs": config.train.epochs,
-        "train.batch_size": config.train.batch_size,
-    }.items():
-        if value < 1:
-            raise ConfigError(f"{key}={value} must be at least 1.")
-    if not config.train.lr > 0:
-        raise ConfigError(f"train.lr={config.train.lr} must be positive.")
-    if not 0 <= config.seed < 2**32:
-        raise ConfigError(f"seed={config.seed} must be between 0 and 2**32 - 1.")
+    _check_numbers(config)
+    _check_no_ops(config)
+    _check_keras_names(config.train)
     names = {f"components.{k}.name": getattr(config.components, k).name for k in ("base", "head")}
     for key, component in config.components.extra.items():
         names[f"components.extra.{key}"] = key
@@ -293,10 +480,6 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
                 f"{key}={name!r} is not a valid component name: it names files and MLflow "
                 "artifacts, so use letters, digits, '_', '.' and '-' only (no '/', no leading '.')."
             )
-    if not 0 < config.data.val_fraction < 1:
-        raise ConfigError(
-            f"data.val_fraction={config.data.val_fraction} must be between 0 and 1 (exclusive)."
-        )
     return config
 
 
@@ -368,6 +551,13 @@ def _compose_error(err: Exception, config_dir: Path) -> ConfigError:
             f"Cannot override {full_key}: {cause[0]}. A new entry in a mapping needs Hydra's "
             f"'+' prefix: {how}"
         )
+    if bad_key and _in_schema(bad_key.group(1)):
+        # A schema key that the composed YAML leaves out (e.g. components.base.input_shape).
+        full_key = bad_key.group(1)
+        return ConfigError(
+            f"{full_key} is a config key that conf/ does not set, so Hydra needs its '+' prefix "
+            f"to add it: +{full_key}=VALUE."
+        )
     if bad_key:
         full_key = bad_key.group(1)
         full_key = _first_unknown(full_key)
@@ -376,13 +566,68 @@ def _compose_error(err: Exception, config_dir: Path) -> ConfigError:
         parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
         hint = f" Did you mean {parent}{close[0]}?" if close else ""
         return ConfigError(f"{full_key} is not a config key.{hint} Valid keys here: {known}.")
+    override = getattr(err, "override", None)  # hydra.errors.OverrideParseException
+    if override is not None:
+        return _unparsable_override(override, text)
     if "LexerNoViableAltException" in text or "mismatched input" in text:
         bad = text.split(":", 1)[-1].strip().splitlines()[0]
         return ConfigError(
-            f"Cannot parse the override {bad}. Quote values with special characters, "
-            "e.g. freeze.unfreeze_pattern='^conv' (Hydra override grammar)."
+            f"Cannot parse the override {bad}. Quote values with special characters for Hydra, "
+            """and the whole override for the shell: 'freeze.unfreeze_pattern="^conv"'."""
         )
     return ConfigError(f"Cannot compose the config: {text.splitlines()[0]}")
+
+
+def _unparsable_override(override: str, text: str) -> ConfigError:
+    """The message for an override Hydra's grammar refuses: which one, and how to quote it.
+
+    Hydra reads ``[``, ``(``, ``^``, ``*``, ``,``, ``$``, spaces and quotes in an unquoted value
+    as grammar (lists, sweeps, functions, interpolations). Quoted with ``"..."`` or ``'...'``
+    the value is a plain string, backslashes and all (only a backslash before a quote is an
+    escape). The shell removes one level of quotes first, so the whole override goes in single
+    quotes: bash passes ``'freeze.unfreeze_pattern="conv[12]"'`` to Hydra as
+    ``freeze.unfreeze_pattern="conv[12]"``.
+    """
+    lines = [line.strip() for line in text.splitlines()]
+    skip = ("See https", "^", "Error parsing override")
+    detail = next((line for line in lines if line and not line.startswith(skip)), "")
+    if detail.startswith("LexerNoViableAltException"):
+        detail = "a character it cannot read there"
+    key, equals, value = override.partition("=")
+    if not equals or not key.strip():
+        return ConfigError(
+            f"Cannot parse the override {override!r}: an override is KEY=VALUE (train.lr=0.01) "
+            "or GROUP=OPTION (freeze=joint)."
+        )
+    quoted = _hydra_quoted(key, value)
+    if quoted is None:
+        return ConfigError(
+            f"Cannot parse the override {override!r} (Hydra's override grammar: {detail}). "
+            "Quote the value for Hydra, and the whole override for the shell."
+        )
+    return ConfigError(
+        f"Cannot parse the override {override!r}: Hydra reads characters such as [ ] ( ) ^ * , "
+        f"in an unquoted value as its grammar ({detail}). Quote the value for Hydra and the "
+        f"whole override for the shell: {shlex.quote(quoted)}"
+    )
+
+
+def _hydra_quoted(key: str, value: str) -> str | None:
+    """``key="value"`` as Hydra's grammar reads back to exactly ``value``, or None."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+    from hydra.errors import HydraException
+
+    for quote in ('"', "'"):
+        if quote in value:
+            continue
+        candidate = f"{key}={quote}{value}{quote}"
+        try:
+            parsed = OverridesParser.create().parse_overrides([candidate])[0]
+        except HydraException:
+            continue
+        if parsed.value() == value:
+            return candidate
+    return None
 
 
 def compose_yaml(config_dir: str | Path, overrides: list[str] | None = None) -> str:

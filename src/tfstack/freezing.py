@@ -49,6 +49,12 @@ class FreezePolicy:
             mode); ``train`` lets them train. ``None`` means ``train`` for ``joint`` and ``freeze``
             otherwise.
         components: the feature extractors ``partial`` applies to; ``None`` means all of them.
+        unfreeze_last_setting: the config setting ``unfreeze_last`` came from, for messages
+            (e.g. ``schedule.unfreeze_last=2``); ``None`` means ``freeze.unfreeze_last``.
+
+    Each selector (``unfreeze_last``, ``unfreeze_pattern``, ``components``) must select something
+    on its own: a pattern that matches nothing is an error even when ``unfreeze_last`` selects
+    layers, so a typo in it is never trained past.
     """
 
     kind: str = "frozen"
@@ -56,6 +62,7 @@ class FreezePolicy:
     unfreeze_pattern: str | None = None
     bn: str | None = None
     components: tuple[str, ...] | None = None
+    unfreeze_last_setting: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
         if self.kind not in FREEZE_KINDS:
@@ -69,15 +76,24 @@ class FreezePolicy:
             )
         if self.kind != "partial":
             return
-        if self.unfreeze_last is None and not self.unfreeze_pattern:
+        if self.unfreeze_last is None and self.unfreeze_pattern is None:
             raise FreezeError(
                 "freeze=partial needs freeze.unfreeze_last=N or freeze.unfreeze_pattern=REGEX; "
                 "received neither."
             )
+        if self.unfreeze_pattern is not None and not self.unfreeze_pattern:
+            raise FreezeError(
+                "freeze.unfreeze_pattern='' is empty; it would match every layer. Give a regex, "
+                "or use freeze=joint to train everything."
+            )
+        if self.components is not None and not self.components:
+            raise FreezeError(
+                "freeze.components=[] names no feature extractor. List the ones to unfreeze, or "
+                "set freeze.components=null for all of them."
+            )
         if self.unfreeze_last is not None and self.unfreeze_last < 1:
             raise FreezeError(
-                f"freeze.unfreeze_last={self.unfreeze_last} must be at least 1. "
-                "Use freeze=frozen to train the head only."
+                f"{self.last_setting} must be at least 1. Use freeze=frozen to train the head only."
             )
         if self.unfreeze_pattern:
             try:
@@ -87,6 +103,11 @@ class FreezePolicy:
                     f"freeze.unfreeze_pattern={self.unfreeze_pattern!r} is not a valid regex: "
                     f"{err}. Example: freeze.unfreeze_pattern='conv2|dense'."
                 ) from err
+
+    @property
+    def last_setting(self) -> str:
+        """The config setting that asked for ``unfreeze_last``, as the user wrote it."""
+        return self.unfreeze_last_setting or f"freeze.unfreeze_last={self.unfreeze_last}"
 
     @property
     def bn_mode(self) -> str:
@@ -214,10 +235,14 @@ def _size(shape) -> int:
     return n
 
 
-def _select_partial(
-    component: keras.Model, policy: FreezePolicy
-) -> tuple[set[str], list[tuple[str, keras.layers.Layer]]]:
-    """Paths of the layers ``partial`` unfreezes inside one component."""
+def _select_partial(component: keras.Model, policy: FreezePolicy) -> set[str]:
+    """Paths of the layers ``partial`` unfreezes inside one component.
+
+    Raises:
+        FreezeError: ``unfreeze_last`` asks for more layers than the component has, or
+            ``unfreeze_pattern`` selects no layer that can train (checked on its own, whatever
+            ``unfreeze_last`` selects).
+    """
     leaves = leaf_layers(component, component.name)
     # With bn=freeze a BatchNormalization layer cannot train, so it does not count as one of the
     # "last N layers"; otherwise gradual unfreezing would spend whole phases on no-op steps.
@@ -231,16 +256,45 @@ def _select_partial(
     if policy.unfreeze_last is not None:
         if policy.unfreeze_last > len(weighted):
             raise FreezeError(
-                f"freeze.unfreeze_last={policy.unfreeze_last} but component {component.name!r} "
-                f"has only {len(weighted)} layers with weights that can train (BatchNormalization "
-                "counts only with freeze.bn=train). Use freeze=joint to train all "
-                f"of it, or a number up to {len(weighted)}."
+                f"{policy.last_setting} but component {component.name!r} has only "
+                f"{len(weighted)} layers with weights that can train (BatchNormalization counts "
+                "only with freeze.bn=train). Use freeze=joint to train all of it, or a number "
+                f"up to {len(weighted)}."
             )
         selected.update(p for p, _ in weighted[-policy.unfreeze_last :])
-    if policy.unfreeze_pattern:
+    if policy.unfreeze_pattern is not None:
         pattern = re.compile(policy.unfreeze_pattern)
-        selected.update(p for p, _ in weighted if pattern.search(p))
-    return selected, weighted
+        matched = {p for p, _ in weighted if pattern.search(p)}
+        if not matched:
+            _raise_pattern_matches_nothing(policy, component.name, leaves, weighted, pattern)
+        selected.update(matched)
+    return selected
+
+
+def _raise_pattern_matches_nothing(policy, name, leaves, weighted, pattern: re.Pattern) -> None:
+    """The error for ``freeze.unfreeze_pattern`` selecting no trainable layer of a component."""
+    also = (
+        f" (freeze.unfreeze_last={policy.unfreeze_last} alone would select layers, but each "
+        "selector must match on its own, so a typo in the pattern is not trained past)"
+        if policy.unfreeze_last is not None
+        else ""
+    )
+    bn_matches = [
+        p
+        for p, layer in leaves
+        if isinstance(layer, keras.layers.BatchNormalization) and pattern.search(p)
+    ]
+    if bn_matches:
+        raise FreezeError(
+            f"freeze.unfreeze_pattern={policy.unfreeze_pattern!r} selects only "
+            f"BatchNormalization layers {bn_matches}, which stay frozen unless freeze.bn=train"
+            f"{also}. Select more layers or set freeze.bn=train."
+        )
+    sample = [p for p, _ in weighted[-8:]]
+    raise FreezeError(
+        f"freeze.unfreeze_pattern={policy.unfreeze_pattern!r} matches no layer with weights in "
+        f"component {name!r}{also}. Some of its layers: {sample}."
+    )
 
 
 def apply_freeze_policy(
@@ -307,25 +361,7 @@ def apply_freeze_policy(
         if policy.kind == "joint":
             selected = {p for p, _ in leaves}
         elif name in targets:
-            selected, weighted = _select_partial(component, policy)
-            if not selected:
-                bn_matches = [
-                    p
-                    for p, layer in leaves
-                    if isinstance(layer, keras.layers.BatchNormalization)
-                    and re.search(policy.unfreeze_pattern or "$^", p)
-                ]
-                if bn_matches:
-                    raise FreezeError(
-                        f"freeze.unfreeze_pattern={policy.unfreeze_pattern!r} selects only "
-                        f"BatchNormalization layers {bn_matches}, which stay frozen unless "
-                        "freeze.bn=train. Select more layers or set freeze.bn=train."
-                    )
-                sample = [p for p, _ in weighted[-8:]]
-                raise FreezeError(
-                    f"freeze.unfreeze_pattern={policy.unfreeze_pattern!r} matches no layer with "
-                    f"weights in component {name!r}. Some of its layers: {sample}."
-                )
+            selected = _select_partial(component, policy)
         else:
             selected = set()
         for path, layer in leaves:

@@ -332,7 +332,7 @@ def _component_kwargs(component) -> dict:
             weights=component.weights,
             include_top=component.include_top,
             pooling=component.pooling,
-            input_shape=tuple(component.input_shape) if component.input_shape else None,
+            input_shape=tuple(component.input_shape) if component.input_shape is not None else None,
         )
     return kwargs
 
@@ -572,29 +572,6 @@ def _check_inputs(config: Config, model, splits) -> None:
             )
 
 
-def _check_loss_and_metrics(config: Config) -> None:
-    """Unknown loss or metric names fail before training, naming the config key."""
-    import keras
-
-    try:
-        keras.losses.get(config.train.loss)
-    except (ValueError, TypeError) as err:
-        raise ConfigError(
-            f"train.loss={config.train.loss!r} is not a Keras loss ({err}). Use a Keras loss "
-            "name such as sparse_categorical_crossentropy, binary_crossentropy or mse."
-        ) from err
-    for metric in config.train.metrics:
-        if metric in ("accuracy", "acc", "crossentropy", "ce"):  # names compile() resolves
-            continue
-        try:
-            keras.metrics.get(metric)
-        except (ValueError, TypeError) as err:
-            raise ConfigError(
-                f"train.metrics: {metric!r} is not a Keras metric ({err}). Use Keras metric "
-                "names such as accuracy, auc or mae."
-            ) from err
-
-
 def make_phases(config: Config):
     """The schedule's phases from config values."""
     from tfstack.freezing import FreezePolicy
@@ -606,7 +583,7 @@ def make_phases(config: Config):
         unfreeze_last=f.unfreeze_last,
         unfreeze_pattern=f.unfreeze_pattern,
         bn=f.bn,
-        components=tuple(f.components) if f.components else None,
+        components=tuple(f.components) if f.components is not None else None,
     )
     s = config.schedule
     return make_schedule(
@@ -703,7 +680,6 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
     splits = _load_splits(config, paths)
     _check_targets(config, model, splits)
-    _check_loss_and_metrics(config)
     from tfstack.input_range import check_input_range
 
     # A warning, not an error: the data is the user's to fix (and stays as given).
@@ -894,10 +870,18 @@ def ensure_demo_inputs(config: Config, paths: Paths) -> None:
 
 def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[RunLog, dict]:
     """build -> train -> evaluate in one process and one MLflow run (with extra ``tags``)."""
+    from tfstack import preflight
+
+    # Paths first, before the demo's stages, any run and TensorFlow's import (checkpoints and
+    # guards import it): a typo leaves no FAILED run. What the demo makes is checked once made.
+    made_by_demo = preflight.made_by_demo(config)
+    preflight.check_inputs(config, paths, stage="run", skip=made_by_demo)
+    ensure_demo_inputs(config, paths)
+    if made_by_demo:
+        preflight.check_inputs(config, paths, stage="run")
     from tfstack import checkpoints, resume
     from tfstack.guards import determinism_errors
 
-    ensure_demo_inputs(config, paths)
     run = RunLog(config, paths, extra_tags=tags)
     with checkpoints.exclusive(paths.out):
         # A killed execution of this config resumes into its own run (train.resume=auto).
@@ -923,6 +907,10 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
     """One DVC stage in its own process."""
     if name in ("prepare", "pretrain"):
         return None, {"prepare": prepare, "pretrain": pretrain}[name](config, paths)
+    from tfstack import preflight
+
+    # What this stage reads, before its run starts (or continues) and before TensorFlow.
+    preflight.check_inputs(config, paths, stage=name)
     from tfstack import checkpoints, resume
 
     run = RunLog(config, paths)

@@ -20,6 +20,7 @@ gradients instead would be wrong for Adam and RMSprop, which normalise gradient 
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -66,15 +67,17 @@ class Phase:
             raise ScheduleError(
                 f"Phase {self.name!r} has epochs={self.epochs}; every phase needs at least 1 epoch."
             )
-        if not self.lr > 0:
-            raise ScheduleError(f"Phase {self.name!r} has lr={self.lr}; it must be positive.")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise ScheduleError(
+                f"Phase {self.name!r} has lr={self.lr}; it must be a positive finite number."
+            )
         if self.optimizer not in OPTIMIZERS:
             raise ScheduleError(
                 f"Phase {self.name!r}: train.optimizer={self.optimizer!r} is not supported. "
                 f"Expected one of {sorted(OPTIMIZERS)}."
             )
         for component, factor in self.lr_multipliers.items():
-            if not factor > 0:
+            if not (math.isfinite(factor) and factor > 0):
                 raise ScheduleError(
                     f"Phase {self.name!r}: lr multiplier for {component!r} is {factor}; "
                     "it must be positive (use a freeze policy to stop a component training)."
@@ -114,16 +117,47 @@ def two_phase(
     """Head with the base frozen, then fine-tune the top of the base at a lower rate.
 
     The second phase uses ``freeze`` when it is ``partial`` or ``joint``; with ``frozen`` it
-    unfreezes the last ``unfreeze_last`` layers with weights (BatchNormalization stays frozen).
+    unfreezes the last ``unfreeze_last`` layers with weights (BatchNormalization stays frozen) of
+    ``freeze.components`` (all feature extractors when None). ``fine_tune_epochs=None`` gives
+    it ``epochs``; ``0`` means no fine-tuning phase, as ``fit(epochs=0)`` trains nothing: the
+    phase is left out and a warning says so.
+
+    Raises:
+        ScheduleError: a value out of range, named by its config key.
     """
+    _check_positive("schedule.fine_tune_lr_factor", fine_tune_lr_factor)
+    if fine_tune_epochs is not None and fine_tune_epochs < 0:
+        raise ScheduleError(
+            f"schedule.fine_tune_epochs={fine_tune_epochs} must be at least 0 (0: no "
+            "fine-tuning phase; null: train.epochs)."
+        )
+    head = Phase("head", epochs, FreezePolicy("frozen"), lr, optimizer)
+    if fine_tune_epochs == 0:
+        logger.warning(
+            "schedule.fine_tune_epochs=0: two_phase skips its fine-tuning phase and trains the "
+            "head only (%d epochs).",
+            epochs,
+        )
+        return [head]
     fine_tune = freeze
     if freeze.kind == "frozen":
-        fine_tune = FreezePolicy("partial", unfreeze_last=unfreeze_last, bn=freeze.bn)
+        if unfreeze_last < 1:
+            raise ScheduleError(
+                f"schedule.unfreeze_last={unfreeze_last} must be at least 1: two_phase "
+                "fine-tunes that many layers with weights of the base."
+            )
+        fine_tune = FreezePolicy(
+            "partial",
+            unfreeze_last=unfreeze_last,
+            bn=freeze.bn,
+            components=freeze.components,
+            unfreeze_last_setting=f"schedule.unfreeze_last={unfreeze_last}",
+        )
     return [
-        Phase("head", epochs, FreezePolicy("frozen"), lr, optimizer),
+        head,
         Phase(
             "fine_tune",
-            fine_tune_epochs or epochs,
+            epochs if fine_tune_epochs is None else fine_tune_epochs,
             fine_tune,
             lr * fine_tune_lr_factor,
             optimizer,
@@ -147,12 +181,28 @@ def gradual(
     """ULMFiT-style gradual unfreezing: the head first, then one more block per phase.
 
     Phase k (k >= 1) unfreezes the last ``k * unfreeze_step`` layers with weights of each
-    feature extractor at ``lr * lr_decay**k``.
+    feature extractor in ``freeze.components`` (all when None) at ``lr * lr_decay**k``.
+
+    Raises:
+        ScheduleError: a value out of range, named by its config key.
     """
     if stages < 2:
         raise ScheduleError(
             f"schedule.stages={stages}: gradual unfreezing needs at least 2 phases. "
             "Use schedule=single for one."
+        )
+    if unfreeze_step < 1:
+        raise ScheduleError(
+            f"schedule.unfreeze_step={unfreeze_step} must be at least 1: each gradual phase "
+            "unfreezes that many more layers with weights."
+        )
+    _check_positive("schedule.lr_decay", lr_decay)
+    if freeze.kind == "partial":
+        logger.warning(
+            "schedule=gradual unfreezes schedule.unfreeze_step=%d more layers per phase; "
+            "freeze=partial's unfreeze_last/unfreeze_pattern are not used (bn and components "
+            "are).",
+            unfreeze_step,
         )
     phases = [Phase("head", epochs, FreezePolicy("frozen"), lr, optimizer)]
     for k in range(1, stages):
@@ -161,6 +211,10 @@ def gradual(
             unfreeze_last=k * unfreeze_step,
             bn=freeze.bn,
             components=freeze.components,
+            unfreeze_last_setting=(
+                f"schedule.unfreeze_step={unfreeze_step} (phase unfreeze_{k} of "
+                f"schedule.stages={stages} unfreezes the last {k * unfreeze_step})"
+            ),
         )
         phases.append(
             Phase(
@@ -173,6 +227,12 @@ def gradual(
             )
         )
     return phases
+
+
+def _check_positive(key: str, value: float) -> None:
+    """A rate or factor must be a positive finite number; the message names its config key."""
+    if not (math.isfinite(value) and value > 0):
+        raise ScheduleError(f"{key}={value} must be a positive finite number.")
 
 
 SCHEDULES = {"single": single, "two_phase": two_phase, "gradual": gradual}
@@ -196,6 +256,17 @@ def make_schedule(name: str, **kwargs) -> list[Phase]:
         raise ScheduleError(
             f"schedule={name!r} is not a schedule. Expected one of {sorted(SCHEDULES)}."
         )
+    if kwargs.get("epochs", 1) < 1:
+        raise ScheduleError(f"train.epochs={kwargs['epochs']} must be at least 1.")
+    if "lr" in kwargs:
+        _check_positive("train.lr", kwargs["lr"])
+    if kwargs.get("optimizer", "adam") not in OPTIMIZERS:
+        raise ScheduleError(
+            f"train.optimizer={kwargs['optimizer']!r} is not supported. "
+            f"Expected one of {sorted(OPTIMIZERS)}."
+        )
+    for component, factor in (kwargs.get("lr_multipliers") or {}).items():
+        _check_positive(f"schedule.lr_multipliers.{component}", factor)
     phases = SCHEDULES[name](**kwargs)
     logger.info("Schedule %s: %s", name, [p.to_dict() for p in phases])
     return phases
