@@ -250,3 +250,10 @@ def test_an_unparsable_override_is_named_with_how_to_quote_it(override, suggesti
 def test_an_override_that_is_not_key_value_says_so():
     with pytest.raises(ConfigError, match=r"Cannot parse the override '\(': an override is KEY="):
         compose(["("], config_dir=CONF)
+
+
+def test_modules_without_trust_are_refused_before_anything_runs():
+    with pytest.raises(ConfigError, match=r"components.base.modules=\[mypkg.layers\] imports"):
+        compose(["components.base.modules=[mypkg.layers]"], config_dir=CONF)
+    trusted = ["components.base.modules=[mypkg.layers]", "components.base.trust_code=true"]
+    assert compose(trusted, config_dir=CONF).components.base.modules == ["mypkg.layers"]

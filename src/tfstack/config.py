@@ -357,6 +357,14 @@ def _check_no_ops(config: Config) -> None:
     for name, component in components.items():
         for attribute in ("cut_at", "weights", "pooling"):
             optional_strings[f"components.{name}.{attribute}"] = getattr(component, attribute)
+        if component.modules and not component.trust_code:
+            # Importing a module runs its code: as for the file itself, only with trust.
+            modules = ",".join(component.modules)
+            raise ConfigError(
+                f"components.{name}.modules=[{modules}] imports Python code, which needs "
+                f"components.{name}.trust_code=true; set it only if you trust these modules and "
+                "the component's file."
+            )
     for key, value in optional_strings.items():
         if value is not None and not str(value).strip():
             raise ConfigError(
