@@ -6,17 +6,15 @@ whose message names the config key, the file, what was found, and the fix.
 """
 
 import difflib
-import json
 import logging
 import os
 import types
-import zipfile
 
-import h5py
 import keras
 import tensorflow as tf
 
 from tfstack.errors import ComponentError
+from tfstack.model_files import describe_error, read_h5_config, read_keras_config
 
 logger = logging.getLogger(__name__)
 
@@ -163,38 +161,14 @@ def _load_path(path: str, *, name: str, trust_code: bool, key: str) -> keras.Mod
 
 
 def _read_keras_config(path: str, *, key: str) -> dict:
-    """Read `config.json` from a `.keras` archive, refusing corrupt or truncated files."""
+    """Read `config.json` from a `.keras` archive, bounded and validated (`tfstack.model_files`)."""
     # Keras 3.15 reports a corrupt .keras as "File not found", so check the archive first.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
-        raise ComponentError(
-            f"{key}.path={path} is not a readable .keras file: expected a zip archive holding "
-            f"config.json ({type(err).__name__}: {err}). The file is probably truncated or "
-            f"corrupt; copy it again or re-save it with model.save('model.keras')."
-        ) from err
+    return read_keras_config(path, key=key)
 
 
 def _read_h5_config(path: str, *, key: str) -> dict:
-    """Read the `model_config` attribute of a legacy `.h5` file, refusing weights-only files."""
-    try:
-        with h5py.File(path, "r") as file:
-            raw_config = file.attrs.get("model_config")
-    except OSError as err:
-        raise ComponentError(
-            f"{key}.path={path} is not a readable HDF5 file ({err}). The file is probably "
-            f"truncated or corrupt; copy it again or re-save the model with model.save(...)."
-        ) from err
-    if raw_config is None:
-        raise ComponentError(
-            f"{key}.path={path} holds no model: the HDF5 file has no model_config (weights "
-            f"only, e.g. from save_weights(), or not a Keras file). Save the whole model with "
-            f"model.save('model.keras'), or build the model in code and load these weights."
-        )
-    if isinstance(raw_config, bytes):
-        raw_config = raw_config.decode("utf-8")
-    return json.loads(raw_config)
+    """Read the `model_config` attribute of a legacy `.h5` file, bounded and validated."""
+    return read_h5_config(path, key=key)
 
 
 def _lambda_layer_names(config: object) -> list[str]:
@@ -228,9 +202,10 @@ def _unsafe_message(path: str, config: dict, *, key: str, err: Exception) -> str
 
 def _load_failed(path: str, *, key: str, err: Exception) -> ComponentError:
     """Wrap any other Keras loading failure."""
+    # Keras messages can be multi-line config dumps: keep the first line, shortened.
     return ComponentError(
         f"{key}.path={path} could not be loaded by Keras {keras.__version__} "
-        f"({type(err).__name__}: {err}). Check that it was saved with model.save() from Keras "
+        f"({describe_error(err)}). Check that it was saved with model.save() from Keras "
         f"or tf_keras, and that custom layers are registered."
     )
 
