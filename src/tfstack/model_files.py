@@ -200,11 +200,10 @@ def parse_config(raw: bytes | str, *, where: str) -> dict:
         ) from err
     except ValueError as err:  # JSONDecodeError, and int() of a number with too many digits
         raise ComponentError(f"{where} is not valid JSON ({describe_error(err)}). {fix}") from err
-    depth = _nesting_depth(config)
-    if depth > MAX_CONFIG_DEPTH:
+    if _nesting_depth(config) > MAX_CONFIG_DEPTH:
         raise ComponentError(
-            f"{where} is nested {depth} levels deep; Keras model configs nest far less, and "
-            f"tfstack accepts at most {MAX_CONFIG_DEPTH}. {fix}"
+            f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep; Keras model configs "
+            f"nest far less (about 10 to 30). {fix}"
         )
     problem = _structure_problem(config)
     if problem:
@@ -328,7 +327,7 @@ def _too_large(where: str, item: str, size: int, limit: int) -> ComponentError:
 
 
 def _nesting_depth(value: object) -> int:
-    """The nesting depth of parsed JSON, without recursion (a deep value must not crash us)."""
+    """The nesting depth of parsed JSON, up to just past the limit, without recursion."""
     deepest, pending = 0, [(value, 1)]
     while pending:
         item, depth = pending.pop()
