@@ -200,6 +200,12 @@ def parse_config(raw: bytes | str, *, where: str) -> dict:
         ) from err
     except ValueError as err:  # JSONDecodeError, and int() of a number with too many digits
         raise ComponentError(f"{where} is not valid JSON ({describe_error(err)}). {fix}") from err
+    huge = _huge_integer(config)
+    if huge is not None:
+        raise ComponentError(
+            f"{where} holds the integer {str(huge)[:30]}..., beyond 64 bits: no Keras setting "
+            f"takes it. {fix}"
+        )
     if _nesting_depth(config) > MAX_CONFIG_DEPTH:
         raise ComponentError(
             f"{where} is nested more than {MAX_CONFIG_DEPTH} levels deep; Keras model configs "
@@ -338,6 +344,20 @@ def _nesting_depth(value: object) -> int:
             children = item.values() if isinstance(item, dict) else item
             pending.extend((child, depth + 1) for child in children)
     return deepest
+
+
+def _huge_integer(value: object) -> int | None:
+    """An integer beyond int64 anywhere in parsed JSON (TensorFlow overflows on it), or None."""
+    pending = [value]
+    while pending:
+        item = pending.pop()
+        if isinstance(item, dict):
+            pending.extend(item.values())
+        elif isinstance(item, list):
+            pending.extend(item)
+        elif isinstance(item, int) and not isinstance(item, bool) and abs(item) >= 2**63:
+            return item
+    return None
 
 
 def _structure_problem(config: object) -> str | None:
