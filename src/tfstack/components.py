@@ -6,18 +6,16 @@ whose message names the config key, the file, what was found, and the fix.
 """
 
 import difflib
-import json
 import logging
 import os
 import types
-import zipfile
 from collections.abc import Sequence
 
-import h5py
 import keras
 import tensorflow as tf
 
-from tfstack.errors import ComponentError
+from tfstack.errors import ComponentError, describe_error
+from tfstack.model_files import read_h5_config, read_keras_config
 from tfstack.trust import (
     TrustOptions,
     find_code,
@@ -210,9 +208,10 @@ def read_model_config(path: str, *, key: str) -> object:
     """
     extension = os.path.splitext(path)[1].lower()
     if extension in KERAS_EXTENSIONS:
-        return _read_keras_config(path, key=key)
+        # Keras 3.15 reports a corrupt .keras as "File not found", so check the archive first.
+        return read_keras_config(path, key=key)
     if extension in H5_EXTENSIONS:
-        return _read_h5_config(path, key=key)
+        return read_h5_config(path, key=key)
     raise ComponentError(
         f"{key}.path={path} has extension {extension!r}; expected .keras, .h5, .hdf5, "
         f"a SavedModel directory, or keras_applications:NAME. Save the model with "
@@ -220,55 +219,21 @@ def read_model_config(path: str, *, key: str) -> object:
     )
 
 
-def _read_keras_config(path: str, *, key: str) -> dict:
-    """Read `config.json` from a `.keras` archive, refusing corrupt or truncated files."""
-    # Keras 3.15 reports a corrupt .keras as "File not found", so check the archive first.
-    try:
-        with zipfile.ZipFile(path) as archive:
-            return json.loads(archive.read("config.json"))
-    except (zipfile.BadZipFile, KeyError, json.JSONDecodeError, OSError) as err:
-        raise ComponentError(
-            f"{key}.path={path} is not a readable .keras file: expected a zip archive holding "
-            f"config.json ({type(err).__name__}: {err}). The file is probably truncated or "
-            f"corrupt; copy it again or re-save it with model.save('model.keras')."
-        ) from err
-
-
-def _read_h5_config(path: str, *, key: str) -> dict:
-    """Read the `model_config` attribute of a legacy `.h5` file, refusing weights-only files."""
-    try:
-        with h5py.File(path, "r") as file:
-            raw_config = file.attrs.get("model_config")
-    except OSError as err:
-        raise ComponentError(
-            f"{key}.path={path} is not a readable HDF5 file ({err}). The file is probably "
-            f"truncated or corrupt; copy it again or re-save the model with model.save(...)."
-        ) from err
-    if raw_config is None:
-        raise ComponentError(
-            f"{key}.path={path} holds no model: the HDF5 file has no model_config (weights "
-            f"only, e.g. from save_weights(), or not a Keras file). Save the whole model with "
-            f"model.save('model.keras'), or build the model in code and load these weights."
-        )
-    if isinstance(raw_config, bytes):
-        raw_config = raw_config.decode("utf-8")
-    return json.loads(raw_config)
-
-
 def _unsafe_message(path: str, *, key: str, fix: str, err: Exception) -> str:
     """Explain a safe-mode refusal by Keras of something `find_code` does not know as code."""
-    first = (str(err).strip().splitlines() or [""])[0][:300]
     return (
-        f"{key}.path={path} holds something Keras refuses to load in safe mode ({first}); "
+        f"{key}.path={path} holds something Keras refuses to load in safe mode "
+        f"({describe_error(err)}); "
         f"tfstack loads untrusted files with safe_mode=True. If you trust this file, set {fix}."
     )
 
 
 def _load_failed(path: str, *, key: str, err: Exception) -> ComponentError:
     """Wrap any other Keras loading failure."""
+    # Keras messages can be multi-line config dumps: keep the first line, shortened.
     return ComponentError(
         f"{key}.path={path} could not be loaded by Keras {keras.__version__} "
-        f"({type(err).__name__}: {err}). Check that it was saved with model.save() from Keras "
+        f"({describe_error(err)}). Check that it was saved with model.save() from Keras "
         f"or tf_keras, and that custom layers are registered."
     )
 
@@ -280,7 +245,7 @@ def _load_savedmodel(path: str, *, name: str, key: str) -> keras.Model:
     except Exception as err:  # TensorFlow raises many types here.
         raise ComponentError(
             f"{key}.path={path} is a SavedModel TensorFlow {tf.__version__} cannot load "
-            f"({type(err).__name__}: {err}). Re-export it with model.export(path), or save a "
+            f"({describe_error(err)}). Re-export it with model.export(path), or save a "
             f".keras file instead."
         ) from err
     if SERVING_ENDPOINT not in loaded.signatures:

@@ -43,3 +43,25 @@ class TrainingError(TfstackError):
 
 class OutputError(TfstackError):
     """An output file or directory cannot be written (permissions, a missing or read-only path)."""
+
+
+# How much of an underlying error's message ours quotes.
+_QUOTED_CHARS = 300
+
+
+def describe_error(err: BaseException) -> str:
+    """An underlying error in one short line: its type and the first line of its message.
+
+    Keras, TensorFlow and h5py messages can be multi-line config dumps; a tfstack message quotes
+    them through this, so it stays one line.
+
+    Args:
+        err: Any exception.
+
+    Returns:
+        ``TypeName: first line``, the line cut at 300 characters.
+    """
+    first = (str(err).strip().splitlines() or [""])[0]
+    if len(first) > _QUOTED_CHARS:
+        first = first[:_QUOTED_CHARS] + "..."
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__

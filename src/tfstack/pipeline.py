@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfstack.config import Config, to_dict
-from tfstack.errors import ConfigError, DataError, OutputError, TfstackError
+from tfstack.errors import ConfigError, DataError, OutputError, TfstackError, describe_error
 from tfstack.files import atomic_path, write_json
 
 logger = logging.getLogger(__name__)
@@ -509,9 +509,8 @@ def load_model(path: Path, config: Config, *, stage: str, compile: bool = False)
     try:
         return keras.saving.load_model(path, compile=compile, safe_mode=safe_mode)
     except Exception as err:  # Keras raises many types for a damaged file
-        first = (str(err).strip().splitlines() or [""])[0][:300]
         raise DataError(
-            f"{path} cannot be loaded ({type(err).__name__}: {first}): it is damaged or was "
+            f"{path} cannot be loaded ({describe_error(err)}): it is damaged or was "
             f"written by another version. Write it again: dvc repro -f {stage} (or tfstack run)."
         ) from err
 

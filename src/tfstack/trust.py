@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import keras
 
-from tfstack.errors import ComponentError
+from tfstack.errors import ComponentError, describe_error
 
 # Keras builtin layers that carry code: class_name -> what the message says about them.
 CODE_LAYERS = {
@@ -257,10 +257,9 @@ def import_modules(modules: Sequence[str], *, trusted: bool, options: TrustOptio
         try:
             importlib.import_module(module)
         except Exception as err:  # an import runs arbitrary code: any exception can come out
-            first = (str(err).strip().splitlines() or [""])[0][:200]
             raise ComponentError(
-                f"{setting}: module {module!r} cannot be imported ({type(err).__name__}: "
-                f"{first}). Make it importable from the working directory or PYTHONPATH, or "
+                f"{setting}: module {module!r} cannot be imported ({describe_error(err)}). "
+                "Make it importable from the working directory or PYTHONPATH, or "
                 f"fix the name."
             ) from err
 
