@@ -60,7 +60,8 @@ def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
 def assert_stopped(project: Path, stderr: str, signum: int) -> None:
     name = signal.Signals(signum).name
     lines = [line for line in stderr.splitlines() if line.startswith("tfstack:")]
-    assert lines and lines[-1].startswith(f"tfstack: stopped by {name}; the checkpoint after"), lines
+    expected = f"tfstack: stopped by {name}; the checkpoint after"
+    assert lines and lines[-1].startswith(expected), lines
     assert "rerun to resume" in lines[-1] and "Traceback" not in stderr, stderr[-3000:]
     run = the_run(project)
     assert run.info.status == "KILLED" and run.data.tags["killed_by"] == name
