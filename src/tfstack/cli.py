@@ -18,6 +18,7 @@ shows the traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import logging
 import os
@@ -231,7 +232,20 @@ def main(argv: list[str] | None = None) -> int:
     for noisy in ("absl", "tensorflow", "h5py", "matplotlib", "alembic", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    from tfstack import signals
+
+    with signals.stop_on_signals():
+        return _command(args, debug)
+
+
+def _command(args, debug: bool) -> int:
+    """Run one command; input errors and stop signals become one line and an exit code."""
+    from tfstack import signals
+
+    paths = None
     try:
+        if os.environ.get("DVC_STAGE"):  # a DVC stage: dvc forwards no SIGTERM (tfstack.signals)
+            signals.stop_with_parent()
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "params":
@@ -286,11 +300,34 @@ def main(argv: list[str] | None = None) -> int:
     except TfstackError as err:
         if debug:
             raise
-        print(f"tfstack: error: {err}", file=sys.stderr)
+        # A store that failed mid-run left the checkpoint in place: say what a rerun does.
+        # (tfstack.tracking is imported whenever its StoreLostError can have been raised.)
+        tracking = sys.modules.get("tfstack.tracking")
+        lost = tracking is not None and isinstance(err, tracking.StoreLostError)
+        print(f"tfstack: error: {err}{_resume_note(paths) if lost else ''}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("tfstack: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as stop:  # Ctrl-C, or a `signals.Stopped` (SIGTERM, SIGHUP)
+        name = signals.signal_name(stop)
+        what = "interrupted (SIGINT)" if name == "SIGINT" else f"stopped by {name}"
+        with contextlib.suppress(OSError):  # after SIGHUP the terminal may be gone
+            print(f"tfstack: {what}{_resume_note(paths)}", file=sys.stderr)
+        return signals.exit_code(stop)
+
+
+def _resume_note(paths) -> str:
+    """What a rerun does after a stop: resume from the kept checkpoint, or start over."""
+    if paths is None:
+        return ""
+    import json
+
+    from tfstack.resume import checkpoint_dir
+
+    directory = checkpoint_dir(paths)
+    try:
+        done = json.loads((directory / "state.json").read_text(encoding="utf-8"))["epochs_done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "; no training checkpoint is kept (a rerun starts this command over)"
+    return f"; the checkpoint after epoch {done} is kept in {directory}: rerun to resume"
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -170,7 +170,7 @@ def continue_run_record(run: RunLog, state: TrainingState) -> None:
     missing = [row for row in state.epoch_rows if row["epoch"] not in logged]
     for row in missing:
         tracking.log_metrics(run.run_id, row["metrics"], step=row["epoch"])
-    tracking.delete_tags(run.run_id, ["error"])  # from an interrupted attempt
+    tracking.delete_tags(run.run_id, ["error", "killed_by"])  # from an interrupted attempt
     tracking.log_tags(run.run_id, {"resumed_at_epoch": state.epochs_done})
     logger.info(
         "Resuming MLflow run %s at epoch %d (%d checkpointed epochs were not yet logged)",

@@ -51,6 +51,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.exceptions import MlflowException
 
 from tfstack.errors import TrackingError
+from tfstack.signals import signal_name
 
 try:  # POSIX only; elsewhere first use of a fresh sqlite store is simply not serialized
     import fcntl
@@ -192,6 +193,17 @@ def check_reachable(uri: str, timeout_s: float = 5) -> None:
 
 
 def _check_http(uri: str, timeout_s: float) -> None:
+    reason = _http_problem(uri, timeout_s)
+    if reason is not None:
+        raise TrackingError(
+            f"tracking.uri={uri} is unreachable: {reason}; start the server "
+            f"(mlflow server --backend-store-uri sqlite:///mlflow.db) or set "
+            f"tracking.uri=sqlite:////absolute/path/mlflow.db"
+        )
+
+
+def _http_problem(uri: str, timeout_s: float) -> str | None:
+    """Why the server at `uri` cannot be used (one GET of `<uri>/health`), or None."""
     health = uri.rstrip("/") + "/health"
     outcome: dict[str, BaseException | None] = {}
 
@@ -223,13 +235,7 @@ def _check_http(uri: str, timeout_s: float) -> None:
         error: BaseException | None = TimeoutError(f"no answer within {timeout_s:g} s")
     else:
         error = outcome.get("error")
-    if error is not None:
-        reason = getattr(error, "reason", error)
-        raise TrackingError(
-            f"tracking.uri={uri} is unreachable: {reason}; start the server "
-            f"(mlflow server --backend-store-uri sqlite:///mlflow.db) or set "
-            f"tracking.uri=sqlite:////absolute/path/mlflow.db"
-        )
+    return None if error is None else str(getattr(error, "reason", error))
 
 
 def _is_locked(exc: BaseException) -> bool:
@@ -254,11 +260,144 @@ def _is_store_error(exc: BaseException) -> bool:
     )
 
 
+# ---------------------------------------------------------------------------------------------
+# A store that fails during a run
+# ---------------------------------------------------------------------------------------------
+
+
+class StoreLostError(TrackingError):
+    """The tracking store stopped working during a run: deleted, read-only or unreachable.
+
+    Nothing more is written to that store by this process (not even the run's end: it stays
+    RUNNING there), so a store that comes back holds the run as the last successful write left
+    it, and a rerun of the same command continues it from its checkpoint.
+
+    Attributes:
+        uri: The tracking URI.
+        problem: What went wrong, e.g. "the sqlite file /x/mlflow.db was deleted".
+    """
+
+    def __init__(self, uri: str, problem: str, fix: str, what: str | None = None) -> None:
+        self.uri = uri
+        self.problem = problem
+        during = f" ({what})" if what else ""
+        super().__init__(
+            f"tracking.uri={uri} failed during the run{during}: {problem}, so the MLflow run "
+            f"cannot be ended FAILED there and stays RUNNING. {fix} (or set tracking.uri=... "
+            f"to start a new run)"
+        )
+
+
+# Per sqlite URI opened by this process: (st_dev, st_ino) of its database file, to notice the
+# file being deleted or replaced (sqlite itself keeps writing to an open, deleted file).
+_STORE_FILES: dict[str, tuple[int, int]] = {}
+# Stores found failed in this process (URI -> the error): every later write fails at once.
+_LOST: dict[str, StoreLostError] = {}
+# A server that does not answer its health check within this time counts as gone.
+_PROBE_TIMEOUT_S = 5.0
+# Bounds for MLflow's HTTP client unless the user set them (MLflow's defaults retry a closed
+# port for about 4 minutes): 2 retries 1-3 s apart; 30 s without a byte is a timeout.
+HTTP_LIMITS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
+}
+
+
+def _file_identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = path.stat()
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _store_problem(uri: str, *, http: bool) -> tuple[str, str] | None:
+    """What is wrong with a store this process opened, and the fix; None if it looks usable.
+
+    For sqlite: a few `stat` calls (microseconds): the file is gone, another file took its place,
+    or it or its directory can no longer be written (`os.access`, which honours `chattr +i` and,
+    for non-root users, permissions). For a server (``http``): one GET of ``/health``.
+    """
+    path = _sqlite_path(uri)
+    if path is not None and uri in _STORE_FILES:
+        identity = _file_identity(path)
+        if identity is None:
+            return f"the sqlite file {path} was deleted", "Restore the file"
+        if identity != _STORE_FILES[uri]:
+            return f"the sqlite file {path} was replaced by another file", "Restore the file"
+        if not os.access(path, os.R_OK | os.W_OK) or not os.access(path.parent, os.W_OK | os.X_OK):
+            return (
+                f"the sqlite file {path} or its directory became read-only",
+                "Make both writable again",
+            )
+        return None
+    if http and urllib.parse.urlparse(uri).scheme.lower() in ("http", "https"):
+        reason = _http_problem(uri, _PROBE_TIMEOUT_S)
+        if reason is not None:
+            return f"the tracking server stopped answering ({reason})", "Start the server again"
+    return None
+
+
+def _raise_if_lost(uri: str, what: str | None, *, http: bool) -> None:
+    lost = _LOST.get(uri)
+    if lost is not None:
+        raise lost
+    problem = _store_problem(uri, http=http)
+    if problem is not None:
+        _LOST[uri] = StoreLostError(uri, *problem, what=what)
+        raise _LOST[uri]
+
+
+def check_store(run_id: str, when: str | None = None) -> None:
+    """Fail if the store of a run stopped working since this process opened it.
+
+    Cheap enough for every epoch: a few `stat` calls for sqlite, one GET of ``/health`` for a
+    server (about a millisecond on the same machine); other stores are not checked.
+
+    Args:
+        run_id: A run started or resumed in this process.
+        when: For the message, e.g. "after epoch 3".
+
+    Raises:
+        StoreLostError: The sqlite file was deleted, replaced or made read-only, or the server
+            does not answer.
+    """
+    handle = _handle(run_id)
+    _raise_if_lost(handle.uri, f"{when} of run {run_id}" if when else None, http=True)
+
+
+def _bound_http_retries(uri: str) -> None:
+    """Apply `HTTP_LIMITS` (unless set) so a server that goes away fails a write in seconds."""
+    if urllib.parse.urlparse(uri).scheme.lower() in ("http", "https"):
+        for name, value in HTTP_LIMITS.items():
+            os.environ.setdefault(name, value)
+
+
+class _DropStoreTracebacks(logging.Filter):
+    """Drop MLflow's logged tracebacks of store errors: `_write` reports them in one line.
+
+    MLflow's sqlite session logs every OperationalError with its traceback before raising it
+    (mlflow/store/db/utils.py), so one failed write printed two or more tracebacks. With the
+    root logger at DEBUG (``tfstack --debug``) they are kept.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.exc_info is None or logging.getLogger().isEnabledFor(logging.DEBUG)
+
+
+logging.getLogger("mlflow.store.db.utils").addFilter(_DropStoreTracebacks())
+
+
 def _write(what: str, uri: str, fn, *args, **kwargs):
     """Call an MLflow write, retrying a bounded number of times on sqlite "database is locked".
 
-    MLflow errors become `TrackingError` naming what was being done and where.
+    MLflow errors become `TrackingError` naming what was being done and where; a store that
+    failed during the run (see `StoreLostError`) is checked before each sqlite write (the file
+    is gone, replaced or read-only) and after a failed write of any store, and once failed is
+    not written again by this process.
     """
+    _raise_if_lost(uri, what, http=False)
     for attempt in range(len(_LOCK_RETRY_DELAYS_S) + 1):
         try:
             return fn(*args, **kwargs)
@@ -272,6 +411,10 @@ def _write(what: str, uri: str, fn, *args, **kwargs):
                 continue
             if not _is_store_error(exc):
                 raise
+            problem = _store_problem(uri, http=True)  # why it failed, if the store is gone
+            if problem is not None:
+                _LOST[uri] = StoreLostError(uri, *problem, what=what)
+                raise _LOST[uri] from exc
             first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else repr(exc)
             raise TrackingError(f"{what} failed (tracking.uri={uri}): {first_line}") from exc
     raise AssertionError("unreachable")  # pragma: no cover
@@ -309,7 +452,24 @@ def _client(uri: str) -> MlflowClient:
             # Touch the store now, under the lock, so schema creation/migration happens here.
             _write("opening the tracking store", uri, client.search_experiments, max_results=1)
         _CLIENTS[uri] = client
+        path = _sqlite_path(uri)
+        identity = _file_identity(path) if path is not None else None
+        if identity is not None:
+            _STORE_FILES[uri] = identity
         return client
+
+
+def _reopen_if_lost(uri: str) -> None:
+    """Before a run starts: forget a store this process found failed, or whose file changed.
+
+    Its next use opens it afresh, as a new process would (a sweep's next job, a test).
+    """
+    with _STATE_LOCK:
+        changed = uri in _STORE_FILES and _file_identity(_sqlite_path(uri)) != _STORE_FILES[uri]
+        if changed or uri in _LOST:
+            _LOST.pop(uri, None)
+            _STORE_FILES.pop(uri, None)
+            _CLIENTS.pop(uri, None)
 
 
 def _handle(run_id: str) -> RunHandle:
@@ -446,6 +606,8 @@ def start_run(
             to another experiment.
     """
     check_reachable(uri)
+    _bound_http_retries(uri)
+    _reopen_if_lost(uri)
     client = _client(uri)
     experiment_id = ensure_experiment(uri, experiment)
     resuming = run_id is not None
@@ -508,7 +670,11 @@ def flush(run_id: str) -> None:
 
 
 def end_run(
-    run_id: str, status: str = "FINISHED", *, error: BaseException | str | None = None
+    run_id: str,
+    status: str = "FINISHED",
+    *,
+    error: BaseException | str | None = None,
+    tags: Mapping[str, Any] | None = None,
 ) -> None:
     """End a run with a terminal status, recording an error if given.
 
@@ -517,6 +683,7 @@ def end_run(
         status: "FINISHED", "FAILED" or "KILLED".
         error: The exception (or message) that ended the run: sets tag `error` to a short message
             and logs the full traceback as artifact `error.txt`.
+        tags: More tags to set first, e.g. ``{"killed_by": "SIGTERM"}``.
 
     Raises:
         TrackingError: Unknown status or run, or the store fails.
@@ -533,6 +700,8 @@ def end_run(
         if error is None:
             raise
         logger.exception("asynchronous logging into run %s failed while it was failing", run_id)
+    if tags:
+        log_tags(run_id, tags)
     if error is not None:
         _record_error(run_id, error)
     _write(
@@ -578,9 +747,10 @@ def tracked_run(
 
     On success the run is ended FINISHED when `end` is True, or left RUNNING for the next stage
     when `end` is False (pending asynchronous logging is flushed either way). On an exception the
-    run gets tag `error` and artifact `error.txt`, is ended FAILED (KILLED for KeyboardInterrupt
-    and other non-`Exception` exits), and the exception is re-raised: a run is never left RUNNING
-    by a failing stage.
+    run gets tag `error` and artifact `error.txt`, is ended FAILED (KILLED, with tag `killed_by`
+    naming the signal, for KeyboardInterrupt, `tfstack.signals.Stopped` and other non-`Exception`
+    exits), and the exception is re-raised: a run is never left RUNNING by a failing stage, except
+    when its store failed (`StoreLostError`): then nothing can be written there.
 
     Args:
         uri: Tracking URI.
@@ -597,9 +767,13 @@ def tracked_run(
     try:
         yield run_id
     except BaseException as exc:
+        if isinstance(exc, StoreLostError) or uri in _LOST:
+            logger.debug("not ending MLflow run %s: its store failed", run_id)
+            raise
         status = "FAILED" if isinstance(exc, Exception) else "KILLED"
+        tags = {"killed_by": signal_name(exc)} if isinstance(exc, KeyboardInterrupt) else None
         try:
-            end_run(run_id, status, error=exc)
+            end_run(run_id, status, error=exc, tags=tags)
         except Exception:
             # Never hide the stage's own error behind a tracking error.
             logger.exception("could not mark MLflow run %s as %s", run_id, status)
@@ -1129,7 +1303,8 @@ class EpochLogger(keras.callbacks.Callback):
             a phase of short epochs costs a few writes instead of one per epoch (a sqlite write
             takes about as long as a demo epoch); the phase's tags go with those writes. An error
             that ends training before `on_train_end` loses at most the last interval's epochs.
-            0 writes every epoch.
+            0 writes every epoch. An epoch that writes nothing checks the store (`check_store`),
+            so a store that fails stops training within one epoch.
     """
 
     def __init__(
@@ -1214,6 +1389,8 @@ class EpochLogger(keras.callbacks.Callback):
         self._unwritten.extend(_metric_entries(values, int(epoch), int(time.time() * 1000)))
         if time.monotonic() - self._last_write >= self.min_interval_s:
             self._write_unwritten(int(epoch))
+        else:  # not writing yet: still notice a failed store now, not at the next write
+            check_store(self.run_id, f"after epoch {epoch}")
         self.epochs_logged.append(int(epoch))
         self.logging_seconds.append(time.perf_counter() - start)
 

@@ -1,0 +1,190 @@
+"""SIGTERM and SIGHUP stop a run as Ctrl-C does: one line, exit 128+N, run KILLED, resumable.
+
+Each signal is sent to a real `tfstack run` and to a real `dvc repro` (to DVC's own process, as
+`kill <pid>` does: DVC 3.67 forwards neither signal to its stage, which tfstack then learns of
+through PR_SET_PDEATHSIG) once the first epoch's checkpoint exists; the same command then
+resumes into the same MLflow run and ends it FINISHED.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+from mlflow.tracking import MlflowClient
+from project_copy import ROOT, VENV_BIN, clone, env, make_template, tfstack
+
+from tfstack import signals
+
+LONG = ["train.epochs=200", "tracking.log_model=false"]  # long enough to be stopped mid-training
+STATE = Path("outputs/train/checkpoint/state.json")
+
+
+@pytest.fixture(scope="module")
+def template(tmp_path_factory):
+    return make_template(tmp_path_factory.mktemp("signals"))
+
+
+@pytest.fixture
+def project(template, tmp_path):
+    return clone(template, tmp_path / "project")
+
+
+def the_run(project: Path):
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
+    return run
+
+
+def epochs_done(project: Path) -> int:
+    try:
+        return json.loads((project / STATE).read_text())["epochs_done"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + 600
+    while epochs_done(project) < 1:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no checkpoint within 600 s"
+        time.sleep(0.02)
+
+
+def assert_stopped(project: Path, stderr: str, signum: int) -> None:
+    name = signal.Signals(signum).name
+    lines = [line for line in stderr.splitlines() if line.startswith("tfstack:")]
+    expected = f"tfstack: stopped by {name}; the checkpoint after"
+    assert lines and lines[-1].startswith(expected), lines
+    assert "rerun to resume" in lines[-1] and "Traceback" not in stderr, stderr[-3000:]
+    run = the_run(project)
+    assert run.info.status == "KILLED" and run.data.tags["killed_by"] == name
+    assert epochs_done(project) >= 1  # the checkpoint is kept
+
+
+def assert_resumed(project: Path, result: subprocess.CompletedProcess, stopped_id: str) -> None:
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = the_run(project)  # the same run, continued
+    assert run.info.run_id == stopped_id and run.info.status == "FINISHED"
+    assert int(run.data.tags["resumed_at_epoch"]) >= 1
+    assert "killed_by" not in run.data.tags and "error" not in run.data.tags
+    assert not (project / STATE).exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The handler
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGTERM, 143), (signal.SIGHUP, 129)])
+def test_a_stop_signal_raises_a_keyboard_interrupt_naming_it(signum, code):
+    before = signal.getsignal(signum)
+    with pytest.raises(KeyboardInterrupt) as caught, signals.stop_on_signals():
+        os.kill(os.getpid(), signum)
+        time.sleep(1)  # the handler runs at the next bytecode; never reached
+    assert isinstance(caught.value, signals.Stopped)
+    assert signals.signal_name(caught.value) == signum.name
+    assert signals.exit_code(caught.value) == code
+    assert signal.getsignal(signum) is before  # restored
+
+
+def test_a_repeated_stop_signal_does_not_interrupt_the_unwinding():
+    with pytest.raises(signals.Stopped), signals.stop_on_signals():
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+        finally:  # e.g. ending the MLflow run KILLED, when a second SIGTERM arrives
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(0.05)
+            cleaned_up = True
+    assert cleaned_up
+    assert signals.exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
+
+
+# ---------------------------------------------------------------------------------------------
+# tfstack run
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_tfstack_run_stopped_by_a_signal_ends_killed_and_resumes(project, signum):
+    process = subprocess.Popen(
+        [str(VENV_BIN / "tfstack"), "run", *LONG],
+        cwd=project,
+        env=env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_checkpoint(project, process)
+        process.send_signal(signum)
+        _, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 128 + signum, stderr[-3000:]
+    assert_stopped(project, stderr, signum)
+    stopped = the_run(project).info.run_id
+    assert_resumed(project, tfstack(project, "run", *LONG), stopped)
+
+
+# ---------------------------------------------------------------------------------------------
+# dvc repro
+# ---------------------------------------------------------------------------------------------
+
+
+def _sh(project: Path, *args: str) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=project, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, (args, result.stderr[-3000:])
+    return result
+
+
+def dvc_project(template: Path, destination: Path) -> Path:
+    """A git + DVC copy whose prepare and pretrain stages are committed (not rerun)."""
+    shutil.copytree(template, destination, ignore=shutil.ignore_patterns("mlflow.db*"))
+    shutil.copy2(ROOT / ".gitignore", destination / ".gitignore")
+    _sh(destination, "git", "init", "-q")
+    _sh(destination, "git", "config", "user.email", "ci@example.com")
+    _sh(destination, "git", "config", "user.name", "ci")
+    _sh(destination, "dvc", "init", "-q")
+    shutil.copy2(ROOT / ".dvc" / "config", destination / ".dvc" / "config")
+    _sh(destination, "tfstack", "params", *LONG)
+    _sh(destination, "dvc", "commit", "-q", "-f", "data.dvc", "prepare", "pretrain")
+    _sh(destination, "git", "add", "-A")
+    _sh(destination, "git", "commit", "-q", "-m", "project copy")
+    return destination
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(template, tmp_path, signum):
+    project = dvc_project(template, tmp_path / "dvc")
+    process = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=project,
+        env=env(),
+        stdout=subprocess.PIPE,  # the stages' output
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_for_checkpoint(project, process)
+        process.send_signal(signum)  # to DVC alone: it dies of it, forwarding nothing
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == -signum
+    # The stage, orphaned, still writes to DVC's pipes: its line arrives once it has stopped.
+    deadline = time.monotonic() + 120
+    while the_run(project).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_stopped(project, stdout + stderr, signal.SIGTERM)  # PR_SET_PDEATHSIG sends SIGTERM
+    stopped = the_run(project).info.run_id
+    assert_resumed(project, _sh(project, "dvc", "repro"), stopped)
