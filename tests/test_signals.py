@@ -22,7 +22,8 @@ from project_copy import ROOT, VENV_BIN, clone, env, make_template, tfstack
 
 from tfstack import signals
 
-LONG = ["train.epochs=200", "tracking.log_model=false"]  # long enough to be stopped mid-training
+EPOCHS = 40  # long enough to be stopped mid-training
+LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
 STATE = Path("outputs/train/checkpoint/state.json")
 
 

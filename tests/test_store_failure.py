@@ -25,7 +25,8 @@ from project_copy import VENV_BIN, clone, env, make_template, tfstack
 
 from tfstack import tracking
 
-LONG = ["train.epochs=200", "tracking.log_model=false"]
+EPOCHS = 40  # long enough to be stopped mid-training
+LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
 STATE = Path("outputs/train/checkpoint/state.json")
 
 
@@ -90,7 +91,7 @@ def assert_resumed(client: MlflowClient, result) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_at_epoch"]) >= 1
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == list(range(200))  # every epoch logged once, the unlogged ones too
+    assert sorted(steps) == list(range(EPOCHS))  # every epoch logged once, the unlogged ones too
 
 
 # ---------------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ import os
 import sys
 from pathlib import Path
 
-from tfstack.errors import TfstackError
+from tfstack.errors import StoreLostError, TfstackError
 
 STAGES = ("prepare", "pretrain", "build", "train", "evaluate")
 
@@ -301,9 +301,7 @@ def _command(args, debug: bool) -> int:
         if debug:
             raise
         # A store that failed mid-run left the checkpoint in place: say what a rerun does.
-        # (tfstack.tracking is imported whenever its StoreLostError can have been raised.)
-        tracking = sys.modules.get("tfstack.tracking")
-        lost = tracking is not None and isinstance(err, tracking.StoreLostError)
+        lost = isinstance(err, StoreLostError)
         print(f"tfstack: error: {err}{_resume_note(paths) if lost else ''}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as stop:  # Ctrl-C, or a `signals.Stopped` (SIGTERM, SIGHUP)

@@ -37,6 +37,29 @@ class TrackingError(TfstackError):
     """The MLflow tracking store cannot be reached or written."""
 
 
+class StoreLostError(TrackingError):
+    """The tracking store stopped working during a run: deleted, read-only or unreachable.
+
+    Nothing more is written to that store by this process (not even the run's end: it stays
+    RUNNING there), so a store that comes back holds the run as the last successful write left
+    it, and a rerun of the same command continues it from its checkpoint.
+
+    Attributes:
+        uri: The tracking URI.
+        problem: What went wrong, e.g. "the sqlite file /x/mlflow.db was deleted".
+    """
+
+    def __init__(self, uri: str, problem: str, fix: str, what: str | None = None) -> None:
+        self.uri = uri
+        self.problem = problem
+        during = f" ({what})" if what else ""
+        super().__init__(
+            f"tracking.uri={uri} failed during the run{during}: {problem}, so the MLflow run "
+            f"cannot be ended FAILED there and stays RUNNING. {fix} (or set tracking.uri=... "
+            f"to start a new run)"
+        )
+
+
 class TrainingError(TfstackError):
     """Training diverged or stopped (for example a non-finite loss)."""
 
