@@ -7,9 +7,15 @@ import keras
 import numpy as np
 import pytest
 
-from tfstack.adapters import Cast, build_adapter_layers, describe_adapter, plan_adapter
+from tfstack.adapters import (
+    Cast,
+    build_adapter_layers,
+    check_compatibility,
+    describe_adapter,
+    plan_adapter,
+)
 from tfstack.errors import ShapeError
-from tfstack.shapes import TensorSpec, check_compatibility
+from tfstack.shapes import TensorSpec
 
 BATCH = 2
 

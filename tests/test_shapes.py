@@ -8,11 +8,10 @@ import keras
 import numpy as np
 import pytest
 
+from tfstack.adapters import Verdict, check_compatibility
 from tfstack.errors import ShapeError
 from tfstack.shapes import (
     TensorSpec,
-    Verdict,
-    check_compatibility,
     input_specs,
     layer_table,
     output_specs,
@@ -344,9 +343,3 @@ def test_check_compatibility_on_real_models():
     )
     assert verdict.problems == ["last dimension 4 != 12"]
     assert str(verdict).startswith("wide_head expects (None, 12) float32; base gives (None, 4)")
-
-
-def test_plan_adapter_is_reexported_from_shapes():
-    from tfstack.shapes import plan_adapter
-
-    assert plan_adapter(TensorSpec((None, 10)), TensorSpec((None, 12)))[0]["class_name"] == "Dense"

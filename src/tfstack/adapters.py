@@ -1,4 +1,7 @@
-"""Adapters: the layers placed between two components whose shapes or dtypes do not fit.
+"""Compatibility verdicts, and adapters: the layers placed between two components that do not fit.
+
+`check_compatibility` compares an upstream output spec with a downstream input spec and, when
+they do not fit, names the adapter `plan_adapter` would build.
 
 An adapter is a list of Keras layer configs, `{"class_name": ..., "config": {..., "name": ...}}`,
 so the same value can come from `plan_adapter` (automatic, `stacking=adapter`) or from the user
@@ -13,6 +16,7 @@ import difflib
 import logging
 import math
 import re
+from dataclasses import dataclass, field
 from typing import Any
 
 import keras
@@ -22,7 +26,14 @@ from tfstack.shapes import TensorSpec
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Cast", "build_adapter_layers", "describe_adapter", "plan_adapter"]
+__all__ = [
+    "Cast",
+    "Verdict",
+    "build_adapter_layers",
+    "check_compatibility",
+    "describe_adapter",
+    "plan_adapter",
+]
 
 _EXPLICIT_HINT = (
     "Give an explicit adapter instead: stacking.adapter=[{class_name: ..., config: {...}}, ...]"
@@ -397,3 +408,95 @@ def describe_adapter(configs: list[dict[str, Any]]) -> str:
     if not configs:
         return "no adapter"
     return " -> ".join(_describe_one(entry) for entry in configs)
+
+
+# --- compatibility -----------------------------------------------------------------------------
+
+
+@dataclass
+class Verdict:
+    """Whether an upstream component's output fits a downstream component's input."""
+
+    compatible: bool
+    upstream: str
+    downstream: str
+    upstream_spec: TensorSpec
+    downstream_spec: TensorSpec
+    problems: list[str] = field(default_factory=list)
+    fix: str = ""
+
+    def __str__(self) -> str:
+        shapes = (
+            f"{self.downstream} expects {self.downstream_spec}; "
+            f"{self.upstream} gives {self.upstream_spec}"
+        )
+        if self.compatible:
+            return f"{shapes}: compatible."
+        message = f"{shapes}: {'; '.join(self.problems)}."
+        if self.fix:
+            message += f" Fix: {self.fix}"
+        return message
+
+
+def _dimension_label(axis: int, rank: int) -> str:
+    return "last dimension" if axis == rank - 1 else f"dimension {axis}"
+
+
+def _problems(upstream_spec: TensorSpec, downstream_spec: TensorSpec) -> list[str]:
+    problems = []
+    if upstream_spec.rank != downstream_spec.rank:
+        problems.append(f"rank {upstream_spec.rank} != {downstream_spec.rank}")
+    else:
+        # Axis 0 is the batch: it never has to match.
+        for axis in range(1, upstream_spec.rank):
+            given, expected = upstream_spec.shape[axis], downstream_spec.shape[axis]
+            if given is not None and expected is not None and given != expected:
+                label = _dimension_label(axis, upstream_spec.rank)
+                problems.append(f"{label} {given} != {expected}")
+    if upstream_spec.dtype != downstream_spec.dtype:
+        problems.append(f"dtype {upstream_spec.dtype} != {downstream_spec.dtype}")
+    return problems
+
+
+def check_compatibility(
+    upstream_name: str,
+    upstream_spec: TensorSpec,
+    downstream_name: str,
+    downstream_spec: TensorSpec,
+) -> Verdict:
+    """Compare rank, every static non-batch dimension and dtype of two specs.
+
+    An unknown dimension (None) on either side is compatible with any size.
+
+    Args:
+        upstream_name: Component whose output is fed on, e.g. "base".
+        upstream_spec: That output's spec.
+        downstream_name: Component receiving it, e.g. "head".
+        downstream_spec: That input's spec.
+
+    Returns:
+        A Verdict; when incompatible, `fix` names the adapter `plan_adapter` would build and the
+        settings `stacking=adapter` / `stacking.adapter=[...]`.
+    """
+    problems = _problems(upstream_spec, downstream_spec)
+    fix = ""
+    if problems:
+        try:
+            plan = plan_adapter(upstream_spec, downstream_spec)
+        except ShapeError as error:
+            # The error already says why and how to give stacking.adapter=[...] explicitly.
+            fix = str(error)
+        else:
+            fix = (
+                f"use stacking=adapter (adapter: auto adds {describe_adapter(plan)}), "
+                "or set stacking.adapter=[...]"
+            )
+    return Verdict(
+        compatible=not problems,
+        upstream=upstream_name,
+        downstream=downstream_name,
+        upstream_spec=upstream_spec,
+        downstream_spec=downstream_spec,
+        problems=problems,
+        fix=fix,
+    )

@@ -184,9 +184,9 @@ def _summary(run, metrics: dict, paths) -> str:
 
 
 def _inspect(args) -> int:
-    from tfstack.adapters import describe_adapter, plan_adapter
+    from tfstack.adapters import check_compatibility, describe_adapter, plan_adapter
     from tfstack.components import load_component
-    from tfstack.shapes import check_compatibility, input_specs, output_specs, summary_text
+    from tfstack.shapes import input_specs, output_specs, summary_text
     from tfstack.trust import TrustOptions
 
     # The fixes messages name are this command's options, not config keys.

@@ -1,7 +1,7 @@
-"""Tensor specs, per-layer tables, model summaries and compatibility verdicts.
+"""Tensor specs, per-layer tables and model summaries.
 
-Everything here inspects models; nothing builds or changes one. Adapter planning lives in
-`tfstack.adapters` (re-exported here as `plan_adapter`, as `docs/design.md` lists it under shapes).
+Everything here inspects models; nothing builds or changes one. Whether two specs fit, and the
+adapter that makes them fit, is `tfstack.adapters` (`check_compatibility`, `plan_adapter`).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import keras
@@ -20,8 +20,6 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "TensorSpec",
-    "Verdict",
-    "check_compatibility",
     "input_specs",
     "layer_table",
     "output_specs",
@@ -257,106 +255,3 @@ def summary_text(model: keras.Model, *, line_length: int | None = None) -> str:
         else:
             os.environ["COLUMNS"] = previous
     return "\n".join(text.rstrip("\n") for text in captured) + "\n"
-
-
-# --- compatibility -----------------------------------------------------------------------------
-
-
-@dataclass
-class Verdict:
-    """Whether an upstream component's output fits a downstream component's input."""
-
-    compatible: bool
-    upstream: str
-    downstream: str
-    upstream_spec: TensorSpec
-    downstream_spec: TensorSpec
-    problems: list[str] = field(default_factory=list)
-    fix: str = ""
-
-    def __str__(self) -> str:
-        shapes = (
-            f"{self.downstream} expects {self.downstream_spec}; "
-            f"{self.upstream} gives {self.upstream_spec}"
-        )
-        if self.compatible:
-            return f"{shapes}: compatible."
-        message = f"{shapes}: {'; '.join(self.problems)}."
-        if self.fix:
-            message += f" Fix: {self.fix}"
-        return message
-
-
-def _dimension_label(axis: int, rank: int) -> str:
-    return "last dimension" if axis == rank - 1 else f"dimension {axis}"
-
-
-def _problems(upstream_spec: TensorSpec, downstream_spec: TensorSpec) -> list[str]:
-    problems = []
-    if upstream_spec.rank != downstream_spec.rank:
-        problems.append(f"rank {upstream_spec.rank} != {downstream_spec.rank}")
-    else:
-        # Axis 0 is the batch: it never has to match.
-        for axis in range(1, upstream_spec.rank):
-            given, expected = upstream_spec.shape[axis], downstream_spec.shape[axis]
-            if given is not None and expected is not None and given != expected:
-                label = _dimension_label(axis, upstream_spec.rank)
-                problems.append(f"{label} {given} != {expected}")
-    if upstream_spec.dtype != downstream_spec.dtype:
-        problems.append(f"dtype {upstream_spec.dtype} != {downstream_spec.dtype}")
-    return problems
-
-
-def check_compatibility(
-    upstream_name: str,
-    upstream_spec: TensorSpec,
-    downstream_name: str,
-    downstream_spec: TensorSpec,
-) -> Verdict:
-    """Compare rank, every static non-batch dimension and dtype of two specs.
-
-    An unknown dimension (None) on either side is compatible with any size.
-
-    Args:
-        upstream_name: Component whose output is fed on, e.g. "base".
-        upstream_spec: That output's spec.
-        downstream_name: Component receiving it, e.g. "head".
-        downstream_spec: That input's spec.
-
-    Returns:
-        A Verdict; when incompatible, `fix` names the adapter `plan_adapter` would build and the
-        settings `stacking=adapter` / `stacking.adapter=[...]`.
-    """
-    from tfstack.adapters import describe_adapter, plan_adapter
-
-    problems = _problems(upstream_spec, downstream_spec)
-    fix = ""
-    if problems:
-        try:
-            plan = plan_adapter(upstream_spec, downstream_spec)
-        except ShapeError as error:
-            # The error already says why and how to give stacking.adapter=[...] explicitly.
-            fix = str(error)
-        else:
-            fix = (
-                f"use stacking=adapter (adapter: auto adds {describe_adapter(plan)}), "
-                "or set stacking.adapter=[...]"
-            )
-    return Verdict(
-        compatible=not problems,
-        upstream=upstream_name,
-        downstream=downstream_name,
-        upstream_spec=upstream_spec,
-        downstream_spec=downstream_spec,
-        problems=problems,
-        fix=fix,
-    )
-
-
-def __getattr__(name: str) -> Any:
-    # Lazy re-export: tfstack.adapters imports TensorSpec from this module.
-    if name == "plan_adapter":
-        from tfstack.adapters import plan_adapter
-
-        return plan_adapter
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,9 +22,14 @@ from dataclasses import dataclass, field
 
 import keras
 
-from tfstack.adapters import build_adapter_layers, describe_adapter, plan_adapter
+from tfstack.adapters import (
+    build_adapter_layers,
+    check_compatibility,
+    describe_adapter,
+    plan_adapter,
+)
 from tfstack.errors import ShapeError
-from tfstack.shapes import TensorSpec, check_compatibility, input_specs, output_specs
+from tfstack.shapes import TensorSpec, input_specs, output_specs
 
 logger = logging.getLogger(__name__)
 
