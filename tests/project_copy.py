@@ -8,17 +8,20 @@ from a project whose demo components exist and whose MLflow store is empty.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent
 PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "MLproject", "python_env.yaml", "src"]
 TEMP_NAME = re.compile(r"^\.|\.tmp$|\.tfstack-probe")  # what an interrupted write would leave
+CHECKPOINT_STATE = Path("outputs/train/checkpoint/state.json")
 
 
 def shrink(project: Path) -> None:
@@ -83,3 +86,33 @@ def leftovers(directory: Path) -> list[Path]:
         for p in directory.rglob("*")
         if p.is_file() and TEMP_NAME.search(p.name) and p.name != ".tfstack-lock"
     )
+
+
+def start(project: Path, *command: str) -> subprocess.Popen:
+    """Start ``command`` (e.g. ``tfstack run ...``, ``dvc repro``) in ``project``, stderr piped."""
+    executable = str(VENV_BIN / command[0]) if (VENV_BIN / command[0]).exists() else command[0]
+    return subprocess.Popen(
+        [executable, *command[1:]],
+        cwd=project,
+        env=env(),
+        stdout=subprocess.PIPE if command[0] == "dvc" else subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def epochs_done(project: Path) -> int:
+    """The epochs the training checkpoint holds (0 before the first, or after its removal)."""
+    try:
+        return json.loads((project / CHECKPOINT_STATE).read_text())["epochs_done"]
+    except (FileNotFoundError, ValueError):
+        return 0
+
+
+def wait_for_checkpoint(project: Path, process: subprocess.Popen, epochs: int = 1) -> None:
+    """Wait until the running ``process`` has checkpointed ``epochs`` epochs."""
+    deadline = time.monotonic() + 600
+    while epochs_done(project) < epochs:
+        assert process.poll() is None, process.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, f"no checkpoint of {epochs} epochs within 600 s"
+        time.sleep(0.02)

@@ -8,7 +8,6 @@ resumes into the same MLflow run and ends it FINISHED.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import signal
@@ -18,13 +17,22 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from project_copy import ROOT, VENV_BIN, clone, env, make_template, tfstack
+from project_copy import (
+    CHECKPOINT_STATE,
+    ROOT,
+    clone,
+    env,
+    epochs_done,
+    make_template,
+    start,
+    tfstack,
+    wait_for_checkpoint,
+)
 
 from tfstack import signals
 
 EPOCHS = 40  # long enough to be stopped mid-training
 LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
-STATE = Path("outputs/train/checkpoint/state.json")
 
 
 @pytest.fixture(scope="module")
@@ -41,21 +49,6 @@ def the_run(project: Path):
     client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
     (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
     return run
-
-
-def epochs_done(project: Path) -> int:
-    try:
-        return json.loads((project / STATE).read_text())["epochs_done"]
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
-def wait_for_checkpoint(project: Path, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + 600
-    while epochs_done(project) < 1:
-        assert process.poll() is None, process.communicate()[1][-3000:]
-        assert time.monotonic() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.02)
 
 
 def assert_stopped(project: Path, stderr: str, signum: int) -> None:
@@ -75,7 +68,7 @@ def assert_resumed(project: Path, result: subprocess.CompletedProcess, stopped_i
     assert run.info.run_id == stopped_id and run.info.status == "FINISHED"
     assert int(run.data.tags["resumed_at_epoch"]) >= 1
     assert "killed_by" not in run.data.tags and "error" not in run.data.tags
-    assert not (project / STATE).exists()
+    assert not (project / CHECKPOINT_STATE).exists()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -116,14 +109,7 @@ def test_a_repeated_stop_signal_does_not_interrupt_the_unwinding():
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_tfstack_run_stopped_by_a_signal_ends_killed_and_resumes(project, signum):
-    process = subprocess.Popen(
-        [str(VENV_BIN / "tfstack"), "run", *LONG],
-        cwd=project,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start(project, "tfstack", "run", *LONG)
     try:
         wait_for_checkpoint(project, process)
         process.send_signal(signum)
@@ -167,14 +153,7 @@ def dvc_project(template: Path, destination: Path) -> Path:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(template, tmp_path, signum):
     project = dvc_project(template, tmp_path / "dvc")
-    process = subprocess.Popen(
-        ["dvc", "repro"],
-        cwd=project,
-        env=env(),
-        stdout=subprocess.PIPE,  # the stages' output
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start(project, "dvc", "repro")  # stdout: the stages' output
     try:
         wait_for_checkpoint(project, process)
         process.send_signal(signum)  # to DVC alone: it dies of it, forwarding nothing

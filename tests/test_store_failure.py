@@ -9,7 +9,6 @@ checkpoint kept; once the store is back, the same command resumes the run and fi
 
 from __future__ import annotations
 
-import json
 import os
 import socket
 import sqlite3
@@ -21,13 +20,21 @@ from pathlib import Path
 
 import pytest
 from mlflow.tracking import MlflowClient
-from project_copy import VENV_BIN, clone, env, make_template, tfstack
+from project_copy import (
+    VENV_BIN,
+    clone,
+    env,
+    epochs_done,
+    make_template,
+    start,
+    tfstack,
+    wait_for_checkpoint,
+)
 
 from tfstack import tracking
 
 EPOCHS = 40  # long enough to be stopped mid-training
 LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
-STATE = Path("outputs/train/checkpoint/state.json")
 
 
 @pytest.fixture(scope="module")
@@ -40,29 +47,11 @@ def project(template, tmp_path):
     return clone(template, tmp_path / "project")
 
 
-def epochs_done(project: Path) -> int:
-    try:
-        return json.loads((project / STATE).read_text())["epochs_done"]
-    except (FileNotFoundError, ValueError):
-        return 0
-
-
 def break_mid_run(project: Path, overrides: list[str], break_store: Callable[[], None]):
     """Run `tfstack run`, break the store after the first checkpoint; (code, stderr, epoch)."""
-    process = subprocess.Popen(
-        [str(VENV_BIN / "tfstack"), "run", *overrides],
-        cwd=project,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process = start(project, "tfstack", "run", *overrides)
     try:
-        deadline = time.monotonic() + 600
-        while epochs_done(project) < 1:
-            assert process.poll() is None, process.communicate()[1][-3000:]
-            assert time.monotonic() < deadline, "no checkpoint within 600 s"
-            time.sleep(0.02)
+        wait_for_checkpoint(project, process)
         break_store()
         broken_at = epochs_done(project)
         _, stderr = process.communicate(timeout=120)
