@@ -1,21 +1,138 @@
-"""Test metrics and the plots that fit the task.
+"""Evaluate a trained model on a dataset: metrics, the task's figure and its table.
 
-Classification (multi-class and binary) gets a confusion matrix; regression gets predicted
-against true. Every run gets a learning curve over the global epoch, with phase boundaries
-marked. Figures are `matplotlib.figure.Figure` objects made without pyplot, so importing this
-module never switches a notebook's backend and nothing needs closing; tables are JSON-ready lists
-of dicts that DVC's plot templates read.
+`evaluate` is the library step: it takes a Keras model and arrays and returns an `Evaluation`
+(plain-float metrics, figures, JSON-ready tables and the model's outputs); writing files and
+logging runs is the caller's business. Classification (multi-class and binary) gets a confusion
+matrix; regression gets predicted against true. `learning_curve_figure` draws a training
+history over the global epoch, with phase boundaries marked (`phase_starts_of`). Figures are
+`matplotlib.figure.Figure` objects made without pyplot, so importing this module never switches a
+notebook's backend and nothing needs closing; tables are JSON-ready lists of dicts that DVC's
+plot templates read.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from matplotlib.figure import Figure
 
+from tfstack.errors import ConfigError, DataError
+
 logger = logging.getLogger(__name__)
+
+# The tasks `evaluate` knows; the same words as the config's ``train.task``.
+TASKS = ("classification", "binary", "regression")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measured on one dataset.
+
+    Attributes:
+        metrics: Plain floats without a split prefix: the compiled Keras metrics as
+            ``model.evaluate`` names them (``loss``, ``accuracy``, ``auc``, ...), then the task
+            metrics of `task_metrics`, which take precedence on a shared name. The pipeline
+            logs them as ``test_<name>``.
+        figures: File name -> figure: ``confusion_matrix.png`` (classification, binary) or
+            ``predicted_vs_true.png`` (regression).
+        tables: File name -> JSON-ready rows for DVC's plot templates: ``confusion.json``
+            (``{"actual", "predicted"}`` per sample) or ``predictions.json``
+            (``{"true", "predicted"}`` per target value).
+        outputs: The model's predictions on ``x``, as ``model.predict`` returns them.
+        confusion_matrix: Counts, rows true and columns predicted; ``None`` for regression.
+    """
+
+    metrics: dict[str, float]
+    figures: dict[str, Figure] = field(default_factory=dict)
+    tables: dict[str, list[dict]] = field(default_factory=dict)
+    outputs: np.ndarray | None = None
+    confusion_matrix: np.ndarray | None = None
+
+
+def evaluate(
+    model,
+    x,
+    y,
+    *,
+    task: str,
+    batch_size: int = 32,
+    loss=None,
+    metrics: Sequence = (),
+    class_names: Sequence[str] | None = None,
+) -> Evaluation:
+    """Metrics, the task's figure and its table of a trained model on ``(x, y)``.
+
+    The model is used as it is: a compiled model keeps its loss and metrics (and optimizer, so
+    a model saved afterwards still resumes training). A model that is not compiled is compiled
+    here with ``loss`` and ``metrics`` only, for measuring.
+
+    Args:
+        model: A Keras model whose outputs fit ``task``: ``(n, classes)`` probabilities for
+            ``classification``, ``(n, 1)`` probabilities for ``binary``, targets for
+            ``regression``.
+        x: Inputs, as ``model.evaluate`` takes them (usually a NumPy array).
+        y: Integer class ids for classification and binary, target values for regression.
+        task: ``"classification"``, ``"binary"`` or ``"regression"``.
+        batch_size: Samples per batch of ``model.evaluate`` and ``model.predict``.
+        loss: The loss to compile with when ``model`` is not compiled (a Keras name or object).
+        metrics: The Keras metrics to compile with when ``model`` is not compiled.
+        class_names: Tick labels of the confusion matrix, one per class (default: class ids).
+
+    Returns:
+        An `Evaluation`.
+
+    Raises:
+        DataError: ``task`` is unknown, or ``class_names`` does not name every class.
+        ConfigError: ``model`` is not compiled and no ``loss`` is given.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from tfstack.evaluation import evaluate
+        >>> model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3, "softmax")])
+        >>> x, y = np.random.rand(20, 4).astype("float32"), np.arange(20) % 3
+        >>> result = evaluate(model, x, y, task="classification",
+        ...                   loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        >>> sorted(result.metrics)
+        ['accuracy', 'balanced_accuracy', 'loss']
+        >>> result.figures["confusion_matrix.png"].savefig("confusion_matrix.png")
+    """
+    if task not in TASKS:
+        raise DataError(f"Unknown task {task!r}. Expected one of: {', '.join(TASKS)}.")
+    if not model.compiled:
+        if loss is None:
+            raise ConfigError(
+                f"Model {model.name!r} is not compiled and evaluate() got no loss: pass "
+                "loss=... (and metrics=[...]), e.g. the loss it was trained with, or compile it."
+            )
+        model.compile(loss=loss, metrics=list(metrics))
+    scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    measured = {name: float(value) for name, value in scores.items()}
+    measured.update(task_metrics(y, outputs, task))
+    if task == "regression":
+        rows = [
+            {"true": float(t), "predicted": float(p)}
+            for t, p in zip(np.ravel(y), np.ravel(outputs), strict=True)
+        ]
+        return Evaluation(
+            metrics=measured,
+            figures={"predicted_vs_true.png": regression_figure(y, outputs)},
+            tables={"predictions.json": rows},
+            outputs=outputs,
+        )
+    predicted = predict_labels(outputs, task)
+    classes = 2 if task == "binary" else int(outputs.shape[-1])
+    matrix = confusion_matrix(y, predicted, classes)
+    return Evaluation(
+        metrics=measured,
+        figures={"confusion_matrix.png": confusion_figure(matrix, class_names=class_names)},
+        tables={"confusion.json": confusion_rows(y, predicted)},
+        outputs=outputs,
+        confusion_matrix=matrix,
+    )
 
 
 def predict_labels(probabilities: np.ndarray, task: str) -> np.ndarray:
@@ -42,14 +159,30 @@ def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, classes: int) -> np
     return matrix
 
 
-def confusion_figure(matrix: np.ndarray, title: str = "Confusion matrix"):
-    """A labelled heat map of a confusion matrix."""
+def confusion_figure(
+    matrix: np.ndarray,
+    title: str = "Confusion matrix",
+    *,
+    class_names: Sequence[str] | None = None,
+) -> Figure:
+    """A labelled heat map of a confusion matrix, ticks named by ``class_names`` if given.
+
+    Raises:
+        DataError: ``class_names`` does not hold one name per class.
+    """
     classes = matrix.shape[0]
+    if class_names is not None and len(class_names) != classes:
+        raise DataError(
+            f"class_names has {len(class_names)} names for {classes} classes; give one per class."
+        )
     fig = Figure(figsize=(1.0 + 0.6 * classes, 0.8 + 0.6 * classes), dpi=100)
     ax = fig.subplots()
     ax.imshow(matrix, cmap="Blues")
     ax.set_xticks(range(classes))
     ax.set_yticks(range(classes))
+    if class_names is not None:
+        ax.set_xticklabels(class_names, rotation=45, ha="right")
+        ax.set_yticklabels(class_names)
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
@@ -62,7 +195,9 @@ def confusion_figure(matrix: np.ndarray, title: str = "Confusion matrix"):
     return fig
 
 
-def regression_figure(y_true: np.ndarray, y_pred: np.ndarray, title: str = "Predicted vs true"):
+def regression_figure(
+    y_true: np.ndarray, y_pred: np.ndarray, title: str = "Predicted vs true"
+) -> Figure:
     """A scatter of predictions against targets with the identity line."""
     y_true = np.asarray(y_true, dtype=float).ravel()
     y_pred = np.asarray(y_pred, dtype=float).ravel()
@@ -79,12 +214,28 @@ def regression_figure(y_true: np.ndarray, y_pred: np.ndarray, title: str = "Pred
     return fig
 
 
-def learning_curve_figure(history: Sequence[dict], phase_starts: Sequence[tuple[int, str]] = ()):
+def phase_starts_of(history: Sequence[dict]) -> list[tuple[int, str]]:
+    """``(epoch, phase name)`` where each phase of a training history begins.
+
+    Args:
+        history: one dict per epoch with ``epoch`` and ``phase``, in epoch order (the
+            ``history.json`` the train stage writes).
+    """
+    return [
+        (row["epoch"], row["phase"])
+        for i, row in enumerate(history)
+        if i == 0 or history[i - 1]["phase"] != row["phase"]
+    ]
+
+
+def learning_curve_figure(
+    history: Sequence[dict], phase_starts: Sequence[tuple[int, str]] = ()
+) -> Figure:
     """Loss and the first metric per global epoch, train and validation, phases marked.
 
     Args:
         history: one dict per epoch with ``epoch`` and Keras's metric names.
-        phase_starts: ``(epoch, phase name)`` where each phase begins.
+        phase_starts: ``(epoch, phase name)`` where each phase begins (see `phase_starts_of`).
     """
     keys = [k for k in history[0] if k not in ("epoch", "phase", "lr")] if history else []
     train_keys = [k for k in keys if not k.startswith("val_")]

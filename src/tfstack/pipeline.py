@@ -780,9 +780,11 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
 
 
 def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
-    """Test metrics, the task's plot and the learning curve; log the trained model."""
-    import numpy as np
+    """Test metrics, the task's plot and the learning curve; log the trained model.
 
+    The measuring is `tfstack.evaluation.evaluate`; this stage loads its inputs, writes what
+    DVC tracks (``metrics.json``, ``plots/``) and hands the same to the run.
+    """
     from tfstack import evaluation
 
     if model is None:
@@ -792,55 +794,33 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         )
     splits = _load_splits(config, paths)
     _check_targets(config, model, splits)
-    task = config.train.task
-    if not model.compiled:
-        model.compile(loss=config.train.loss, metrics=list(config.train.metrics))
-    scores = model.evaluate(
+    result = evaluation.evaluate(
+        model,
         splits.x_test,
         splits.y_test,
+        task=config.train.task,
         batch_size=config.train.batch_size,
-        verbose=0,
-        return_dict=True,
+        loss=config.train.loss,
+        metrics=config.train.metrics,
     )
-    outputs = model.predict(splits.x_test, batch_size=config.train.batch_size, verbose=0)
-    metrics = {f"test_{k}": float(v) for k, v in scores.items()}
-    metrics.update(
-        {f"test_{k}": v for k, v in evaluation.task_metrics(splits.y_test, outputs, task).items()}
-    )
+    metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
     plots = out / "plots"
     plots.mkdir(parents=True, exist_ok=True)
-    if task == "regression":
-        fig = evaluation.regression_figure(splits.y_test, outputs)
-        plot_name = "predicted_vs_true.png"
-        rows = [
-            {"true": float(t), "predicted": float(p)}
-            for t, p in zip(np.ravel(splits.y_test), np.ravel(outputs), strict=True)
-        ]
-        write_json(plots / "predictions.json", rows)
-    else:
-        predicted = evaluation.predict_labels(outputs, task)
-        classes = 2 if task == "binary" else int(outputs.shape[-1])
-        matrix = evaluation.confusion_matrix(splits.y_test, predicted, classes)
-        fig = evaluation.confusion_figure(matrix)
-        plot_name = "confusion_matrix.png"
-        write_json(plots / "confusion.json", evaluation.confusion_rows(splits.y_test, predicted))
-        run.json(matrix.tolist(), "evaluation/confusion_matrix.json")
-    with atomic_path(plots / plot_name) as tmp:
-        fig.savefig(tmp, format="png")
-    run.figure(fig, f"evaluation/{plot_name}")
+    for name, rows in result.tables.items():
+        write_json(plots / name, rows)
+    if result.confusion_matrix is not None:
+        run.json(result.confusion_matrix.tolist(), "evaluation/confusion_matrix.json")
+    figures = dict(result.figures)
     history_path = paths.stage("train") / "history.json"
     if history_path.is_file():
         history = json.loads(history_path.read_text(encoding="utf-8"))
-        starts = [
-            (r["epoch"], r["phase"])
-            for i, r in enumerate(history)
-            if i == 0 or history[i - 1]["phase"] != r["phase"]
-        ]
-        curve = evaluation.learning_curve_figure(history, starts)
-        with atomic_path(plots / "learning_curve.png") as tmp:
-            curve.savefig(tmp, format="png")
-        run.figure(curve, "evaluation/learning_curve.png")
+        starts = evaluation.phase_starts_of(history)
+        figures["learning_curve.png"] = evaluation.learning_curve_figure(history, starts)
+    for name, fig in figures.items():
+        with atomic_path(plots / name) as tmp:
+            fig.savefig(tmp, format="png")
+        run.figure(fig, f"evaluation/{name}")
     write_json(out / "metrics.json", metrics)
     run.metrics(metrics)
     if run.run_id and config.tracking.log_model:
