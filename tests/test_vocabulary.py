@@ -152,6 +152,12 @@ def test_schema_defaults_equal_the_top_level_of_the_default_config():
         ),
         (["schedule=two_phase", "schedule.lr_decay=0.3"], "schedule.lr_decay=0.3 applies only"),
         (["freeze=joint", "freeze.components=[base]"], "freeze.components=[base] applies only"),
+        (["freeze.bn=train"], "freeze.bn='train' with freeze=frozen applies only to the phases"),
+        (
+            ["experiment=fine_tune", "schedule.unfreeze_last=3"],
+            "schedule.unfreeze_last=3 applies only to schedule=two_phase with freeze=frozen, and "
+            "freeze is 'partial'",
+        ),
     ],
 )
 def test_validation_refuses_an_option_the_choice_does_not_use(overrides, message):

@@ -35,6 +35,7 @@ from tfstack.vocabulary import (
     STRATEGIES,
     STRATEGY_OPTIONS,
     TASKS,
+    unused_across_groups,
     unused_option,
 )
 
@@ -427,6 +428,15 @@ def _check_unused_options(config: Config) -> None:
         unused = unused_option(group, choice, options, uses)
         if unused:
             raise ConfigError(unused)
+    unused = unused_across_groups(
+        config.schedule.name,
+        config.freeze.policy,
+        bn=config.freeze.bn,
+        components=config.freeze.components,
+        unfreeze_last=config.schedule.unfreeze_last,
+    )
+    if unused:
+        raise ConfigError(unused)
 
 
 def _check_keras_names(train: TrainConfig) -> None:

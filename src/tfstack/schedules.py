@@ -28,7 +28,7 @@ import keras
 
 from tfstack.errors import ScheduleError
 from tfstack.freezing import FreezePolicy, get_component
-from tfstack.vocabulary import SCHEDULE_OPTIONS, is_set, unused_option
+from tfstack.vocabulary import SCHEDULE_OPTIONS, unused_across_groups, unused_option
 
 logger = logging.getLogger(__name__)
 
@@ -105,17 +105,11 @@ def single(
         ScheduleError: ``freeze=frozen`` with ``freeze.bn`` or ``freeze.components`` set: only a
             schedule that unfreezes later (two_phase, gradual) uses them with a frozen policy.
     """
-    if freeze.kind == "frozen":
-        options = {"bn": freeze.bn, "components": freeze.components}
-        for key, value in options.items():
-            if is_set(value):
-                shown = f"[{', '.join(value)}]" if key == "components" else repr(value)
-                raise ScheduleError(
-                    f"freeze.{key}={shown} with freeze=frozen applies only to the phases that "
-                    "schedule=two_phase or schedule=gradual unfreezes; schedule=single trains "
-                    f"the head only, so it would be ignored. Add schedule=two_phase, use "
-                    f"freeze=partial, or remove freeze.{key}."
-                )
+    unused = unused_across_groups(
+        "single", freeze.kind, bn=freeze.bn, components=freeze.components, unfreeze_last=None
+    )
+    if unused:
+        raise ScheduleError(unused)
     return [Phase("train", epochs, freeze, lr, optimizer, dict(lr_multipliers or {}))]
 
 
@@ -142,13 +136,11 @@ def two_phase(
         ScheduleError: a value out of range, named by its config key, or ``unfreeze_last`` set
             with a ``partial`` or ``joint`` policy, which decides the fine-tuning phase itself.
     """
-    if unfreeze_last is not None and freeze.kind != "frozen":
-        raise ScheduleError(
-            f"schedule.unfreeze_last={unfreeze_last} applies only to schedule=two_phase with "
-            f"freeze=frozen, and freeze is {freeze.kind!r} (its own settings decide what the "
-            "fine-tuning phase trains), so it would be ignored. Remove schedule.unfreeze_last, "
-            "or set freeze.unfreeze_last with freeze=partial."
-        )
+    unused = unused_across_groups(
+        "two_phase", freeze.kind, bn=None, components=None, unfreeze_last=unfreeze_last
+    )
+    if unused:
+        raise ScheduleError(unused)
     if unfreeze_last is None:
         unfreeze_last = 2
     _check_positive("schedule.fine_tune_lr_factor", fine_tune_lr_factor)

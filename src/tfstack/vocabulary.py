@@ -106,3 +106,31 @@ def unused_option(
             f"so it would be ignored. Add {group}={users[0]}, or remove {group}.{key}."
         )
     return None
+
+
+def unused_across_groups(
+    schedule: str, policy: str, *, bn: Any, components: Any, unfreeze_last: Any
+) -> str | None:
+    """The message for an option the schedule and freeze policy together would not use, or None.
+
+    ``freeze.bn`` and ``freeze.components`` with ``freeze=frozen`` matter only for the phases a
+    schedule unfreezes (``single`` has none); ``schedule.unfreeze_last`` matters only when
+    two_phase's policy is ``frozen`` (``partial`` and ``joint`` decide the fine-tuning phase).
+    """
+    if schedule == "single" and policy == "frozen":
+        for key, value in (("bn", bn), ("components", components)):
+            if is_set(value):
+                return (
+                    f"freeze.{key}={_shown(value)} with freeze=frozen applies only to the phases "
+                    "that schedule=two_phase or schedule=gradual unfreezes; schedule=single "
+                    "trains the head only, so it would be ignored. Add schedule=two_phase, use "
+                    f"freeze=partial, or remove freeze.{key}."
+                )
+    if schedule == "two_phase" and policy != "frozen" and is_set(unfreeze_last):
+        return (
+            f"schedule.unfreeze_last={unfreeze_last} applies only to schedule=two_phase with "
+            f"freeze=frozen, and freeze is {policy!r} (its own settings decide what the "
+            "fine-tuning phase trains), so it would be ignored. Remove schedule.unfreeze_last, "
+            "or set freeze.unfreeze_last with freeze=partial."
+        )
+    return None
