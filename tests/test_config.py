@@ -68,6 +68,8 @@ def test_stable_interface_keys_exist():
             "components.base.cut_at=conv2",
             "components.base.trust_code=true",
             "components.head.path=b.keras",
+            # stacking=adapter: sequential would refuse the adapter it cannot use.
+            "stacking=adapter",
             "stacking.adapter=auto",
             "freeze=partial",
             "freeze.unfreeze_last=3",
@@ -220,7 +222,9 @@ def test_keras_names_accepted_without_tensorflow_are_accepted():
     )
     assert config.train.metrics == ["acc", "AUC", "mae"]
     # 0 fine-tuning epochs is a valid value: two_phase then has no fine-tuning phase.
-    assert compose(["schedule.fine_tune_epochs=0"], config_dir=CONF).schedule.fine_tune_epochs == 0
+    # (schedule=two_phase: schedule=single would refuse the option it does not use.)
+    overrides = ["schedule=two_phase", "schedule.fine_tune_epochs=0"]
+    assert compose(overrides, config_dir=CONF).schedule.fine_tune_epochs == 0
 
 
 @pytest.mark.parametrize(

@@ -251,36 +251,36 @@ def test_array_dataset_with_several_inputs_and_a_length_check():
         dataset.with_inputs(x[:9])
 
 
-def test_check_labels_multiclass_names_bad_values_and_head_size():
+def test_check_labels_classification_names_bad_values_and_head_size():
     with pytest.raises(DataError) as err:
-        check_labels(np.array([0, 1, 4, 7, 4]), 4, task="multiclass")
+        check_labels(np.array([0, 1, 4, 7, 4]), 4, task="classification")
     message = str(err.value)
     assert "labels [4, 7] do not fit the head, which has 4 outputs (valid labels 0..3)" in message
     assert "at least 8 outputs" in message
 
 
 def test_check_labels_accepts_valid_labels():
-    assert check_labels(np.array([2, 0, 1, 2]), 3, task="multiclass") == [0, 1, 2]
+    assert check_labels(np.array([2, 0, 1, 2]), 3, task="classification") == [0, 1, 2]
     assert check_labels(np.array([[1.0], [0.0]]), 1, task="binary") == [0, 1]
     assert check_labels(np.array([0.3, 2.5]), 1, task="regression") == []
 
 
 def test_check_labels_refuses_non_integer_labels_and_names_both_fixes():
     with pytest.raises(DataError) as err:
-        check_labels(np.array([0.0, 0.5, 1.0, 0.5]), 3, task="multiclass", key="d.npz y_train")
+        check_labels(np.array([0.0, 0.5, 1.0, 0.5]), 3, task="classification", key="d.npz y_train")
     message = str(err.value)
-    assert message.startswith("d.npz y_train: multiclass labels must be integer class ids")
+    assert message.startswith("d.npz y_train: classification labels must be integer class ids")
     assert "float64 values such as [0.5]" in message
     assert "set train.task=regression" in message
     with pytest.raises(DataError, match=r"one-hot, store np\.argmax"):
-        check_labels(np.eye(3), 3, task="multiclass")
+        check_labels(np.eye(3), 3, task="classification")
 
 
 def test_check_labels_negative_labels_are_never_valid():
     """A label of -1 for a 10-output head: not 'a head with at least 9 outputs'."""
     y = np.array([-1, 0, 3, 8, -1])
     with pytest.raises(DataError) as err:
-        check_labels(y, 10, task="multiclass", key="data.path y_train")
+        check_labels(y, 10, task="classification", key="data.path y_train")
     message = str(err.value)
     assert message.startswith("data.path y_train: labels [-1] are negative")
     assert "a negative label is never valid: labels must be in 0..K-1" in message
@@ -291,7 +291,7 @@ def test_check_labels_negative_labels_are_never_valid():
 
 def test_check_labels_negative_and_too_large_labels_are_both_named():
     with pytest.raises(DataError) as err:
-        check_labels(np.array([-2, -1, 0, 1, 5]), 3, task="multiclass")
+        check_labels(np.array([-2, -1, 0, 1, 5]), 3, task="classification")
     message = str(err.value)
     assert "labels [-2, -1] are negative" in message and "If -2 marks" not in message
     assert "Also, labels [5] do not fit the head, which has 3 outputs" in message
@@ -300,7 +300,7 @@ def test_check_labels_negative_and_too_large_labels_are_both_named():
 
 def test_check_labels_for_a_one_output_head_points_to_binary():
     with pytest.raises(DataError) as err:
-        check_labels(np.array([0, 1, 1]), 1, task="multiclass")
+        check_labels(np.array([0, 1, 1]), 1, task="classification")
     message = str(err.value)
     assert "which has 1 output (valid labels 0..0)" in message
     assert "A head with 1 output is for train.task=binary" in message
@@ -308,13 +308,13 @@ def test_check_labels_for_a_one_output_head_points_to_binary():
 
 def test_check_labels_nan_labels_and_class_names():
     with pytest.raises(DataError) as err:
-        check_labels(np.array([0.0, np.nan, 1.0]), 3, task="multiclass")
-    assert "multiclass labels hold 1 NaN or infinite values, in samples [1]" in str(err.value)
+        check_labels(np.array([0.0, np.nan, 1.0]), 3, task="classification")
+    assert "classification labels hold 1 NaN or infinite values, in samples [1]" in str(err.value)
     with pytest.raises(DataError) as err:
         check_labels(np.array([1.0, np.inf]), 1, task="binary")
     assert "binary labels hold 1 NaN or infinite values" in str(err.value)
     with pytest.raises(DataError) as err:
-        check_labels(np.array(["cat", "dog"]), 2, task="multiclass")
+        check_labels(np.array(["cat", "dog"]), 2, task="classification")
     assert "received dtype <U3" in str(err.value)
     assert "np.searchsorted(names, y)" in str(err.value)
 

@@ -71,7 +71,7 @@ def test_optuna_preset_searches_lr_depth_and_schedule():
     [
         (["stacking=sequential,stackish"], "stacking=stackish is not an option"),
         (["train.epoch=1,2"], "Did you mean train.epochs?"),
-        (["freeze.bn=train,sometimes"], "freeze.bn='sometimes' is not valid"),
+        (["freeze=partial", "freeze.bn=train,sometimes"], "freeze.bn='sometimes' is not valid"),
         (["hparams_search=optuna", "objective.mode=up"], "objective.mode='up' is not valid"),
         (
             ["hparams_search=optuna", "objective.metric=val_auc"],

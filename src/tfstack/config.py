@@ -17,24 +17,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from tfstack import keras_names
 from tfstack.errors import ConfigError
+from tfstack.vocabulary import (
+    BN_MODES,
+    CACHE_MODES,
+    DISTRIBUTE_KINDS,
+    FREEZE_OPTIONS,
+    FREEZE_POLICIES,
+    MERGES,
+    RESUME_MODES,
+    SCHEDULE_OPTIONS,
+    SCHEDULES,
+    STRATEGIES,
+    STRATEGY_OPTIONS,
+    TASKS,
+    unused_across_groups,
+    unused_option,
+)
 
-STRATEGIES = ("sequential", "adapter", "functional")
-FREEZE_POLICIES = ("frozen", "joint", "partial")
-SCHEDULES = ("single", "two_phase", "gradual")
-TASKS = ("classification", "binary", "regression")
-MERGES = ("concatenate", "average")
-BN_MODES = ("freeze", "train")
-CACHE_MODES = ("auto", "off")
-RESUME_MODES = ("auto", "off")
 # Component names become file and artifact names (summary_<name>.txt, shapes/<name>_layers.json):
 # no path separators, no leading dot.
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-DISTRIBUTE_KINDS = ("none", "mirrored", "multi_worker")
+
+# Schema defaults are the YAML defaults of conf/: a field whose value differs between the options
+# of its group (the option names themselves, train.epochs, ...) has no default here and is
+# MISSING ("???"), so conf/ is the one place that sets it (tests/test_config.py checks this).
 
 
 @dataclass
@@ -57,8 +68,8 @@ class ComponentConfig:
 class ComponentsConfig:
     """model_1 (``base``, the feature extractor), model_2 (``head``) and optional extra bases."""
 
-    base: ComponentConfig = field(default_factory=ComponentConfig)
-    head: ComponentConfig = field(default_factory=ComponentConfig)
+    base: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="base"))
+    head: ComponentConfig = field(default_factory=lambda: ComponentConfig(name="head"))
     extra: dict[str, ComponentConfig] = field(default_factory=dict)
 
 
@@ -66,7 +77,7 @@ class ComponentsConfig:
 class DataConfig:
     """A dataset: an ``.npz`` holding x_train, y_train, x_test, y_test."""
 
-    name: str = "digits"
+    name: str = MISSING
     # Mandatory: merging a YAML "???" onto a default would silently keep the default.
     path: str = "???"
     val_fraction: float = 0.2
@@ -74,50 +85,56 @@ class DataConfig:
 
 @dataclass
 class StackingConfig:
-    """How components are put together."""
+    """How components are put together; null options are the strategy's default."""
 
-    strategy: str = "sequential"
-    adapter: Any = None
+    strategy: str = MISSING
+    adapter: Any = MISSING
     intermediate: list[Any] = field(default_factory=list)
-    merge: str = "concatenate"
+    # null: concatenate (stacking=functional only).
+    merge: str | None = None
 
 
 @dataclass
 class FreezeConfig:
     """What trains inside the feature extractors."""
 
-    policy: str = "frozen"
-    unfreeze_last: int | None = None
+    policy: str = MISSING
+    unfreeze_last: int | None = MISSING
     unfreeze_pattern: str | None = None
-    bn: str | None = None
+    bn: str | None = MISSING
     components: list[str] | None = None
 
 
 @dataclass
 class ScheduleConfig:
-    """The fine-tuning schedule preset and its options."""
+    """The fine-tuning schedule preset and its options; null is the preset's default.
 
-    name: str = "single"
+    two_phase uses fine_tune_epochs (null: train.epochs), fine_tune_lr_factor (null: 0.1) and,
+    with freeze=frozen, unfreeze_last (null: 2); gradual uses stages (null: 3), unfreeze_step
+    (null: 1) and lr_decay (null: 0.5). The defaults are those of ``tfstack.schedules``.
+    """
+
+    name: str = MISSING
     fine_tune_epochs: int | None = None
-    fine_tune_lr_factor: float = 0.1
-    unfreeze_last: int = 2
-    stages: int = 3
-    unfreeze_step: int = 1
-    lr_decay: float = 0.5
-    lr_multipliers: dict[str, float] = field(default_factory=dict)
+    fine_tune_lr_factor: float | None = None
+    unfreeze_last: int | None = None
+    stages: int | None = None
+    unfreeze_step: int | None = None
+    lr_decay: float | None = None
+    lr_multipliers: dict[str, float] = MISSING
 
 
 @dataclass
 class TrainConfig:
     """Training: task, loss, metrics, optimizer and loop settings."""
 
-    task: str = "classification"
-    epochs: int = 10
-    batch_size: int = 32
-    lr: float = 1e-3
+    task: str = MISSING
+    epochs: int = MISSING
+    batch_size: int = MISSING
+    lr: float = MISSING
     optimizer: str = "adam"
-    loss: str = "sparse_categorical_crossentropy"
-    metrics: list[str] = field(default_factory=lambda: ["accuracy"])
+    loss: str = MISSING
+    metrics: list[str] = MISSING
     cache_frozen: str = "auto"
     deterministic: bool = True
     verbose: int = 1
@@ -129,18 +146,18 @@ class TrainConfig:
 class TrackingConfig:
     """Where runs are recorded. ``uri: null`` means sqlite at the repository root."""
 
-    enabled: bool = True
-    uri: str | None = None
+    enabled: bool = MISSING
+    uri: str | None = MISSING
     experiment: str = "tfstack"
     run_name: str | None = None
-    log_model: bool = True
+    log_model: bool = MISSING
 
 
 @dataclass
 class DistributeConfig:
     """The TensorFlow distribution strategy training runs under."""
 
-    kind: str = "none"
+    kind: str = MISSING
     cpu_replicas: int = 0
     # Trainable BatchNormalization normalizes over the global batch, not each replica's part.
     sync_batchnorm: bool = True
@@ -391,15 +408,35 @@ def _check_no_ops(config: Config) -> None:
                 f"freeze.unfreeze_pattern={pattern!r} is not a valid regex: {err}. Example: "
                 """'freeze.unfreeze_pattern="conv2|dense"' (quoted for Hydra and the shell)."""
             ) from err
-    if config.freeze.policy != "partial":
-        for key in ("unfreeze_last", "unfreeze_pattern"):
-            value = getattr(config.freeze, key)
-            if value is not None:
-                raise ConfigError(
-                    f"freeze.{key}={value!r} applies only to freeze=partial, and freeze.policy is "
-                    f"{config.freeze.policy!r}, so it would be ignored. Add freeze=partial, or "
-                    f"remove freeze.{key}."
-                )
+    _check_unused_options(config)
+
+
+def _check_unused_options(config: Config) -> None:
+    """Refuse an option that the chosen strategy, policy or preset would not use.
+
+    The same tables and message as the library's builders (``tfstack.vocabulary``), checked here
+    so the run fails before any stage starts.
+    """
+    groups = (
+        ("stacking", config.stacking.strategy, STRATEGY_OPTIONS),
+        ("freeze", config.freeze.policy, FREEZE_OPTIONS),
+        ("schedule", config.schedule.name, SCHEDULE_OPTIONS),
+    )
+    for group, choice, uses in groups:
+        section = getattr(config, group)
+        options = {key: getattr(section, key) for keys in uses.values() for key in keys}
+        unused = unused_option(group, choice, options, uses)
+        if unused:
+            raise ConfigError(unused)
+    unused = unused_across_groups(
+        config.schedule.name,
+        config.freeze.policy,
+        bn=config.freeze.bn,
+        components=config.freeze.components,
+        unfreeze_last=config.schedule.unfreeze_last,
+    )
+    if unused:
+        raise ConfigError(unused)
 
 
 def _check_keras_names(train: TrainConfig) -> None:
@@ -457,7 +494,8 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     _check_choice(config.freeze.policy, FREEZE_POLICIES, "freeze.policy", "freeze")
     _check_choice(config.schedule.name, SCHEDULES, "schedule.name", "schedule")
     _check_choice(config.train.task, TASKS, "train.task")
-    _check_choice(config.stacking.merge, MERGES, "stacking.merge")
+    if config.stacking.merge is not None:
+        _check_choice(config.stacking.merge, MERGES, "stacking.merge")
     _check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
     _check_choice(config.train.resume, RESUME_MODES, "train.resume")
     _check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tfstack.errors import DataError
+from tfstack.vocabulary import TASKS
 
 if TYPE_CHECKING:
     import tensorflow as tf
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 REQUIRED_KEYS = ("x_train", "y_train", "x_test", "y_test")
-TASKS = ("multiclass", "binary", "regression")
 
 # A fixed timestamp and mode for every member, so that the bytes depend on the arrays only.
 # 1980-01-01 is the earliest date the zip format can store.
@@ -360,15 +360,15 @@ def check_labels(
 ) -> list[int]:
     """Check that labels fit a head with ``num_outputs`` outputs, or that targets are numbers.
 
-    For ``task="multiclass"`` the labels must be integers in ``[0, num_outputs)`` (sparse labels
-    for a softmax head). For ``task="binary"`` the head has one output and the labels are 0 or 1.
-    For ``task="regression"`` the targets must be finite numbers. Messages name the fix in the
-    config's words (``train.task=classification`` is ``task="multiclass"`` here).
+    For ``task="classification"`` the labels must be integers in ``[0, num_outputs)`` (sparse
+    labels for a softmax head). For ``task="binary"`` the head has one output and the labels are 0
+    or 1. For ``task="regression"`` the targets must be finite numbers. The tasks are the
+    config's ``train.task`` values (``vocabulary.TASKS``), and messages name fixes in its words.
 
     Args:
         y: Labels, shape ``(n,)`` or ``(n, 1)``; for regression, targets of any shape.
         num_outputs: Size of the head's last output dimension.
-        task: ``"multiclass"``, ``"binary"`` or ``"regression"``.
+        task: ``"classification"``, ``"binary"`` or ``"regression"``.
         key: What the labels are called in messages (e.g. ``data.path=... y_train``).
 
     Returns:
@@ -468,7 +468,7 @@ def _check_binary_labels(labels: list[int], num_outputs: int, key: str) -> None:
 
 
 def _check_multiclass_labels(labels: list[int], num_outputs: int, key: str) -> None:
-    """Multiclass labels are 0..K-1 for a head of K (softmax) outputs."""
+    """Classification labels are 0..K-1 for a head of K (softmax) outputs."""
     negative = [v for v in labels if v < 0]
     too_large = [v for v in labels if v >= num_outputs]
     if not negative and not too_large:

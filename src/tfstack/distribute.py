@@ -32,10 +32,9 @@ import tensorflow as tf
 
 from tfstack import _keras_compat
 from tfstack.errors import ConfigError, TrainingError
+from tfstack.vocabulary import DISTRIBUTE_KINDS as KINDS
 
 logger = logging.getLogger(__name__)
-
-KINDS = ("none", "mirrored", "multi_worker")
 
 _multi_worker: tf.distribute.MultiWorkerMirroredStrategy | None = None
 

@@ -20,11 +20,9 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from tfstack.errors import ConfigError, DataError
+from tfstack.vocabulary import TASKS
 
 logger = logging.getLogger(__name__)
-
-# The tasks `evaluate` knows; the same words as the config's ``train.task``.
-TASKS = ("classification", "binary", "regression")
 
 
 @dataclass(frozen=True)

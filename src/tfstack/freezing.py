@@ -28,11 +28,9 @@ import keras
 
 from tfstack.components import is_opaque
 from tfstack.errors import FreezeError, TfstackError
+from tfstack.vocabulary import BN_MODES, FREEZE_OPTIONS, FREEZE_POLICIES, unused_option
 
 logger = logging.getLogger(__name__)
-
-FREEZE_KINDS = ("frozen", "joint", "partial")
-BN_MODES = ("freeze", "train")
 
 
 @dataclass(frozen=True)
@@ -65,15 +63,24 @@ class FreezePolicy:
     unfreeze_last_setting: str | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if self.kind not in FREEZE_KINDS:
+        if self.kind not in FREEZE_POLICIES:
             raise FreezeError(
                 f"freeze={self.kind!r} is not a freeze policy. "
-                f"Expected one of {list(FREEZE_KINDS)}."
+                f"Expected one of {list(FREEZE_POLICIES)}."
             )
         if self.bn is not None and self.bn not in BN_MODES:
             raise FreezeError(
                 f"freeze.bn={self.bn!r} is not valid. Expected one of {list(BN_MODES)}."
             )
+        options = {
+            "unfreeze_last": self.unfreeze_last,
+            "unfreeze_pattern": self.unfreeze_pattern,
+            "bn": self.bn,
+            "components": self.components,
+        }
+        unused = unused_option("freeze", self.kind, options, FREEZE_OPTIONS)
+        if unused:
+            raise FreezeError(unused)
         if self.kind != "partial":
             return
         if self.unfreeze_last is None and self.unfreeze_pattern is None:

@@ -34,7 +34,6 @@ logger = logging.getLogger(__name__)
 
 DVC_EXPS_DIR = "/.dvc/tmp/exps/"
 CONFIG_ARTIFACT = "config.yaml"
-TASK_TO_LABELS = {"classification": "multiclass", "binary": "binary", "regression": "regression"}
 # How EpochLogger writes per-epoch metrics: gathered into one write per 5 s, since a sqlite write
 # lasts about as long as a demo epoch; synchronous, since once MLflow's asynchronous logging has
 # been used, ending the run waits about 1 s for its logging thread (benchmarks/bench.py, (c)).
@@ -531,7 +530,7 @@ def _check_targets(config: Config, model, splits) -> None:
 
     _check_inputs(config, model, splits)
     outputs = int(model.outputs[0].shape[-1] or 1)
-    task = TASK_TO_LABELS[config.train.task]
+    task = config.train.task
     for name in ("y_train", "y_val", "y_test"):
         check_labels(getattr(splits, name), outputs, task=task, key=f"data.path {name}")
     if task == "regression":

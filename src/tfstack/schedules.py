@@ -28,6 +28,7 @@ import keras
 
 from tfstack.errors import ScheduleError
 from tfstack.freezing import FreezePolicy, get_component
+from tfstack.vocabulary import SCHEDULE_OPTIONS, unused_across_groups, unused_option
 
 logger = logging.getLogger(__name__)
 
@@ -96,9 +97,19 @@ class Phase:
 
 
 def single(
-    *, epochs: int, lr: float, optimizer: str, freeze: FreezePolicy, lr_multipliers=None, **_
+    *, epochs: int, lr: float, optimizer: str, freeze: FreezePolicy, lr_multipliers=None
 ) -> list[Phase]:
-    """One phase with the given freeze policy."""
+    """One phase with the given freeze policy.
+
+    Raises:
+        ScheduleError: ``freeze=frozen`` with ``freeze.bn`` or ``freeze.components`` set: only a
+            schedule that unfreezes later (two_phase, gradual) uses them with a frozen policy.
+    """
+    unused = unused_across_groups(
+        "single", freeze.kind, bn=freeze.bn, components=freeze.components, unfreeze_last=None
+    )
+    if unused:
+        raise ScheduleError(unused)
     return [Phase("train", epochs, freeze, lr, optimizer, dict(lr_multipliers or {}))]
 
 
@@ -110,21 +121,28 @@ def two_phase(
     freeze: FreezePolicy,
     fine_tune_epochs: int | None = None,
     fine_tune_lr_factor: float = 0.1,
-    unfreeze_last: int = 2,
+    unfreeze_last: int | None = None,
     lr_multipliers=None,
-    **_,
 ) -> list[Phase]:
     """Head with the base frozen, then fine-tune the top of the base at a lower rate.
 
     The second phase uses ``freeze`` when it is ``partial`` or ``joint``; with ``frozen`` it
-    unfreezes the last ``unfreeze_last`` layers with weights (BatchNormalization stays frozen) of
-    ``freeze.components`` (all feature extractors when None). ``fine_tune_epochs=None`` gives
-    it ``epochs``; ``0`` means no fine-tuning phase, as ``fit(epochs=0)`` trains nothing: the
-    phase is left out and a warning says so.
+    unfreezes the last ``unfreeze_last`` (None: 2) layers with weights (BatchNormalization stays
+    frozen) of ``freeze.components`` (all feature extractors when None). ``fine_tune_epochs=None``
+    gives it ``epochs``; ``0`` means no fine-tuning phase, as ``fit(epochs=0)`` trains nothing:
+    the phase is left out and a warning says so.
 
     Raises:
-        ScheduleError: a value out of range, named by its config key.
+        ScheduleError: a value out of range, named by its config key, or ``unfreeze_last`` set
+            with a ``partial`` or ``joint`` policy, which decides the fine-tuning phase itself.
     """
+    unused = unused_across_groups(
+        "two_phase", freeze.kind, bn=None, components=None, unfreeze_last=unfreeze_last
+    )
+    if unused:
+        raise ScheduleError(unused)
+    if unfreeze_last is None:
+        unfreeze_last = 2
     _check_positive("schedule.fine_tune_lr_factor", fine_tune_lr_factor)
     if fine_tune_epochs is not None and fine_tune_epochs < 0:
         raise ScheduleError(
@@ -176,7 +194,6 @@ def gradual(
     unfreeze_step: int = 1,
     lr_decay: float = 0.5,
     lr_multipliers=None,
-    **_,
 ) -> list[Phase]:
     """ULMFiT-style gradual unfreezing: the head first, then one more block per phase.
 
@@ -235,27 +252,48 @@ def _check_positive(key: str, value: float) -> None:
         raise ScheduleError(f"{key}={value} must be a positive finite number.")
 
 
+# Keyed by vocabulary.SCHEDULES (tests/test_vocabulary.py checks they agree).
 SCHEDULES = {"single": single, "two_phase": two_phase, "gradual": gradual}
+# The arguments every preset takes; the others are its own options (vocabulary.SCHEDULE_OPTIONS).
+COMMON_ARGUMENTS = ("epochs", "lr", "optimizer", "freeze", "lr_multipliers")
 
 
 def make_schedule(name: str, **kwargs) -> list[Phase]:
     """Build a preset schedule by name.
 
+    An option given as None is the preset's default; an option set for a preset that does not
+    use it (``vocabulary.SCHEDULE_OPTIONS``) is refused, never dropped.
+
     Args:
         name: ``single``, ``two_phase`` or ``gradual``.
-        **kwargs: the preset's arguments (``epochs``, ``lr``, ``optimizer``, ``freeze`` and the
-            preset's own options).
+        **kwargs: the preset's arguments (``epochs``, ``lr``, ``optimizer``, ``freeze``,
+            ``lr_multipliers``) and options of any preset (``fine_tune_epochs``,
+            ``fine_tune_lr_factor``, ``unfreeze_last``, ``stages``, ``unfreeze_step``,
+            ``lr_decay``).
 
     Returns:
         The phases, in order.
 
     Raises:
-        ScheduleError: an unknown schedule name or invalid phase values.
+        ScheduleError: an unknown schedule name or option, an option the preset does not use,
+            or invalid phase values.
     """
     if name not in SCHEDULES:
         raise ScheduleError(
             f"schedule={name!r} is not a schedule. Expected one of {sorted(SCHEDULES)}."
         )
+    known = {*COMMON_ARGUMENTS, *(key for keys in SCHEDULE_OPTIONS.values() for key in keys)}
+    unknown = sorted(set(kwargs) - known)
+    if unknown:
+        raise ScheduleError(
+            f"make_schedule got unknown option(s) {unknown}. Options: {sorted(known)}."
+        )
+    options = {key: value for key, value in kwargs.items() if key not in COMMON_ARGUMENTS}
+    unused = unused_option("schedule", name, options, SCHEDULE_OPTIONS)
+    if unused:
+        raise ScheduleError(unused)
+    # None is "the preset's default": leave it to the preset function's signature.
+    kwargs = {k: v for k, v in kwargs.items() if k in COMMON_ARGUMENTS or v is not None}
     if kwargs.get("epochs", 1) < 1:
         raise ScheduleError(f"train.epochs={kwargs['epochs']} must be at least 1.")
     if "lr" in kwargs:

@@ -30,10 +30,9 @@ from tfstack.adapters import (
 )
 from tfstack.errors import ShapeError
 from tfstack.shapes import TensorSpec, input_specs, output_specs
+from tfstack.vocabulary import MERGES, STRATEGY_OPTIONS, is_set, unused_option
 
 logger = logging.getLogger(__name__)
-
-MERGE_MODES = ("concatenate", "average")
 
 
 @dataclass
@@ -137,19 +136,14 @@ def build_sequential(
     head: keras.Model,
     *,
     name: str = "stacked",
-    adapter=None,
-    **_,
 ) -> StackResult:
     """``keras.Sequential`` of the components; refuses any junction that does not fit.
+
+    It inserts no adapters: ``build_stacked`` refuses ``adapter`` with this strategy.
 
     Raises:
         ShapeError: with the verdict naming both components, both shapes and the fix.
     """
-    if adapter:
-        raise ShapeError(
-            "stacking=sequential inserts no adapters, but stacking.adapter is set. "
-            "Use stacking=adapter to insert them."
-        )
     chain = [*feature_extractors, head]
     _check_unique_names(chain)
     for up, down in zip(chain, chain[1:], strict=False):
@@ -172,7 +166,6 @@ def build_adapter(
     *,
     name: str = "stacked",
     adapter: str | list[dict] | None = "auto",
-    **_,
 ) -> StackResult:
     """The components in sequence, with an adapter wherever a junction does not fit.
 
@@ -213,7 +206,6 @@ def build_functional(
     adapter: str | list[dict] | None = None,
     intermediate: list[dict] | None = None,
     merge: str = "concatenate",
-    **_,
 ) -> StackResult:
     """One shared input, each feature extractor called on it, merged, then the head.
 
@@ -226,10 +218,8 @@ def build_functional(
         intermediate: Keras layer configs placed between the features and the head.
         merge: ``concatenate`` or ``average`` when there are several feature extractors.
     """
-    if merge not in MERGE_MODES:
-        raise ShapeError(
-            f"stacking.merge={merge!r} is not valid. Expected one of {list(MERGE_MODES)}."
-        )
+    if merge not in MERGES:
+        raise ShapeError(f"stacking.merge={merge!r} is not valid. Expected one of {list(MERGES)}.")
     _check_unique_names([*feature_extractors, head])
     in_specs = [_single_spec(input_specs(m), m.name, "input") for m in feature_extractors]
     if any(spec.shape[1:] != in_specs[0].shape[1:] for spec in in_specs):
@@ -280,6 +270,7 @@ def build_functional(
     )
 
 
+# Keyed by vocabulary.STRATEGIES (tests/test_vocabulary.py checks they agree).
 STRATEGIES = {
     "sequential": build_sequential,
     "adapter": build_adapter,
@@ -291,31 +282,48 @@ def build_stacked(
     strategy: str,
     feature_extractors: Sequence[keras.Model] | keras.Model,
     head: keras.Model,
-    **options,
+    *,
+    name: str = "stacked",
+    adapter: str | list[dict] | None = None,
+    intermediate: list[dict] | None = None,
+    merge: str | None = None,
 ) -> StackResult:
     """Build a stacked model by strategy name.
+
+    An option left at None (or ``[]``) is the strategy's default; an option set for a strategy
+    that does not use it (``vocabulary.STRATEGY_OPTIONS``) is refused, never dropped.
 
     Args:
         strategy: ``sequential``, ``adapter`` or ``functional``.
         feature_extractors: one model or a list of models (model_1, ...).
         head: the head (model_2).
-        **options: the strategy's options (``name``, ``adapter``, ``intermediate``, ``merge``).
+        name: the stacked model's name.
+        adapter: ``auto`` or a list of Keras layer configs (``adapter``, ``functional``).
+        intermediate: Keras layer configs before the head (``functional``).
+        merge: ``concatenate`` (its default) or ``average`` (``functional``).
 
     Returns:
         The StackResult.
 
     Raises:
-        ShapeError: an unknown strategy, or components that do not fit.
+        ShapeError: an unknown strategy, an option the strategy does not use, or components
+            that do not fit.
     """
     if strategy not in STRATEGIES:
         raise ShapeError(
             f"stacking={strategy!r} is not a strategy. Expected one of {sorted(STRATEGIES)}."
         )
+    options = {"adapter": adapter, "intermediate": intermediate, "merge": merge}
+    unused = unused_option("stacking", strategy, options, STRATEGY_OPTIONS)
+    if unused:
+        raise ShapeError(unused)
     if isinstance(feature_extractors, keras.Model):
         feature_extractors = [feature_extractors]
     if not feature_extractors:
         raise ShapeError("Stacking needs at least one feature extractor before the head.")
-    result = STRATEGIES[strategy](list(feature_extractors), head, **options)
+    # Only the options that are set: an unset one takes the builder's own default.
+    chosen = {key: value for key, value in options.items() if is_set(value)}
+    result = STRATEGIES[strategy](list(feature_extractors), head, name=name, **chosen)
     logger.info(
         "Built %s model %r: %s -> %s",
         strategy,

@@ -1,0 +1,136 @@
+"""The config vocabulary: every choice list of tfstack, defined once.
+
+The config schema (``config.py``, which must not import TensorFlow) and the library registries
+(``stacking.STRATEGIES``, ``schedules.SCHEDULES``, ``freezing.FreezePolicy``,
+``distribute.KINDS``, ``data.check_labels``) both use these names, and a unit test checks that
+each registry's keys equal its list here, so they cannot drift apart.
+
+The ``*_OPTIONS`` tables say which options of a group each choice uses. A builder, preset or
+policy refuses an option that is set but unused (`unused_option`), so a value is never silently
+dropped: ``stacking=adapter stacking.intermediate=[...]`` fails, naming the key.
+
+This module imports neither TensorFlow nor MLflow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+STRATEGIES = ("sequential", "adapter", "functional")
+"""Stacking strategies (``stacking=NAME``, ``stacking.strategy``)."""
+
+MERGES = ("concatenate", "average")
+"""How ``stacking=functional`` merges several feature extractors (``stacking.merge``)."""
+
+FREEZE_POLICIES = ("frozen", "joint", "partial")
+"""Freeze policies (``freeze=NAME``, ``freeze.policy``)."""
+
+BN_MODES = ("freeze", "train")
+"""BatchNormalization modes of the feature extractors (``freeze.bn``; null: the policy's)."""
+
+SCHEDULES = ("single", "two_phase", "gradual")
+"""Fine-tuning schedule presets (``schedule=NAME``, ``schedule.name``)."""
+
+TASKS = ("classification", "binary", "regression")
+"""Learning tasks (``train.task``): softmax classes 0..K-1, one sigmoid output, numbers."""
+
+DISTRIBUTE_KINDS = ("none", "mirrored", "multi_worker")
+"""TensorFlow distribution strategies (``distribute=NAME``, ``distribute.kind``)."""
+
+CACHE_MODES = ("auto", "off")
+"""Frozen-feature caching (``train.cache_frozen``)."""
+
+RESUME_MODES = ("auto", "off")
+"""Per-epoch checkpoints and resuming a killed run (``train.resume``)."""
+
+STRATEGY_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "sequential": (),
+    "adapter": ("adapter",),
+    "functional": ("adapter", "intermediate", "merge"),
+}
+"""The ``stacking.*`` options each strategy uses (``name`` aside)."""
+
+SCHEDULE_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "single": (),
+    "two_phase": ("fine_tune_epochs", "fine_tune_lr_factor", "unfreeze_last"),
+    "gradual": ("stages", "unfreeze_step", "lr_decay"),
+}
+"""The ``schedule.*`` options each preset uses besides ``lr_multipliers`` (which all use)."""
+
+FREEZE_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    # bn and components matter under frozen when a schedule unfreezes later (two_phase,
+    # gradual); schedules.single refuses them with frozen.
+    "frozen": ("bn", "components"),
+    "joint": ("bn",),
+    "partial": ("unfreeze_last", "unfreeze_pattern", "bn", "components"),
+}
+"""The ``freeze.*`` options each policy uses."""
+
+
+def is_set(value: Any) -> bool:
+    """Whether an option holds a value, rather than its "unset" null, ``[]`` or ``{}``."""
+    return value is not None and not (isinstance(value, list | tuple | dict) and not value)
+
+
+def _shown(value: Any) -> str:
+    """The value as in a Hydra override; long lists of layer configs shortened to ``[...]``."""
+    if isinstance(value, list | tuple):
+        text = "[" + ", ".join(map(str, value)) + "]"
+        return text if len(text) <= 40 else "[...]"
+    return repr(value)
+
+
+def unused_option(
+    group: str, choice: str, options: Mapping[str, Any], uses: Mapping[str, tuple[str, ...]]
+) -> str | None:
+    """The message for the first set option that ``choice`` does not use, or None.
+
+    Args:
+        group: the config group, e.g. ``stacking``.
+        choice: the chosen strategy, preset or policy, e.g. ``adapter``.
+        options: option name (without the group) -> value, as the user set it.
+        uses: a ``*_OPTIONS`` table of this module.
+
+    Returns:
+        ``stacking.intermediate=[...] applies only to stacking=functional, and stacking is
+        'adapter', so it would be ignored. ...``, or None when every set option is used.
+    """
+    for key, value in options.items():
+        if not is_set(value) or key in uses[choice]:
+            continue
+        users = [name for name, used in uses.items() if key in used]
+        only = " or ".join(f"{group}={name}" for name in users)
+        return (
+            f"{group}.{key}={_shown(value)} applies only to {only}, and {group} is {choice!r}, "
+            f"so it would be ignored. Add {group}={users[0]}, or remove {group}.{key}."
+        )
+    return None
+
+
+def unused_across_groups(
+    schedule: str, policy: str, *, bn: Any, components: Any, unfreeze_last: Any
+) -> str | None:
+    """The message for an option the schedule and freeze policy together would not use, or None.
+
+    ``freeze.bn`` and ``freeze.components`` with ``freeze=frozen`` matter only for the phases a
+    schedule unfreezes (``single`` has none); ``schedule.unfreeze_last`` matters only when
+    two_phase's policy is ``frozen`` (``partial`` and ``joint`` decide the fine-tuning phase).
+    """
+    if schedule == "single" and policy == "frozen":
+        for key, value in (("bn", bn), ("components", components)):
+            if is_set(value):
+                return (
+                    f"freeze.{key}={_shown(value)} with freeze=frozen applies only to the phases "
+                    "that schedule=two_phase or schedule=gradual unfreezes; schedule=single "
+                    "trains the head only, so it would be ignored. Add schedule=two_phase, use "
+                    f"freeze=partial, or remove freeze.{key}."
+                )
+    if schedule == "two_phase" and policy != "frozen" and is_set(unfreeze_last):
+        return (
+            f"schedule.unfreeze_last={unfreeze_last} applies only to schedule=two_phase with "
+            f"freeze=frozen, and freeze is {policy!r} (its own settings decide what the "
+            "fine-tuning phase trains), so it would be ignored. Remove schedule.unfreeze_last, "
+            "or set freeze.unfreeze_last with freeze=partial."
+        )
+    return None
