@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from tfstack import tracking
 from tfstack.data import ArrayDataset
 from tfstack.freezing import FreezePolicy
+from tfstack.frozen_features import split_frozen
 from tfstack.schedules import Phase, make_schedule
 from tfstack.stacking import build_stacked
-from tfstack.training import fit_phase, run_schedule, split_frozen
+from tfstack.training import fit_phase, run_schedule
 
 LOSS = "sparse_categorical_crossentropy"
 WEIGHT_TOLERANCE = 1e-6
@@ -97,17 +98,6 @@ class _EpochLogs(keras.callbacks.Callback):
         self.rows.append((epoch, {**{k: float(v) for k, v in logs.items()}, "lr": lr}))
 
 
-class _SetEpoch(keras.callbacks.Callback):
-    """Sets an epoch-seeded dataset's epoch, as the pipeline's checkpointing loop does."""
-
-    def __init__(self, dataset):
-        super().__init__()
-        self.dataset = dataset
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.dataset.set_epoch(epoch)
-
-
 def _datasets(n=48, n_val=16, batch_size=16, epoch_seeded=False):
     x, y = make_data(n)
     x_val, y_val = make_data(n_val, seed=1)
@@ -123,8 +113,6 @@ def _train(case, phases, *, cache, callbacks=(), extractors=None, epoch_seeded=F
     keras.utils.set_random_seed(0)
     stack = build()
     train_ds, val_ds = _datasets(epoch_seeded=epoch_seeded)
-    if epoch_seeded:
-        callbacks = [_SetEpoch(train_ds), *callbacks]
     logs = _EpochLogs()
     results = run_schedule(
         stack.model,
