@@ -286,8 +286,9 @@ class Workload:
     def tfstack(self, policy: str, epochs: int, *, cache: bool, callbacks=()):
         """tfstack's fit path: ArrayDataset, freeze policy, fresh optimizer, fit_phase.
 
-        The training data is epoch-seeded, as in the pipeline (``pipeline.train``); the
-        pipeline's per-epoch checkpoints and tracking are not included (see (c) and (d)).
+        The training data is epoch-seeded, as in the pipeline (``pipeline.train``; `fit_phase`
+        sets each epoch's order); the pipeline's per-epoch checkpoints and tracking are not
+        included (see (c) and (d)).
         """
         from tfstack.data import ArrayDataset
         from tfstack.freezing import FreezePolicy
@@ -301,7 +302,7 @@ class Workload:
         )
         val = ArrayDataset(self.x_val, self.y_val, batch_size=batch, shuffle=False, seed=0)
         phase = Phase("train", epochs, FreezePolicy(policy), self.lr)
-        made = [set_epoch_callback(train), *(callbacks() if callable(callbacks) else callbacks)]
+        made = list(callbacks() if callable(callbacks) else callbacks)
 
         def run():
             result = fit_phase(
@@ -347,17 +348,6 @@ class Workload:
 
         keras.utils.set_random_seed(SEED)
         return self.build()
-
-
-def set_epoch_callback(dataset):
-    """What the pipeline's training loop does for epoch-seeded data (checkpoints.EpochOrder)."""
-    import keras
-
-    class SetEpoch(keras.callbacks.Callback):
-        def on_epoch_begin(self, epoch, logs=None):
-            dataset.set_epoch(epoch)
-
-    return SetEpoch()
 
 
 def demo_workload(project: Path) -> Workload:

@@ -7,7 +7,7 @@ Sections:
       keras.callbacks.TerminateOnNaN does), after every batch on Keras's callback thread
       (``async_safe``, what tfstack's StopOnNonFiniteLoss does); joint training of the demo's
       stacked model on the source task (1,300 images, batch 16: 80 steps per epoch);
-  (b) the per-epoch checkpoint (tfstack.checkpoints.EpochCheckpoint): time per write and as a
+  (b) the per-epoch checkpoint (tfstack.training.EpochCheckpoint): time per write and as a
       share of the epoch, for the demo model and a MobileNetV2 base (weights=None, 96x96);
   (c) how long ``tfstack run tracking.uri=http://127.0.0.1:9`` (nothing listening) takes to fail.
 
@@ -103,6 +103,7 @@ def bench_checkpoint(repeats: int) -> None:
     import numpy as np
 
     from tfstack import checkpoints
+    from tfstack.training import EpochCheckpoint
 
     def mobilenet():
         base = keras.applications.MobileNetV2(
@@ -118,7 +119,7 @@ def bench_checkpoint(repeats: int) -> None:
         model.optimizer.build(model.trainable_variables)
         with tempfile.TemporaryDirectory() as tmp:
             state = checkpoints.TrainingState(key="bench", run_id=None, total_epochs=repeats)
-            callback = checkpoints.EpochCheckpoint(
+            callback = EpochCheckpoint(
                 Path(tmp), model, state, phase_index=0, phase_record={"history": {}}
             )
             callback.set_model(model)

@@ -92,15 +92,13 @@ TARGETS = {
         "write_raw_digits": "data",
         "pretrain_components": "training",
     },
-    "tfstack.training": {"run_schedule": "training"},
-    # The pipeline's training loop (a checkpoint after every epoch), when it has one.
-    "tfstack.checkpoints": {
-        "run_phases": "training",
+    # The pipeline's training loop, with a checkpoint after every epoch when it has one.
+    "tfstack.training": {
+        "run_schedule": "training",
         "EpochCheckpoint.on_epoch_end": "checkpoint",
         "EpochCheckpoint.on_train_begin": "checkpoint",
-        "write_state": "checkpoint",
-        "remove": "checkpoint",
     },
+    "tfstack.checkpoints": {"write_state": "checkpoint", "remove": "checkpoint"},
     "tfstack.pipeline": {
         "build": "model_io",
         "load_model": "model_io",

@@ -315,14 +315,13 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary_file(tmp_path)
 def test_checkpoints_hold_numbers_only(tmp_path):
     """A checkpoint loads with pickles refused, and its state is plain JSON."""
     from tfstack import checkpoints
+    from tfstack.training import EpochCheckpoint
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(keras.optimizers.Adam(), "mse")
     model.optimizer.build(model.trainable_variables)
     state = checkpoints.TrainingState(key="k", run_id=None, total_epochs=2)
-    callback = checkpoints.EpochCheckpoint(
-        tmp_path, model, state, phase_index=0, phase_record={"history": {}}
-    )
+    callback = EpochCheckpoint(tmp_path, model, state, phase_index=0, phase_record={"history": {}})
     callback.set_model(model)
     callback.on_train_begin()
     callback.on_epoch_end(0, {"loss": 0.5})
@@ -381,7 +380,6 @@ def test_gpu_ops_without_deterministic_kernels_are_reported_too(error, op):
 
 def test_a_phase_record_in_a_checkpoint_reads_back_as_the_same_result():
     """What a resumed run reports for phases finished before the kill (phases.json, MLflow)."""
-    from tfstack.checkpoints import _result_from_record
     from tfstack.freezing import ParamCounts
     from tfstack.training import PhaseResult
 
@@ -399,4 +397,4 @@ def test_a_phase_record_in_a_checkpoint_reads_back_as_the_same_result():
         cache_note="cached the outputs of base (None, 8)",
         inference_mode=["base"],
     )
-    assert _result_from_record(json.loads(json.dumps(result.to_dict()))) == result
+    assert PhaseResult.from_dict(json.loads(json.dumps(result.to_dict()))) == result

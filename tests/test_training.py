@@ -17,9 +17,10 @@ from mlflow import MlflowClient
 from tfstack import tracking
 from tfstack.data import ArrayDataset
 from tfstack.freezing import FreezePolicy
+from tfstack.frozen_features import split_frozen
 from tfstack.schedules import Phase, make_schedule
 from tfstack.stacking import build_stacked
-from tfstack.training import fit_phase, run_schedule, split_frozen
+from tfstack.training import fit_phase, run_schedule
 
 LOSS = "sparse_categorical_crossentropy"
 WEIGHT_TOLERANCE = 1e-6
@@ -97,17 +98,6 @@ class _EpochLogs(keras.callbacks.Callback):
         self.rows.append((epoch, {**{k: float(v) for k, v in logs.items()}, "lr": lr}))
 
 
-class _SetEpoch(keras.callbacks.Callback):
-    """Sets an epoch-seeded dataset's epoch, as the pipeline's checkpointing loop does."""
-
-    def __init__(self, dataset):
-        super().__init__()
-        self.dataset = dataset
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.dataset.set_epoch(epoch)
-
-
 def _datasets(n=48, n_val=16, batch_size=16, epoch_seeded=False):
     x, y = make_data(n)
     x_val, y_val = make_data(n_val, seed=1)
@@ -123,8 +113,6 @@ def _train(case, phases, *, cache, callbacks=(), extractors=None, epoch_seeded=F
     keras.utils.set_random_seed(0)
     stack = build()
     train_ds, val_ds = _datasets(epoch_seeded=epoch_seeded)
-    if epoch_seeded:
-        callbacks = [_SetEpoch(train_ds), *callbacks]
     logs = _EpochLogs()
     results = run_schedule(
         stack.model,
@@ -419,3 +407,114 @@ def test_the_saved_model_after_a_cached_phase_is_the_full_stacked_model(tmp_path
     assert int(reloaded.optimizer.iterations) == 3 * 3  # 3 epochs of 48 / 16 batches
     scores = reloaded.evaluate(x, y, verbose=0, return_dict=True)
     assert set(scores) == {"loss", "accuracy"}
+
+
+class _RecordingDataset(ArrayDataset):
+    """An epoch-seeded ArrayDataset that notes which samples each batch it serves holds.
+
+    Samples are identified by their first pixel (normal draws: distinct). The note is taken as
+    the batch is read, so it is the order the training loop really consumed.
+    """
+
+    def __init__(self, x, y):
+        super().__init__(x, y, batch_size=16, shuffle=True, seed=7, epoch_seeded=True)
+        self.index = {float(v): i for i, v in enumerate(x[:, 0, 0, 0])}
+        self.served: list[int] = []
+        self._recorded = None
+
+    def _note(self, first_pixels):
+        self.served += [self.index[float(v)] for v in first_pixels.numpy()]
+        return first_pixels
+
+    def batches(self):
+        if self._recorded is None:
+
+            def note(x, y):
+                seen = tf.py_function(self._note, [x[:, 0, 0, 0]], Tout=x.dtype)
+                with tf.control_dependencies([seen]):
+                    return tf.identity(x), y
+
+            self._recorded = super().batches().map(note)
+        return self._recorded
+
+    def epochs(self) -> list[list[int]]:
+        n = len(self.x)
+        assert len(self.served) % n == 0, len(self.served)
+        return [self.served[i : i + n] for i in range(0, len(self.served), n)]
+
+
+class _Killed(Exception):
+    """Stands for the process dying after an epoch was checkpointed."""
+
+
+class _KillAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise _Killed
+
+
+def _checkpointed_schedule(directory, *, resume_from=None, kill_after=None):
+    """The two-phase schedule (2 + 2 epochs) on the sequential case, checkpointing into
+    ``directory``; returns the model, the results and the dataset's per-epoch orders."""
+    keras.utils.set_random_seed(0)
+    stack = CASES["sequential"][0]()
+    x, y = make_data(48)
+    train_ds = _RecordingDataset(x, y)
+    _, val_ds = _datasets()
+    phases = make_schedule(
+        "two_phase", epochs=2, lr=0.01, optimizer="adam", freeze=FreezePolicy("frozen")
+    )
+    results = None
+    try:
+        results = run_schedule(
+            stack.model,
+            phases,
+            train_ds,
+            val_ds,
+            loss=LOSS,
+            metrics=["accuracy"],
+            feature_extractors=["base"],
+            callbacks=[] if kill_after is None else [_KillAfter(kill_after)],
+            verbose=0,
+            checkpoint_dir=directory,
+            resume_from=resume_from,
+            checkpoint_key="key",
+            run_id="run-1",
+        )
+    except _Killed:
+        pass
+    return stack.model, results, train_ds.epochs()
+
+
+def test_the_loop_orders_epochs_by_seed_and_epoch_so_a_resumed_run_is_the_uninterrupted_one(
+    tmp_path,
+):
+    from tfstack import checkpoints
+
+    whole, whole_results, whole_orders = _checkpointed_schedule(tmp_path / "whole")
+    assert len(whole_orders) == 4
+    assert all(sorted(order) == list(range(48)) for order in whole_orders)
+    assert len({tuple(order) for order in whole_orders}) == 4  # a new order every epoch
+
+    # Killed after epoch 2 (the first of the fine-tuning phase), once it was checkpointed.
+    directory = tmp_path / "killed"
+    _, _, killed_orders = _checkpointed_schedule(directory, kill_after=2)
+    state = checkpoints.read_state(directory)
+    assert state.epochs_done == 3 and (state.key, state.run_id) == ("key", "run-1")
+    assert killed_orders == whole_orders[:3]
+
+    resumed, results, resumed_orders = _checkpointed_schedule(directory, resume_from=state)
+    assert resumed_orders == [whole_orders[3]]  # epoch 3's order, as in the uninterrupted run
+    for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)  # bit for bit
+    assert int(resumed.optimizer.iterations) == int(whole.optimizer.iterations) == 2 * 3
+    assert [(r.name, r.initial_epoch, r.epochs) for r in results] == [
+        ("head", 0, 2),
+        ("fine_tune", 2, 2),
+    ]
+    assert [r.history for r in results] == [r.history for r in whole_results]
+    assert checkpoints.read_state(directory).epochs_done == 4

@@ -1,6 +1,6 @@
-"""Per-epoch training checkpoints: a killed run resumes from its last completed epoch.
+"""The per-epoch training checkpoint's format: a killed run resumes from its last completed epoch.
 
-After every epoch, `EpochCheckpoint` writes into the checkpoint directory
+`tfstack.training.run_schedule` writes, after every epoch, into its ``checkpoint_dir``
 (``<output_dir>/train/checkpoint/`` in the pipeline):
 
 - ``weights-a.npz`` / ``weights-b.npz``: every variable of the stacked model (weights,
@@ -15,27 +15,22 @@ After every epoch, `EpochCheckpoint` writes into the checkpoint directory
   fsync'ed (that cost more than the demo's epochs): a killed process loses nothing, an operating
   system crash may lose the last epochs' checkpoint, and a damaged one is refused by name.
 
-`run_phases` runs a schedule from such a state: it restores the variables, skips the finished
-phases, restores the optimizer when the checkpoint falls inside a phase, and fits the rest of
-that phase from the next epoch. For the continuation to be the uninterrupted run's, the training
-data must be an `ArrayDataset` with ``epoch_seeded=True``: each epoch's order then depends on
-``(seed, epoch)`` only (`EpochOrder` sets the epoch), not on how many epochs this process ran.
-
-This module takes values (a key, a run id, a directory); the pipeline decides what they are.
+This module is the format only (`TrainingState`, `write_checkpoint`, `read_state`,
+`restore_model`, `RestoreOptimizer`); what goes into the state after each epoch and how a
+schedule resumes from it is the loop's (`tfstack.training`). It takes values (a key, a run id,
+a directory); the pipeline decides what they are.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import logging
 import os
 import shutil
 import tempfile
-import time
 import zipfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -43,22 +38,13 @@ from typing import Any
 import keras
 import numpy as np
 
-from tfstack.data import ArrayDataset
 from tfstack.errors import OutputError, TrainingError
-from tfstack.freezing import ParamCounts, count_params
-from tfstack.schedules import Phase
-from tfstack.training import PhaseResult, fit_phase
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.json"
 WEIGHT_SLOTS = ("weights-a.npz", "weights-b.npz")
 FORMAT = 1
-
-try:  # POSIX only; elsewhere two processes sharing an output directory are not detected
-    import fcntl
-except ImportError:  # pragma: no cover
-    fcntl = None
 
 
 @dataclass
@@ -175,51 +161,6 @@ def remove(directory: Path) -> None:
     shutil.rmtree(directory, ignore_errors=True)
 
 
-@contextlib.contextmanager
-def exclusive(directory: Path, what: str = "output_dir") -> Iterator[None]:
-    """Hold an exclusive lock on ``directory`` for a block; refuse when another process has it.
-
-    Two processes writing one output directory would overwrite each other's models and
-    checkpoints. The lock is a ``flock`` on ``<directory>/.tfstack-lock``, released by the
-    kernel when the process dies, so a killed run never leaves it behind.
-
-    Raises:
-        OutputError: another process holds the lock, or the directory cannot be written.
-    """
-    if fcntl is None:  # pragma: no cover
-        yield
-        return
-    lock_path = Path(directory) / ".tfstack-lock"
-    try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
-        lock_file = open(lock_path, "a+")  # noqa: SIM115 (held for the whole block)
-    except OSError as err:
-        raise OutputError(
-            f"{what}={directory} cannot be written ({err}). Choose a directory you can write."
-        ) from err
-    with lock_file:
-        try:
-            fcntl.flock(lock_file, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            lock_file.seek(0)
-            holder = lock_file.read().strip() or "another process"
-            raise OutputError(
-                f"{what}={directory} is in use by {holder}. Wait for it to finish, or give this "
-                f"run its own {what}=... ."
-            ) from err
-        lock_file.seek(0)
-        lock_file.truncate()
-        lock_file.write(f"tfstack process {os.getpid()}\n")
-        lock_file.flush()
-        try:
-            yield
-        finally:
-            with contextlib.suppress(OSError):
-                lock_file.seek(0)
-                lock_file.truncate()
-            fcntl.flock(lock_file, fcntl.LOCK_UN)
-
-
 # ---------------------------------------------------------------------------------------------
 # Variables
 # ---------------------------------------------------------------------------------------------
@@ -267,11 +208,28 @@ def _arrays(state: TrainingState, directory: Path, prefix: str) -> list[np.ndarr
         raise TrainingError(_unreadable(path, f"{type(err).__name__}: {err}")) from err
 
 
-class _RestoreOptimizer(keras.callbacks.Callback):
-    """At the start of a resumed phase, load the optimizer state the checkpoint saved."""
+class RestoreOptimizer(keras.callbacks.Callback):
+    """At the start of a resumed phase, load the optimizer state the checkpoint saved.
 
-    def __init__(self, stacked: keras.Model, state: TrainingState, directory: Path):
+    A callback, not a function: the phase's fresh optimizer exists only once the phase has
+    compiled, and is built (its variables created) here, as Keras would at the first step.
+
+    Args:
+        stacked: the stacked model, whose optimizer the phase trains with.
+        state: the checkpoint's state.
+        directory: the checkpoint directory.
+        phase_index: the phase being resumed.
+
+    Raises:
+        TrainingError: the saved optimizer state belongs to another phase, or does not fit.
+    """
+
+    def __init__(
+        self, stacked: keras.Model, state: TrainingState, directory: Path, *, phase_index: int
+    ):
         super().__init__()
+        if state.optimizer_phase != phase_index:
+            raise TrainingError(_unreadable(Path(directory) / STATE_FILE, "phases disagree"))
         self.stacked = stacked
         self.state = state
         self.directory = directory
@@ -289,255 +247,65 @@ class _RestoreOptimizer(keras.callbacks.Callback):
             variable.assign(value)
 
 
+def check_schedule(state: TrainingState, directory: Path, total_epochs: int) -> None:
+    """Refuse a checkpoint made for a schedule of another length.
+
+    Raises:
+        TrainingError: ``state`` was made for another number of epochs.
+    """
+    if state.total_epochs != total_epochs:
+        raise TrainingError(
+            f"The training checkpoint in {directory} was made for {state.total_epochs} epochs; "
+            f"the schedule now has {total_epochs}. Delete {directory} or set train.resume=off."
+        )
+
+
 # ---------------------------------------------------------------------------------------------
-# Callbacks
+# Writing
 # ---------------------------------------------------------------------------------------------
 
-
-class EpochOrder(keras.callbacks.Callback):
-    """Tell an epoch-seeded `ArrayDataset` which epoch starts, so its order is that epoch's."""
-
-    def __init__(self, dataset: ArrayDataset):
-        super().__init__()
-        self.dataset = dataset
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.dataset.set_epoch(epoch)
+# [path, shape, dtype] of the model's and of the optimizer's variables.
+Layout = tuple[list[list[Any]], list[list[Any]]]
 
 
-def _current_lr(optimizer) -> float | None:
-    try:
-        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    except Exception:  # exotic optimizers or schedules: the logger skips lr too
-        return None
+def write_checkpoint(
+    directory: Path, state: TrainingState, model: keras.Model, *, layout: Layout | None = None
+) -> Layout:
+    """Write the variables of ``model`` and its optimizer, then commit ``state``.
 
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, write the variables and the state (see the module docstring).
-
-    Put it before any callback that logs the epoch elsewhere: an epoch is logged only once it is
-    checkpointed, so a resumed run never logs an epoch twice (gaps are filled from
-    ``state.epoch_rows`` instead).
+    The arrays go to the weights slot ``state.json`` does not name; replacing ``state.json``
+    then makes them current (see the module docstring).
 
     Args:
         directory: the checkpoint directory.
-        stacked: the stacked model (whose variables and optimizer are saved, whichever model the
-            phase fits: a cached phase fits a part that shares them).
-        state: the state to update and write; shared by the phases of one schedule.
-        phase_index: the phase's position in the schedule.
-        phase_record: the phase's record in ``state.phases`` (its history grows per epoch).
+        state: the state to record (its ``weights_file`` and variable lists are updated).
+        model: the stacked model, compiled (its optimizer built).
+        layout: what this function returned for the same variables before (they do not change
+            within a phase), to skip describing them again; None describes them.
+
+    Returns:
+        The variables' layout, to pass back for the next epoch of the same phase.
+
+    Raises:
+        OutputError: a file cannot be written.
     """
-
-    def __init__(
-        self,
-        directory: Path,
-        stacked: keras.Model,
-        state: TrainingState,
-        *,
-        phase_index: int,
-        phase_record: dict[str, Any],
-    ):
-        super().__init__()
-        self.directory = Path(directory)
-        self.stacked = stacked
-        self.state = state
-        self.phase_index = phase_index
-        self.record = phase_record
-        self.seconds_before = float(phase_record.get("seconds", 0.0))
-        self.started = time.perf_counter()
-        self.write_seconds: list[float] = []
-        self.described: tuple[list, list] | None = None
-
-    def on_train_begin(self, logs=None):
-        self.started = time.perf_counter()
-        # What the phase's result will say, in case the process dies after its last epoch's
-        # checkpoint but before the result is recorded (the cache note is not known here).
-        self.record["counts"] = count_params(self.stacked).to_dict()
-        self.described = None  # the optimizer is built by the first step, not yet
-        self.record.setdefault("cached", self.model is not self.stacked)
-        self.record.setdefault("cache_note", "")
-
-    def on_epoch_end(self, epoch, logs=None):
-        start = time.perf_counter()
-        logs = dict(logs or {})
-        history = self.record.setdefault("history", {})
-        metrics: dict[str, float] = {}
-        for key, value in logs.items():
-            try:
-                number = float(np.asarray(value).item())
-            except (TypeError, ValueError):
-                continue
-            history.setdefault(key, []).append(number)
-            metrics[str(key)] = number
-        lr = _current_lr(self.stacked.optimizer)
-        if lr is not None:
-            metrics["lr"] = lr
-        metrics["phase_index"] = float(self.phase_index)
-        self.record["seconds"] = self.seconds_before + (start - self.started)
-        state = self.state
-        state.epoch_rows.append({"epoch": int(epoch), "metrics": metrics})
-        state.epochs_done = int(epoch) + 1
-        state.optimizer_phase = self.phase_index
-        self._write()
-        self.write_seconds.append(time.perf_counter() - start)
-
-    def _write(self) -> None:
-        state = self.state
-        model_variables = self.stacked.variables
-        optimizer_variables = self.stacked.optimizer.variables
-        arrays = {f"model_{i:05d}": np.asarray(v) for i, v in enumerate(model_variables)}
-        arrays.update(
-            {f"optimizer_{i:05d}": np.asarray(v) for i, v in enumerate(optimizer_variables)}
-        )
-        # Two slots: write the one state.json does not name, then commit by replacing
-        # state.json. No unlink or fsync per epoch (each cost ~3 ms on the demo's disk).
-        slot = WEIGHT_SLOTS[1] if state.weights_file == WEIGHT_SLOTS[0] else WEIGHT_SLOTS[0]
-        _write_in_place(self.directory / slot, lambda f: np.savez(f, **arrays))
-        state.weights_file = slot
-        if self.described is None:  # the same variables for the whole phase
-            self.described = (_describe(model_variables), _describe(optimizer_variables))
-        state.variables, state.optimizer_variables = self.described
-        write_state(self.directory, state)
+    directory = Path(directory)
+    model_variables = model.variables
+    optimizer_variables = model.optimizer.variables
+    arrays = {f"model_{i:05d}": np.asarray(v) for i, v in enumerate(model_variables)}
+    arrays.update({f"optimizer_{i:05d}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
+    # Two slots: write the one state.json does not name, then commit by replacing state.json.
+    # No unlink or fsync per epoch (each cost ~3 ms on the demo's disk).
+    slot = WEIGHT_SLOTS[1] if state.weights_file == WEIGHT_SLOTS[0] else WEIGHT_SLOTS[0]
+    _write_in_place(directory / slot, lambda f: np.savez(f, **arrays))
+    state.weights_file = slot
+    if layout is None:
+        layout = (_describe(model_variables), _describe(optimizer_variables))
+    state.variables, state.optimizer_variables = layout
+    write_state(directory, state)
+    return layout
 
 
 def write_state(directory: Path, state: TrainingState) -> None:
     """Replace ``state.json`` atomically (the checkpoint's commit point)."""
     _write_replacing(Path(directory) / STATE_FILE, lambda f: f.write(state.to_json().encode()))
-
-
-# ---------------------------------------------------------------------------------------------
-# Running a schedule from a checkpoint
-# ---------------------------------------------------------------------------------------------
-
-
-def _result_from_record(record: dict[str, Any]) -> PhaseResult:
-    counts = record["counts"]
-    return PhaseResult(
-        name=record["name"],
-        index=record["index"],
-        initial_epoch=record["initial_epoch"],
-        epochs=record["epochs"],
-        lr=record["lr"],
-        freeze=record["freeze"],
-        counts=ParamCounts(counts["trainable"], counts["non_trainable"]),
-        history={k: list(v) for k, v in record["history"].items()},
-        seconds=record.get("seconds", 0.0),
-        cached=record.get("cached", False),
-        cache_note=record.get("cache_note", ""),
-        inference_mode=list(record.get("inference_mode", [])),
-    )
-
-
-def run_phases(
-    model: keras.Model,
-    phases: Sequence[Phase],
-    train_data,
-    val_data=None,
-    *,
-    directory: Path | None,
-    key: str,
-    run_id: str | None,
-    state: TrainingState | None = None,
-    callbacks_for_phase: Callable[[Phase, int], list] | None = None,
-    **fit_kwargs,
-) -> list[PhaseResult]:
-    """Run a schedule's phases with a checkpoint after every epoch, from ``state`` if given.
-
-    Like `tfstack.training.run_schedule` (one `fit_phase` per phase, the global epoch count
-    continued), plus: `EpochOrder` for an epoch-seeded `ArrayDataset`, `EpochCheckpoint` into
-    ``directory`` (None: no checkpoints), and, with ``state``, the resumption described in the
-    module docstring.
-
-    Args:
-        model: the stacked model.
-        phases: the schedule.
-        train_data: the training data; an `ArrayDataset` with ``epoch_seeded=True`` for an exact
-            resumption.
-        val_data: the validation data.
-        directory: the checkpoint directory, or None to write none.
-        key: identifies the config and data (recorded; the caller compares it before resuming).
-        run_id: the MLflow run (recorded).
-        state: a checkpoint to resume from (its key and run already checked by the caller).
-        callbacks_for_phase: ``(phase, index) -> callbacks``, run after the checkpoint's.
-        **fit_kwargs: ``loss``, ``metrics``, ``feature_extractors``, ``verbose``,
-            ``cache_frozen`` for `fit_phase`.
-
-    Returns:
-        One PhaseResult per phase, the resumed phases' history included.
-
-    Raises:
-        TrainingError: the checkpoint does not fit the model, or training diverged.
-    """
-    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
-    total = sum(p.epochs for p in phases)
-    if state is None:
-        state = TrainingState(key=key, run_id=run_id, total_epochs=total)
-    elif state.total_epochs != total:
-        raise TrainingError(
-            f"The training checkpoint in {directory} was made for {state.total_epochs} epochs; "
-            f"the schedule now has {total}. Delete {directory} or set train.resume=off."
-        )
-    resumed_at = state.epochs_done if state.weights_file else None
-    if resumed_at is not None:
-        restore_model(model, state, directory)
-        logger.info("Resuming training at epoch %d of %d from %s", resumed_at, total, directory)
-    results = []
-    for index, phase in enumerate(phases):
-        start, end = starts[index], starts[index] + phase.epochs
-        if state.epochs_done >= end:  # finished before the checkpoint
-            results.append(_result_from_record(state.phases[index]))
-            continue
-        done_here = state.epochs_done - start  # > 0: the checkpoint falls inside this phase
-        if done_here > 0:
-            record = state.phases[index]
-        else:
-            record = {"history": {}, "seconds": 0.0}
-            del state.phases[index:]
-            state.phases.append(record)
-        record.update(
-            name=phase.name,
-            index=index,
-            initial_epoch=start,
-            epochs=phase.epochs,
-            lr=phase.lr,
-            freeze=phase.freeze.describe(),
-        )
-        seconds_before = float(record.get("seconds", 0.0))
-        callbacks: list = []
-        if isinstance(train_data, ArrayDataset):
-            callbacks.append(EpochOrder(train_data))
-        if done_here > 0:
-            if state.optimizer_phase != index:
-                raise TrainingError(_unreadable(directory / STATE_FILE, "phases disagree"))
-            callbacks.append(_RestoreOptimizer(model, state, directory))
-        if directory is not None:
-            callbacks.append(
-                EpochCheckpoint(directory, model, state, phase_index=index, phase_record=record)
-            )
-        if callbacks_for_phase:
-            callbacks += callbacks_for_phase(phase, index)
-        part = dataclasses.replace(phase, epochs=end - state.epochs_done)
-        result = fit_phase(
-            model,
-            part,
-            train_data,
-            val_data,
-            index=index,
-            initial_epoch=state.epochs_done,
-            callbacks=callbacks,
-            **fit_kwargs,
-        )
-        if done_here > 0:
-            earlier = record.get("history", {})
-            result.history = {
-                k: list(earlier.get(k, []))[:done_here] + v for k, v in result.history.items()
-            }
-            result.seconds += seconds_before
-        result.epochs = phase.epochs
-        result.initial_epoch = start
-        results.append(result)
-        state.phases[index] = result.to_dict()
-        state.epochs_done = end
-        if directory is not None:
-            write_state(directory, state)
-    return results

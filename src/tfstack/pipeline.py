@@ -665,13 +665,14 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     """Run the schedule's phases on the stacked model; write the trained model and history.
 
     With ``train.resume=auto`` a checkpoint is written after every epoch and a matching one is
-    resumed (see `tfstack.checkpoints`); it is removed at the end unless ``keep_checkpoint``
-    (`run_all` removes it once evaluation is done too). Under ``multi_worker`` there are no
-    checkpoints: every worker would have to resume the same epoch. ``chief=False`` writes
-    nothing.
+    resumed (see `tfstack.training.run_schedule`); it is removed at the end unless
+    ``keep_checkpoint`` (`run_all` removes it once evaluation is done too). Under
+    ``multi_worker`` there are no checkpoints: every worker would have to resume the same
+    epoch. ``chief=False`` writes nothing.
     """
     from tfstack import checkpoints, resume
     from tfstack.data import ArrayDataset
+    from tfstack.training import history_rows, run_schedule
 
     seed_everything(config.seed, config.train.deterministic)
     if model is None:
@@ -714,21 +715,21 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         return [EpochLogger(run.run_id, phase.name, phase_index=index, **EPOCH_LOGGING)]
 
     directory = resume.checkpoint_dir(paths)
-    results = checkpoints.run_phases(
+    results = run_schedule(
         model,
         phases,
         train_ds,
         val_ds,
-        directory=directory if resumable else None,
-        key=resume.checkpoint_key(config, paths),
-        run_id=run.run_id,
-        state=state,
         loss=config.train.loss,
         metrics=list(config.train.metrics),
         feature_extractors=feature_extractor_names(config),
         callbacks_for_phase=per_phase,
         verbose=config.train.verbose,
         cache_frozen=config.train.cache_frozen == "auto",
+        checkpoint_dir=directory if resumable else None,
+        resume_from=state,
+        checkpoint_key=resume.checkpoint_key(config, paths),
+        run_id=run.run_id,
     )
     if run.run_id:
         from tfstack.tracking import log_tags
@@ -743,7 +744,6 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             },
         )
     counted = resume.logged_steps(run, "params_trainable") if state and run.run_id else set()
-    history = []
     for result in results:
         if result.initial_epoch not in counted:
             run.metrics(
@@ -753,11 +753,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
                 },
                 step=result.initial_epoch,
             )
-        keys = list(result.history)
-        for i in range(result.epochs):
-            row = {"epoch": result.initial_epoch + i, "phase": result.name}
-            row.update({k: result.history[k][i] for k in keys})
-            history.append(row)
+    history = history_rows(results)
     if not chief:
         # Saving may run collective ops (a variable first created on save is broadcast from the
         # chief), so every worker saves, as TensorFlow's multi-worker guide says; here, to a
@@ -859,9 +855,10 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
         preflight.check_inputs(config, paths, stage="run")
     from tfstack import checkpoints, resume
     from tfstack.guards import determinism_errors
+    from tfstack.output_lock import exclusive
 
     run = RunLog(config, paths, extra_tags=tags)
-    with checkpoints.exclusive(paths.out):
+    with exclusive(paths.out):
         # A killed execution of this config resumes into its own run (train.resume=auto).
         run.run_id = resume.run_to_resume(config, paths, run)
         resume.end_orphaned_run(run, keep=run.run_id)
@@ -889,10 +886,11 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
 
     # What this stage reads, before its run starts (or continues) and before TensorFlow.
     preflight.check_inputs(config, paths, stage=name)
-    from tfstack import checkpoints, resume
+    from tfstack import resume
+    from tfstack.output_lock import exclusive
 
     run = RunLog(config, paths)
-    with checkpoints.exclusive(paths.out):
+    with exclusive(paths.out):
         if name == "build":  # the other stages continue the run that build started
             resume.end_orphaned_run(run, keep=None)
         result = _run_stage(name, config, paths, run)

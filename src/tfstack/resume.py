@@ -7,7 +7,7 @@ this execution continues: `tfstack run` reopens the checkpoint's run (`run_to_re
 process had checkpointed but not yet logged are logged (`continue_run_record`). A run a killed
 process left RUNNING and that nothing resumes is ended KILLED (`end_orphaned_run`, and a stale
 checkpoint's run in `resumable_checkpoint`); all of this runs with the output directory locked
-(`checkpoints.exclusive`), so no live process is writing to those runs.
+(`output_lock.exclusive`), so no live process is writing to those runs.
 """
 
 from __future__ import annotations
@@ -93,7 +93,7 @@ def _run_record(run: RunLog, run_id: str) -> dict | None:
 def _end_abandoned_run(run: RunLog, state: TrainingState, why: str) -> None:
     """End the run of a checkpoint that will not be resumed, if its dead process left it RUNNING.
 
-    Only called with the output directory locked (`checkpoints.exclusive`), so no live process
+    Only called with the output directory locked (`output_lock.exclusive`), so no live process
     is writing to that run.
     """
     from tfstack import tracking
@@ -115,7 +115,7 @@ def end_orphaned_run(run: RunLog, keep: str | None) -> None:
     """End the run ``outputs/run.json`` names if a killed process left it RUNNING.
 
     Stages end their run before they return, so with the output directory locked
-    (`checkpoints.exclusive`) a RUNNING run recorded there has no live process: it was killed
+    (`output_lock.exclusive`) a RUNNING run recorded there has no live process: it was killed
     (before it had a checkpoint to resume from, or its checkpoint is not resumed). ``keep`` is
     the run this execution continues, if any.
     """

@@ -1,43 +1,44 @@
-"""Run a schedule's phases: apply the freeze policy, recompile, fit, continue the epoch count.
+"""THE phase loop: apply each phase's freeze policy, recompile, fit, continue the epoch count.
 
 Every phase recompiles with a fresh optimizer (a ``trainable`` change made after ``compile`` does
 nothing in Keras 3, and an optimizer built for one set of variables refuses another), then calls
 ``fit`` with ``initial_epoch`` so that epochs, and anything logged per epoch, form one global
 sequence across phases.
 
-Frozen-feature caching (``cache_frozen=True``): when a phase leaves every feature extractor frozen
-(so called in inference mode, see below) and none adds an activity-regularization loss, the
-frozen part gives the same output for a sample in every epoch. `split_frozen` cuts the stacked
-model after that part into a ``frozen`` model (run once per split, in inference mode) and a
-``trainable`` model that shares the stacked model's layers and variables, so fitting it trains
-the stacked model's head in place. The trainable part is compiled like the stacked model (same
-loss, metrics and fresh optimizer, discriminative rates included) and fitted on the cached
-outputs in the batches and order the uncached phase would use (`tfstack.data.ArrayDataset`),
-so history, metric names and per-epoch logs are the same.
+`run_schedule` is the loop the pipeline runs and the tests test. Its options:
 
-Frozen means inference mode: a frozen feature extractor is called with ``training=False``, as in
-Keras's transfer-learning guide, so its Dropout, noise and random augmentation are off. Keras 3
-does not do this by itself: a frozen Dropout still drops under ``fit``, and a ``training=False``
-written into a functional graph is overridden by the outer call's ``training=True``. A phase
-with such a component fits `inference_view`, the stacked model with those components wrapped to
-be called in inference mode (same layers, same variables, never saved).
+- Epoch-seeded order: an `ArrayDataset` with ``epoch_seeded=True`` is told each epoch's index
+  (`EpochOrder`), so each epoch's order depends on ``(seed, epoch)`` only, not on how many
+  epochs (or iterators) this process ran before.
+- Checkpoints (``checkpoint_dir``): after every epoch, `EpochCheckpoint` records the epoch into
+  a `tfstack.checkpoints.TrainingState` and writes it (the format is `tfstack.checkpoints`').
+- Resuming (``resume_from``): the variables are restored, the finished phases are skipped, the
+  optimizer is restored when the checkpoint falls inside a phase, and that phase is fitted from
+  the next epoch. With epoch-seeded data the continuation is the uninterrupted run, to the bit.
+- Frozen-feature caching and inference mode for frozen feature extractors
+  (``cache_frozen``, see `tfstack.frozen_features`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 
-from tfstack import _keras_compat
+from tfstack import checkpoints, frozen_features
+from tfstack.checkpoints import TrainingState
 from tfstack.data import ArrayDataset
 from tfstack.errors import TrainingError
-from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, get_component
+from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
 from tfstack.schedules import Phase, make_optimizer
 
 logger = logging.getLogger(__name__)
@@ -77,228 +78,162 @@ class PhaseResult:
             "inference_mode": self.inference_mode,
         }
 
-
-@dataclass
-class FrozenSplit:
-    """A stacked model cut after its frozen part.
-
-    Attributes:
-        frozen: the model's inputs -> the frozen part's outputs (run once, in inference mode).
-        trainable: those outputs -> the model's outputs. It shares the stacked model's layers and
-            variables: fitting it trains the stacked model in place.
-        cut: the layers whose outputs are the cut, e.g. ``["base"]`` or ``["merge"]``.
-    """
-
-    frozen: keras.Model
-    trainable: keras.Model
-    cut: list[str]
-
-
-def _random_or_training_dependent(
-    layer: keras.layers.Layer, *, inference: bool = False
-) -> str | None:
-    """Why ``layer`` (or a layer inside it) may give another output in training mode, or None.
-
-    A frozen layer is not an inference-mode layer: Keras 3 runs Dropout, noise and random
-    augmentation whenever ``training=True``, trainable or not, and adds activity-regularization
-    losses. Only a non-trainable BatchNormalization switches to inference mode. With
-    ``inference`` (a frozen feature extractor, always called with ``training=False``) only the
-    activity-regularization losses remain: Keras adds them in either mode.
-    """
-    for sub in _keras_compat.flatten_layers(layer):
-        if getattr(sub, "activity_regularizer", None) is not None:
-            kind = type(sub).__name__
-            return f"layer {sub.name!r} ({kind}) adds an activity-regularization loss in training"
-        reason = None if inference else _training_mode_reason(sub)
-        if reason:
-            return reason
-    return None
-
-
-def _training_mode_reason(layer: keras.layers.Layer) -> str | None:
-    """Why this one layer computes something else when ``training=True``, or None."""
-    kind = type(layer).__name__
-    if _keras_compat.uses_seed_generators(layer) or kind.startswith("Random"):
-        return (
-            f"layer {layer.name!r} ({kind}) draws random numbers whenever training=True, "
-            "frozen or not, so its output differs every epoch"
+    @classmethod
+    def from_dict(cls, record: dict[str, Any]) -> PhaseResult:
+        """The result `to_dict` gave (as a checkpoint keeps the phases finished before a kill)."""
+        counts = record["counts"]
+        return cls(
+            name=record["name"],
+            index=record["index"],
+            initial_epoch=record["initial_epoch"],
+            epochs=record["epochs"],
+            lr=record["lr"],
+            freeze=record["freeze"],
+            counts=ParamCounts(counts["trainable"], counts["non_trainable"]),
+            history={k: list(v) for k, v in record["history"].items()},
+            seconds=record.get("seconds", 0.0),
+            cached=record.get("cached", False),
+            cache_note=record.get("cache_note", ""),
+            inference_mode=list(record.get("inference_mode", [])),
         )
-    if isinstance(layer, keras.layers.BatchNormalization) and layer.trainable:
-        return f"layer {layer.name!r} (BatchNormalization) is trainable and runs in training mode"
-    if isinstance(layer, keras.layers.TFSMLayer) and layer.call_training_endpoint:
-        return f"layer {layer.name!r} (TFSMLayer) calls a training endpoint in training mode"
-    return None
 
 
-def split_frozen(
-    model: keras.Model, feature_extractors: Sequence[str]
-) -> tuple[FrozenSplit | None, str]:
-    """Cut a stacked model after its frozen part, or say why it cannot be cut.
+def history_rows(results: Sequence[PhaseResult]) -> list[dict[str, Any]]:
+    """One row per epoch over all phases: ``{"epoch", "phase", <metric>: value, ...}``.
 
-    Call it after the phase's freeze policy is applied. The frozen part is every layer reachable
-    from the inputs through layers without trainable weights whose output does not depend on
-    training mode (the frozen feature extractors, and weightless layers after them such as an
-    adapter's pooling or a merge). The cut is where it feeds a layer that trains.
+    What the pipeline writes as ``history.json`` and draws as the learning curve.
+    """
+    rows = []
+    for result in results:
+        for i in range(result.epochs):
+            row: dict[str, Any] = {"epoch": result.initial_epoch + i, "phase": result.name}
+            row.update({key: values[i] for key, values in result.history.items()})
+            rows.append(row)
+    return rows
+
+
+def numeric_logs(logs: dict | None) -> dict[str, float]:
+    """The entries of Keras's epoch ``logs`` that are numbers, as floats."""
+    numbers: dict[str, float] = {}
+    for key, value in (logs or {}).items():
+        try:
+            numbers[str(key)] = float(np.asarray(value).item())
+        except (TypeError, ValueError):
+            continue
+    return numbers
+
+
+def epoch_metrics(logs: dict | None, optimizer, phase_index: int) -> dict[str, float]:
+    """An epoch's metrics row: Keras's numeric logs, the optimizer's ``lr``, ``phase_index``.
+
+    What a checkpoint keeps per epoch and what the tracking callback logs, so a resumed run
+    fills its gaps with the values it would have logged.
 
     Args:
-        model: the stacked model (``keras.Sequential`` or functional).
-        feature_extractors: names of the feature-extractor components.
+        logs: the ``logs`` Keras passes to ``on_epoch_end``.
+        optimizer: the phase's optimizer (None: no ``lr``).
+        phase_index: the phase's position in the schedule.
 
     Returns:
-        ``(split, note)``: the split and a note naming the cut, or ``(None, reason)``.
+        ``{name: value}``; entries that are not numbers are left out.
     """
-    extractors = set()
-    for name in feature_extractors:
-        component = get_component(model, name, error=TrainingError, setting="feature_extractors")
-        trainable = sum(int(math.prod(v.shape)) for v in component.trainable_weights)
-        if trainable:
-            return None, f"feature extractor {name!r} trains {trainable} parameters in this phase"
-        # Frozen, so called in inference mode (see inference_view): random layers are off.
-        reason = _random_or_training_dependent(component, inference=True)
-        if reason:
-            return None, f"feature extractor {name!r} is not deterministic: {reason}"
-        extractors.add(id(component))
+    metrics = numeric_logs(logs)
+    lr = _current_lr(optimizer)
+    if lr is not None:
+        metrics["lr"] = lr
+    metrics["phase_index"] = float(phase_index)
+    return metrics
+
+
+def _current_lr(optimizer) -> float | None:
+    if optimizer is None:
+        return None
     try:
-        inputs, outputs = list(model.inputs), list(model.outputs)
-    except (AttributeError, ValueError):
-        return None, f"model {model.name!r} has no functional graph (subclassed or never built)"
-
-    checked: dict[int, bool] = {}
-
-    def frozen_operation(operation) -> bool:
-        if id(operation) not in checked:
-            inference = id(operation) in extractors
-            checked[id(operation)] = (
-                not operation.trainable_weights
-                and _random_or_training_dependent(operation, inference=inference) is None
-            )
-        return checked[id(operation)]
-
-    is_frozen: dict[int, bool] = {}
-
-    def frozen_tensor(tensor) -> bool:
-        if id(tensor) not in is_frozen:
-            operation, node = _keras_compat.producer(tensor)
-            is_frozen[id(tensor)] = node.is_input or (
-                frozen_operation(operation) and all(frozen_tensor(t) for t in node.input_tensors)
-            )
-        return is_frozen[id(tensor)]
-
-    cut: list = []
-
-    def collect(tensor) -> None:
-        if frozen_tensor(tensor):
-            if all(tensor is not t for t in cut):
-                cut.append(tensor)
-            return
-        for parent in _keras_compat.producer(tensor)[1].input_tensors:
-            collect(parent)
-
-    for tensor in outputs:
-        collect(tensor)
-    if any(frozen_tensor(t) for t in outputs):
-        return None, "nothing after the frozen part trains"
-    raw = [_keras_compat.producer(t)[0].name for t in cut if _keras_compat.producer(t)[1].is_input]
-    if raw:
-        return None, f"layers that train take the model input {raw} directly"
-    names = [_keras_compat.producer(t)[0].name for t in cut]
-    single = len(cut) == 1
-    frozen = keras.Model(
-        inputs[0] if len(inputs) == 1 else inputs,
-        cut[0] if single else cut,
-        name=f"{model.name}_frozen_part",
-    )
-    trainable = keras.Model(
-        cut[0] if single else cut,
-        outputs[0] if len(outputs) == 1 else outputs,
-        name=f"{model.name}_trainable_part",
-    )
-    shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, cut, strict=True))
-    return FrozenSplit(frozen, trainable, names), f"cached the outputs of {shapes}"
-
-
-class _InferenceCall(keras.layers.Layer):
-    """Calls a component with ``training=False`` whatever the outer call says.
-
-    ``call`` takes no ``training`` argument, so a functional graph cannot pass the outer value
-    on. Exists only inside a phase's `inference_view`; never saved.
-    """
-
-    def __init__(self, inner: keras.layers.Layer):
-        super().__init__(name=f"{inner.name}_inference_mode", dtype=inner.dtype_policy)
-        self.inner = inner
-
-    def call(self, *args, **kwargs):
-        kwargs.pop("training", None)
-        return self.inner(*args, training=False, **kwargs)
-
-    def compute_output_spec(self, *args, **kwargs):
-        kwargs.pop("training", None)
-        return self.inner.compute_output_spec(*args, **kwargs)
-
-
-def frozen_in_training_mode(model: keras.Model, feature_extractors: Sequence[str]) -> list[str]:
-    """The frozen feature extractors that would compute something else in training mode.
-
-    Dropout, noise, random augmentation or a SavedModel's training endpoint inside them: these
-    must be called in inference mode (`inference_view`) to be frozen.
-    """
-    names = []
-    for name in feature_extractors:
-        component = get_component(model, name, error=TrainingError, setting="feature_extractors")
-        if not component.trainable_weights and any(
-            _training_mode_reason(sub) for sub in _keras_compat.flatten_layers(component)
-        ):
-            names.append(name)
-    return names
-
-
-def inference_view(model: keras.Model, names: Sequence[str]) -> keras.Model:
-    """``model`` with the named components always called with ``training=False``.
-
-    Every layer (so every variable) is the model's own: fitting the view trains the model in
-    place. Functional models are re-traced with `keras.models.clone_model`'s ``call_function``;
-    a ``keras.Sequential`` is chained again as a functional model.
-
-    Args:
-        model: the stacked model.
-        names: components to run in inference mode.
-
-    Returns:
-        A model with ``model``'s inputs, outputs and name.
-    """
-    wrapped = set(names)
-
-    def call(layer, *args, **kwargs):
-        if layer.name in wrapped:
-            return _InferenceCall(layer)(*args, **kwargs)
-        return layer(*args, **kwargs)
-
-    if isinstance(model, keras.Sequential):
-        spec = model.inputs[0]
-        inputs = keras.Input(batch_shape=spec.shape, dtype=spec.dtype, name=spec.name)
-        x = inputs
-        for layer in model.layers:
-            x = call(layer, x)
-        return keras.Model(inputs, x, name=model.name)
-    return keras.models.clone_model(model, clone_function=lambda layer: layer, call_function=call)
-
-
-def _plan_cache(
-    model: keras.Model, feature_extractors: Sequence[str], train_data, val_data
-) -> tuple[FrozenSplit | None, str]:
-    """The split to train on cached outputs in this phase, or None and why not."""
-    for name, data in (("train_data", train_data), ("val_data", val_data)):
-        if data is not None and not isinstance(data, ArrayDataset):
-            return None, (
-                f"{name} is a {type(data).__name__}, whose batch order cannot be replayed on "
-                "cached outputs; pass a tfstack.data.ArrayDataset"
-            )
-    return split_frozen(model, feature_extractors)
+        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
+    except Exception:  # exotic optimizers or schedules: skip lr rather than fail training
+        return None
 
 
 def _batches(data):
     return data.batches() if isinstance(data, ArrayDataset) else data
+
+
+class EpochOrder(keras.callbacks.Callback):
+    """Tell an `ArrayDataset` which epoch starts, so an epoch-seeded one gives that epoch's order.
+
+    (`ArrayDataset.set_epoch` does nothing for a dataset that is not epoch-seeded.)
+    """
+
+    def __init__(self, dataset: ArrayDataset):
+        super().__init__()
+        self.dataset = dataset
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self.dataset.set_epoch(epoch)
+
+
+class EpochCheckpoint(keras.callbacks.Callback):
+    """After every epoch, record it in the state and write a checkpoint (`tfstack.checkpoints`).
+
+    The loop's, not the format's: it decides what a checkpoint says about the epoch (its
+    metrics row, the phase's history so far, the time spent). Put it before any callback that
+    logs the epoch elsewhere: an epoch is logged only once it is checkpointed, so a resumed run
+    never logs an epoch twice (gaps are filled from ``state.epoch_rows`` instead).
+
+    Args:
+        directory: the checkpoint directory.
+        stacked: the stacked model (whose variables and optimizer are saved, whichever model the
+            phase fits: a cached phase fits a part that shares them).
+        state: the state to update and write; shared by the phases of one schedule.
+        phase_index: the phase's position in the schedule.
+        phase_record: the phase's record in ``state.phases`` (its history grows per epoch).
+    """
+
+    def __init__(
+        self,
+        directory: Path,
+        stacked: keras.Model,
+        state: TrainingState,
+        *,
+        phase_index: int,
+        phase_record: dict[str, Any],
+    ):
+        super().__init__()
+        self.directory = Path(directory)
+        self.stacked = stacked
+        self.state = state
+        self.phase_index = phase_index
+        self.record = phase_record
+        self.seconds_before = float(phase_record.get("seconds", 0.0))
+        self.started = time.perf_counter()
+        self.write_seconds: list[float] = []
+        self.layout: checkpoints.Layout | None = None
+
+    def on_train_begin(self, logs=None):
+        self.started = time.perf_counter()
+        # What the phase's result will say, in case the process dies after its last epoch's
+        # checkpoint but before the result is recorded (the cache note is not known here).
+        self.record["counts"] = count_params(self.stacked).to_dict()
+        self.layout = None  # the optimizer is built by the first step, not yet
+        self.record.setdefault("cached", self.model is not self.stacked)
+        self.record.setdefault("cache_note", "")
+
+    def on_epoch_end(self, epoch, logs=None):
+        start = time.perf_counter()
+        numbers = numeric_logs(logs)
+        history = self.record.setdefault("history", {})
+        for key, value in numbers.items():
+            history.setdefault(key, []).append(value)
+        metrics = epoch_metrics(numbers, self.stacked.optimizer, self.phase_index)
+        self.record["seconds"] = self.seconds_before + (start - self.started)
+        state = self.state
+        state.epoch_rows.append({"epoch": int(epoch), "metrics": metrics})
+        state.epochs_done = int(epoch) + 1
+        state.optimizer_phase = self.phase_index
+        self.layout = checkpoints.write_checkpoint(
+            self.directory, state, self.stacked, layout=self.layout
+        )
+        self.write_seconds.append(time.perf_counter() - start)
 
 
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
@@ -383,16 +318,18 @@ def fit_phase(
 
     Frozen feature extractors are called with ``training=False`` (their Dropout, noise and
     random augmentation off; ``inference_mode`` in the result names those it changed): the
-    phase fits `inference_view`, whose layers are the model's.
+    phase fits `tfstack.frozen_features.inference_view`, whose layers are the model's. An
+    epoch-seeded `ArrayDataset` is told each epoch's index (`EpochOrder`), so epoch ``k`` has
+    epoch ``k``'s order whatever ran before.
 
     With ``cache_frozen``, a phase whose feature extractors are all frozen computes the frozen
-    part's outputs once per split and fits the trainable part on them (see the module
-    docstring); the result's ``cached`` and ``cache_note`` say whether and why. In a cached or
-    inference-mode phase the callbacks are attached to that model, which shares the stacked
-    model's variables and optimizer. Activity regularizers in a feature extractor, a training
-    extractor, and random layers between it and the trainable layers prevent caching; a custom
-    layer that changes its output with ``training`` in some other way is not detected, so turn
-    caching off for it.
+    part's outputs once per split and fits the trainable part on them (see
+    `tfstack.frozen_features`); the result's ``cached`` and ``cache_note`` say whether and why.
+    In a cached or inference-mode phase the callbacks are attached to that model, which shares
+    the stacked model's variables and optimizer. Activity regularizers in a feature extractor, a
+    training extractor, and random layers between it and the trainable layers prevent caching; a
+    custom layer that changes its output with ``training`` in some other way is not detected,
+    so turn caching off for it.
 
     Args:
         model: the stacked model.
@@ -431,32 +368,36 @@ def fit_phase(
     start = time.perf_counter()
     split, note = None, "cache_frozen is off"
     if cache_frozen:
-        split, note = _plan_cache(model, feature_extractors, train_data, val_data)
+        split, note = frozen_features.plan_cache(model, feature_extractors, train_data, val_data)
     fit_model, fit_train, fit_val = model, _batches(train_data), _batches(val_data)
     if split is not None:
-        fit_model = _compiled_like(model, split.trainable, loss=loss, metrics=metrics)
-        fit_train = train_data.with_inputs(_frozen_outputs(split.frozen, train_data))
+        fit_model = frozen_features.compiled_like(
+            model, split.trainable, loss=loss, metrics=metrics
+        )
+        fit_train = train_data.with_inputs(frozen_features.frozen_outputs(split.frozen, train_data))
         if val_data is not None:
-            fit_val = val_data.with_inputs(_frozen_outputs(split.frozen, val_data))
+            fit_val = val_data.with_inputs(frozen_features.frozen_outputs(split.frozen, val_data))
         logger.info(
             "Phase %d %r: %s once; training %r on them", index, phase.name, note, fit_model.name
         )
     elif cache_frozen:
         logger.info("Phase %d %r: not caching frozen outputs: %s", index, phase.name, note)
     # Cached phases run the frozen part in inference mode already (predict).
-    inference = frozen_in_training_mode(model, feature_extractors)
+    inference = frozen_features.frozen_in_training_mode(model, feature_extractors)
     if inference and split is None:
-        view = inference_view(model, inference)
-        fit_model = _compiled_like(model, view, loss=loss, metrics=metrics)
+        view = frozen_features.inference_view(model, inference)
+        fit_model = frozen_features.compiled_like(model, view, loss=loss, metrics=metrics)
         logger.info(
             "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
         )
+    # Also in a cached phase: its batches are drawn from the same index order.
+    order = [EpochOrder(train_data)] if isinstance(train_data, ArrayDataset) else []
     history = fit_model.fit(
         fit_train,
         validation_data=fit_val,
         epochs=initial_epoch + phase.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[StopOnNonFiniteLoss(phase.name), *callbacks],
+        callbacks=[StopOnNonFiniteLoss(phase.name), *order, *callbacks],
         verbose=verbose,
         # A tf.data pipeline shuffles itself (seeded); Keras's own shuffle applies to arrays only.
         shuffle=not isinstance(fit_train, tf.data.Dataset),
@@ -478,27 +419,6 @@ def fit_phase(
     )
 
 
-def _compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> keras.Model:
-    """``other`` (made of ``model``'s layers) compiled with ``model``'s fresh optimizer.
-
-    The optimizer is built on the stacked model's variables, in its order, so the optimizer
-    state saved with the stacked model reloads onto the right variables.
-    """
-    model.optimizer.build(model.trainable_variables)
-    other.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
-    return other
-
-
-def _frozen_outputs(frozen: keras.Model, data: ArrayDataset):
-    """The frozen part's outputs for every sample of ``data``, in input order."""
-    # Inference mode, the training batch size: the frozen part is deterministic and its
-    # BatchNormalization runs in inference mode under fit too, so the outputs are what the
-    # uncached phase computes batch by batch. Batches of unknown size: one trace serves the
-    # last, smaller batch and the other split.
-    inputs = tf.data.Dataset.from_tensor_slices(data.x).batch(data.batch_size)
-    return frozen.predict(inputs, verbose=0)
-
-
 def run_schedule(
     model: keras.Model,
     phases: Sequence[Phase],
@@ -510,50 +430,130 @@ def run_schedule(
     feature_extractors: list[str],
     callbacks: Sequence[keras.callbacks.Callback] = (),
     callbacks_for_phase: Callable[[Phase, int], list] | None = None,
-    initial_epoch: int = 0,
     verbose: int | str = "auto",
     cache_frozen: bool = False,
+    checkpoint_dir: Path | None = None,
+    resume_from: TrainingState | None = None,
+    checkpoint_key: str = "",
+    run_id: str | None = None,
 ) -> list[PhaseResult]:
-    """Run every phase in order, continuing the global epoch count.
+    """Run every phase in order, continuing the global epoch count; checkpoint and resume.
 
     Args:
         model: the stacked model.
         phases: the schedule.
         train_data: an `ArrayDataset` or a batched ``tf.data.Dataset`` of ``(x, y)``. One
-            dataset serves every phase, so its shuffle continues from phase to phase.
+            dataset serves every phase. An `ArrayDataset` with ``epoch_seeded=True`` gives each
+            epoch the order of ``(seed, epoch)``, which a resumed run needs to continue exactly.
         val_data: an optional validation `ArrayDataset` or batched dataset.
         loss: a Keras loss.
         metrics: Keras metrics.
         feature_extractors: names of the feature-extractor components.
         callbacks: callbacks used in every phase.
         callbacks_for_phase: called with ``(phase, index)``; returns extra callbacks for that
-            phase (e.g. a tracking hook that records the phase name).
-        initial_epoch: the global epoch the first phase starts at.
+            phase (e.g. a tracking hook that records the phase name). They run after the
+            checkpoint's, so an epoch they log is already checkpointed.
         verbose: Keras ``fit`` verbosity.
         cache_frozen: in phases that allow it, train on cached outputs of the frozen part
             (see `fit_phase`).
+        checkpoint_dir: write a checkpoint there after every epoch (None: no checkpoints).
+        resume_from: a checkpoint read from ``checkpoint_dir`` (`tfstack.checkpoints.read_state`)
+            to continue from; the caller has checked it belongs to this run (its key and run id).
+        checkpoint_key: what the checkpoint belongs to (config and data), recorded in it.
+        run_id: an opaque id recorded in the checkpoint (the pipeline's MLflow run).
 
     Returns:
-        One PhaseResult per phase.
+        One PhaseResult per phase, including the phases and epochs a resumed run had done.
+
+    Raises:
+        TrainingError: training diverged, or ``resume_from`` does not fit the schedule or model.
     """
+    if resume_from is not None and checkpoint_dir is None:
+        raise ValueError("resume_from needs the checkpoint_dir it was read from")
+    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
+    total = sum(p.epochs for p in phases)
+    state = resume_from
+    if state is None:
+        state = TrainingState(key=checkpoint_key, run_id=run_id, total_epochs=total)
+    else:
+        checkpoints.check_schedule(state, checkpoint_dir, total)
+        if state.weights_file:
+            checkpoints.restore_model(model, state, checkpoint_dir)
+            logger.info(
+                "Resuming training at epoch %d of %d from %s",
+                state.epochs_done,
+                total,
+                checkpoint_dir,
+            )
     results = []
-    epoch = initial_epoch
     for index, phase in enumerate(phases):
-        extra = callbacks_for_phase(phase, index) if callbacks_for_phase else []
+        start, end = starts[index], starts[index] + phase.epochs
+        if state.epochs_done >= end:  # finished before the checkpoint
+            results.append(PhaseResult.from_dict(state.phases[index]))
+            continue
+        done_here = state.epochs_done - start  # > 0: the checkpoint falls inside this phase
+        record = _phase_record(state, phase, index, start, resumed=done_here > 0)
+        seconds_before = float(record.get("seconds", 0.0))
+        phase_callbacks: list = []
+        if done_here > 0:
+            phase_callbacks.append(
+                checkpoints.RestoreOptimizer(model, state, checkpoint_dir, phase_index=index)
+            )
+        if checkpoint_dir is not None:
+            phase_callbacks.append(
+                EpochCheckpoint(
+                    checkpoint_dir, model, state, phase_index=index, phase_record=record
+                )
+            )
+        phase_callbacks += callbacks
+        if callbacks_for_phase:
+            phase_callbacks += callbacks_for_phase(phase, index)
         result = fit_phase(
             model,
-            phase,
+            dataclasses.replace(phase, epochs=end - state.epochs_done),
             train_data,
             val_data,
             loss=loss,
             metrics=metrics,
             feature_extractors=feature_extractors,
             index=index,
-            initial_epoch=epoch,
-            callbacks=[*callbacks, *extra],
+            initial_epoch=state.epochs_done,
+            callbacks=phase_callbacks,
             verbose=verbose,
             cache_frozen=cache_frozen,
         )
+        if done_here > 0:  # the whole phase: the epochs before the checkpoint, then these
+            earlier = record.get("history", {})
+            result.history = {
+                k: list(earlier.get(k, []))[:done_here] + v for k, v in result.history.items()
+            }
+            result.seconds += seconds_before
+        result.epochs = phase.epochs
+        result.initial_epoch = start
         results.append(result)
-        epoch += phase.epochs
+        state.phases[index] = result.to_dict()
+        state.epochs_done = end
+        if checkpoint_dir is not None:
+            checkpoints.write_state(checkpoint_dir, state)
     return results
+
+
+def _phase_record(
+    state: TrainingState, phase: Phase, index: int, start: int, *, resumed: bool
+) -> dict[str, Any]:
+    """The phase's record in ``state.phases``: the checkpoint's when resumed, else a new one."""
+    if resumed:
+        record = state.phases[index]
+    else:
+        record = {"history": {}, "seconds": 0.0}
+        del state.phases[index:]
+        state.phases.append(record)
+    record.update(
+        name=phase.name,
+        index=index,
+        initial_epoch=start,
+        epochs=phase.epochs,
+        lr=phase.lr,
+        freeze=phase.freeze.describe(),
+    )
+    return record
