@@ -81,6 +81,14 @@ def load_component(
         ComponentError: The source is missing, unreadable, not a model, carries code without
             `trust_code`, uses a class no module registers, has no defined input, or `cut_at`
             names no layer; or `modules` are given without trust or cannot be imported.
+
+    Example:
+        >>> import keras
+        >>> from tfstack import load_component
+        >>> keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)]).save("head.keras")
+        >>> head = load_component("head.keras", name="head")
+        >>> head.name, head.output_shape
+        ('head', (None, 2))
     """
     key = key or f"components.{name}"
     trust_options = trust_options or TrustOptions.for_key(key)

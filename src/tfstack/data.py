@@ -114,6 +114,15 @@ def load_npz(
         DataError: The file is missing or not an ``.npz``, a key is missing, inputs and targets
             differ in length, a split is empty (or the validation split would be), the inputs of
             train and test have different shapes, or the arrays hold NaN or infinity.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfstack import load_npz
+        >>> x, y = np.random.rand(50, 8).astype("float32"), np.arange(50) % 3
+        >>> np.savez("data.npz", x_train=x[:40], y_train=y[:40], x_test=x[40:], y_test=y[40:])
+        >>> splits = load_npz("data.npz", val_fraction=0.25)
+        >>> len(splits.x_train), len(splits.x_val), len(splits.x_test)
+        (30, 10, 10)
     """
     where = f"{key}={path}"
     path = Path(path)
@@ -183,6 +192,14 @@ class ArrayDataset:
 
     Raises:
         DataError: ``x`` and ``y`` differ in length, or ``batch_size`` is not positive.
+
+    Example:
+        >>> import numpy as np
+        >>> from tfstack import ArrayDataset
+        >>> data = ArrayDataset(np.zeros((10, 3)), np.arange(10), batch_size=4, shuffle=True,
+        ...                     seed=0, epoch_seeded=True)
+        >>> len(data), data.steps, [len(y) for _, y in data.batches()]
+        (10, 3, [4, 4, 2])
     """
 
     def __init__(

@@ -6,7 +6,16 @@ which file or config key, and how to fix it. The CLI prints it on one screen wit
 
 
 class TfstackError(Exception):
-    """Base class of every error caused by user input."""
+    """Base class of every error caused by user input.
+
+    Example:
+        >>> from tfstack import TfstackError, load_component
+        >>> try:
+        ...     load_component("missing.keras", name="base")
+        ... except TfstackError as err:
+        ...     print(str(err).split(" (")[0])
+        components.base.path=missing.keras does not exist
+    """
 
 
 class ConfigError(TfstackError):

@@ -53,6 +53,12 @@ class FreezePolicy:
     Each selector (``unfreeze_last``, ``unfreeze_pattern``, ``components``) must select something
     on its own: a pattern that matches nothing is an error even when ``unfreeze_last`` selects
     layers, so a typo in it is never trained past.
+
+    Example:
+        >>> from tfstack import FreezePolicy
+        >>> policy = FreezePolicy("partial", unfreeze_last=2)
+        >>> policy.kind, policy.unfreeze_last
+        ('partial', 2)
     """
 
     kind: str = "frozen"

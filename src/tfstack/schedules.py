@@ -54,6 +54,11 @@ class Phase:
         lr: the learning rate of the head (and of every component without a multiplier).
         optimizer: an optimizer name from ``OPTIMIZERS``.
         lr_multipliers: component name -> factor on ``lr`` (discriminative fine-tuning).
+
+    Example:
+        >>> from tfstack import FreezePolicy, Phase
+        >>> Phase("head", epochs=3, freeze=FreezePolicy("frozen"), lr=1e-3).optimizer
+        'adam'
     """
 
     name: str
@@ -277,6 +282,14 @@ def make_schedule(name: str, **kwargs) -> list[Phase]:
     Raises:
         ScheduleError: an unknown schedule name or option, an option the preset does not use,
             or invalid phase values.
+
+    Example:
+        >>> from tfstack import FreezePolicy, make_schedule
+        >>> phases = make_schedule(
+        ...     "two_phase", epochs=5, lr=1e-3, optimizer="adam", freeze=FreezePolicy("frozen")
+        ... )
+        >>> [(p.name, p.epochs, p.lr) for p in phases]
+        [('head', 5, 0.001), ('fine_tune', 5, 0.0001)]
     """
     if name not in SCHEDULES:
         raise ScheduleError(

@@ -308,6 +308,17 @@ def build_stacked(
     Raises:
         ShapeError: an unknown strategy, an option the strategy does not use, or components
             that do not fit.
+
+    Example:
+        >>> import keras
+        >>> from tfstack import build_stacked
+        >>> base = keras.Sequential(
+        ...     [keras.Input((8, 8, 1)), keras.layers.Conv2D(4, 3, name="conv")], name="base"
+        ... )
+        >>> head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(3)], name="head")
+        >>> result = build_stacked("adapter", base, head, adapter="auto")
+        >>> result.model.output_shape, [a["layers"][0]["class_name"] for a in result.adapters]
+        ((None, 3), ['GlobalAveragePooling2D'])
     """
     if strategy not in STRATEGIES:
         raise ShapeError(

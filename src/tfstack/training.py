@@ -467,6 +467,26 @@ def run_schedule(
 
     Raises:
         TrainingError: training diverged, or ``resume_from`` does not fit the schedule or model.
+
+    Example:
+        >>> import keras, numpy as np
+        >>> from tfstack import ArrayDataset, FreezePolicy, build_stacked, make_schedule
+        >>> from tfstack import run_schedule
+        >>> base = keras.Sequential(
+        ...     [keras.Input((6,)), keras.layers.Dense(8), keras.layers.Dense(4)], name="base"
+        ... )
+        >>> head = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2, "softmax")])
+        >>> model = build_stacked("sequential", base, head).model
+        >>> x, y = np.random.rand(32, 6).astype("float32"), np.arange(32) % 2
+        >>> phases = make_schedule(
+        ...     "two_phase", epochs=1, lr=1e-3, optimizer="adam", freeze=FreezePolicy("frozen")
+        ... )
+        >>> results = run_schedule(
+        ...     model, phases, ArrayDataset(x, y, batch_size=8, shuffle=True, seed=0),
+        ...     loss="sparse_categorical_crossentropy", feature_extractors=["base"], verbose=0,
+        ... )
+        >>> [(r.name, r.counts.trainable) for r in results]
+        [('head', 10), ('fine_tune', 102)]
     """
     if resume_from is not None and checkpoint_dir is None:
         raise ValueError("resume_from needs the checkpoint_dir it was read from")
