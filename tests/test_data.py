@@ -10,13 +10,13 @@ from dvc_data.hashfile.hash import file_md5
 
 from tfstack.data import (
     ArrayDataset,
-    check_labels,
     file_hash,
     load_npz,
     make_dataset,
     save_npz,
 )
 from tfstack.errors import DataError
+from tfstack.labels import check_labels
 
 
 def write_dataset(path, n_train=60, n_test=20, classes=3, seed=0, **overrides):

@@ -12,7 +12,7 @@ from conftest import make_base, make_head
 from omegaconf import OmegaConf
 
 from tfstack import config as config_module
-from tfstack import data, distribute, schedules, stacking, vocabulary
+from tfstack import distribute, evaluation, labels, schedules, stacking, vocabulary
 from tfstack.config import Config, compose
 from tfstack.errors import ConfigError, FreezeError, ScheduleError, ShapeError
 from tfstack.freezing import FreezePolicy
@@ -46,7 +46,7 @@ def test_each_registry_is_keyed_by_its_vocabulary():
     assert tuple(vocabulary.SCHEDULE_OPTIONS) == vocabulary.SCHEDULES
     assert tuple(vocabulary.FREEZE_OPTIONS) == vocabulary.FREEZE_POLICIES
     assert distribute.KINDS == vocabulary.DISTRIBUTE_KINDS
-    assert data.TASKS == vocabulary.TASKS
+    assert labels.TASKS == evaluation.TASKS == vocabulary.TASKS
     for policy in vocabulary.FREEZE_POLICIES:
         FreezePolicy(policy, unfreeze_last=1 if policy == "partial" else None)
     with pytest.raises(FreezeError, match="Expected one of \\['frozen', 'joint', 'partial'\\]"):
@@ -283,6 +283,6 @@ def test_single_refuses_frozen_settings_that_only_an_unfreezing_schedule_uses(op
 
 
 def test_check_labels_speaks_the_configs_task_names():
-    assert data.check_labels(np.array([0, 2, 1]), 3, task="classification") == [0, 1, 2]
+    assert labels.check_labels(np.array([0, 2, 1]), 3, task="classification") == [0, 1, 2]
     with pytest.raises(Exception, match="Expected one of: classification, binary, regression"):
-        data.check_labels(np.array([0, 1]), 2, task="multiclass")
+        labels.check_labels(np.array([0, 1]), 2, task="multiclass")

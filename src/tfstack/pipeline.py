@@ -526,7 +526,7 @@ def _load_splits(config: Config, paths: Paths):
 
 def _check_targets(config: Config, model, splits) -> None:
     """Check the data fits the stacked model: input shapes and dtypes, labels or targets."""
-    from tfstack.data import check_labels
+    from tfstack.labels import check_labels
 
     _check_inputs(config, model, splits)
     outputs = int(model.outputs[0].shape[-1] or 1)
