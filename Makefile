@@ -69,7 +69,7 @@ $(VENV_STAMP): pyproject.toml requirements.lock | deb
 # refuses instead of asking). On failure .DELETE_ON_ERROR removes the file, so the next run
 # checks again.
 $(RAW_DATA): | $(VENV_STAMP)
-	$(BIN)/python -m tfstack.demo write-raw data
+	$(BIN)/python -m tfstack.pipeline.demo write-raw data
 	@if [ -f data.dvc ]; then \
 	  $(BIN)/dvc commit data.dvc </dev/null >/dev/null \
 	    || { echo "error: the regenerated data/ differs from data.dvc (see above)" >&2; exit 1; }; \

@@ -43,7 +43,8 @@ PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "params.yaml", "MLproje
 SEED = 42
 LOSS = "sparse_categorical_crossentropy"
 METRICS = ["accuracy"]
-# EpochLogger settings compared in (c); the pipeline uses one of them (pipeline.EPOCH_LOGGING).
+# EpochLogger settings compared in (c); the pipeline uses one of them
+# (tfstack.pipeline.stages.EPOCH_LOGGING).
 LOGGING_MODES = {
     "per epoch, synchronous": {"synchronous": True, "min_interval_s": 0.0},
     "per epoch, asynchronous": {"synchronous": False, "min_interval_s": 0.0},
@@ -484,7 +485,7 @@ class _CallbackClock:
 def tracking_section(workload: Workload, epochs: int, repeats: int, store: Path) -> dict:
     """(c) the default pipeline's training phase with each EpochLogger mode vs no tracking."""
     from tfstack import tracking
-    from tfstack.pipeline import EPOCH_LOGGING
+    from tfstack.pipeline.stages import EPOCH_LOGGING
 
     uri = f"sqlite:///{store}"
     modes = LOGGING_MODES
@@ -612,7 +613,7 @@ def imports_section() -> dict:
         "compose + validate config": [
             sys.executable,
             "-c",
-            "import sys; from tfstack.config import compose; "
+            "import sys; from tfstack.pipeline.compose import compose; "
             f"compose([], config_dir={str(ROOT / 'conf')!r}); "
             "print('tensorflow' in sys.modules)",
         ],
@@ -771,7 +772,7 @@ def main(argv: list[str] | None = None) -> int:
             results["pipeline"] = pipeline_section(project)
         results["imports"] = imports_section()
 
-        from tfstack.pipeline import seed_everything
+        from tfstack.pipeline.inputs import seed_everything
 
         seed_everything(SEED, deterministic=True)  # as the pipeline's train stage does
         demo = demo_workload(project)

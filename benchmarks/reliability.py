@@ -63,7 +63,7 @@ def _demo_model_and_data(seed: int = 0):
     import keras
     import numpy as np
 
-    from tfstack import demo
+    from tfstack.pipeline import demo
 
     keras.utils.set_random_seed(seed)
     base, head, _ = demo.build_components(seed)

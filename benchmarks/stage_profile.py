@@ -87,7 +87,7 @@ TARGETS = {
         "make_dataset": "data",
         "save_npz": "data",
     },
-    "tfstack.demo": {
+    "tfstack.pipeline.demo": {
         "make_transfer_task": "data",
         "write_raw_digits": "data",
         "pretrain_components": "training",

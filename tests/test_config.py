@@ -5,8 +5,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tfstack.config import compose, load_params, to_dict, validate
 from tfstack.errors import ConfigError
+from tfstack.pipeline.compose import compose, load_params
+from tfstack.pipeline.config import to_dict, validate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -132,7 +133,7 @@ def test_validation_imports_no_tensorflow():
     import sys
 
     code = (
-        "import sys; from tfstack.config import compose; "
+        "import sys; from tfstack.pipeline.compose import compose; "
         f"compose([], config_dir={str(CONF)!r}); "
         "print('tensorflow' in sys.modules, 'mlflow' in sys.modules)"
     )
@@ -144,14 +145,14 @@ def test_committed_params_yaml_is_what_dvc_composes():
     """plain `dvc repro` uses params.yaml; it must equal DVC's composition of conf/."""
     from dvc.utils.hydra import compose_and_dump
 
-    import tfstack.config
+    import tfstack.pipeline.config
 
     expected = ROOT / ".pytest_cache" / "params_expected.yaml"
     expected.parent.mkdir(exist_ok=True)
     compose_and_dump(expected, str(CONF), None, "config", str(ROOT), [])
     committed = (ROOT / "params.yaml").read_text()
     assert committed == expected.read_text(), "conf/ changed: run `make params`"
-    assert tfstack.config.compose_yaml(CONF) == committed
+    assert tfstack.pipeline.compose.compose_yaml(CONF) == committed
     validate(yaml.safe_load(committed), source="params.yaml")
 
 

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from tfstack.data import file_hash
-from tfstack.demo import make_transfer_task, write_raw_digits
 from tfstack.errors import DataError
+from tfstack.pipeline.demo import make_transfer_task, write_raw_digits
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
@@ -53,7 +53,9 @@ def test_write_raw_digits_holds_all_digits(raw_path):
 
 def test_write_raw_digits_is_byte_identical_across_runs_and_processes(raw_path, tmp_path):
     again = write_raw_digits(tmp_path / "again")
-    process = run(sys.executable, "-m", "tfstack.demo", "write-raw", tmp_path / "cli", cwd=tmp_path)
+    process = run(
+        sys.executable, "-m", "tfstack.pipeline.demo", "write-raw", tmp_path / "cli", cwd=tmp_path
+    )
 
     assert process.returncode == 0, process.stderr
     assert file_hash(again) == file_hash(raw_path)
@@ -130,7 +132,7 @@ def test_make_transfer_task_is_deterministic_given_seed(task, raw_path, tmp_path
 def test_make_transfer_task_errors(raw_path, tmp_path):
     with pytest.raises(DataError, match="target_train_per_class must be between 1 and"):
         make_transfer_task(raw_path, tmp_path, seed=0, target_train_per_class=0)
-    with pytest.raises(DataError, match="python -m tfstack.demo write-raw"):
+    with pytest.raises(DataError, match="python -m tfstack.pipeline.demo write-raw"):
         make_transfer_task(tmp_path / "missing.npz", tmp_path, seed=0)
 
 
@@ -140,7 +142,7 @@ def test_pretrain_components_saves_base_head_and_wide_head(task, tmp_path):
     process = run(
         sys.executable,
         "-m",
-        "tfstack.demo",
+        "tfstack.pipeline.demo",
         "pretrain",
         task["source"],
         models,

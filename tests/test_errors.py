@@ -369,7 +369,7 @@ def test_output_dir_without_permission(project, capsys):
 
 
 def test_an_output_dir_in_use_by_another_process(project, capsys):
-    from tfstack.output_lock import exclusive
+    from tfstack.pipeline.output_lock import exclusive
 
     with exclusive(project / "outputs"):  # as a concurrent tfstack process holds it
         line = fail(capsys, "run")

@@ -15,9 +15,9 @@ import pytest
 from mlflow.tracking import MlflowClient
 from project_copy import clone, make_template, tfstack
 
-from tfstack import demo
 from tfstack.data import load_npz
 from tfstack.input_range import check_input_range, value_range
+from tfstack.pipeline import demo
 
 SHAPE = (8, 8, 1)
 

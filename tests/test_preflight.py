@@ -1,7 +1,7 @@
 """Checks that need no TensorFlow run before any MLflow run is created (issue 11, point 9).
 
-Unit tests of `tfstack.preflight` on real files, directories and devices; then the `tfstack`
-command itself in a subprocess: a mistyped optimizer, a missing data file and a missing
+Unit tests of `tfstack.pipeline.preflight` on real files, directories and devices; then the
+`tfstack` command itself in a subprocess: a mistyped optimizer, a missing data file and a missing
 component file each exit 2 with one line naming the key, leave no run in the MLflow store (not
 even FAILED), and leave TensorFlow unimported.
 """
@@ -18,10 +18,10 @@ import numpy as np
 import pytest
 from project_copy import env
 
-from tfstack import components, preflight
-from tfstack.config import compose
+from tfstack import components
 from tfstack.errors import ComponentError, DataError
-from tfstack.pipeline import Paths
+from tfstack.pipeline import Paths, preflight
+from tfstack.pipeline.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -301,7 +301,7 @@ def test_artifact_names_cannot_leave_the_runs_artifacts():
 
 
 def test_a_failed_write_leaves_the_previous_file_and_no_temporary_file(tmp_path):
-    from tfstack.pipeline import atomic_path, write_json
+    from tfstack.files import atomic_path, write_json
 
     target = tmp_path / "metrics.json"
     write_json(target, {"test_accuracy": 0.5})

@@ -5,7 +5,8 @@ import pytest
 import test_pipeline
 from test_pipeline import _runs, _sh, assert_complete_run
 
-from tfstack import cli, reproduce, tracking
+from tfstack import cli, tracking
+from tfstack.pipeline import reproduce
 
 project = test_pipeline.project  # the fixture: a shrunk git + DVC copy of the project
 

@@ -16,8 +16,9 @@ import yaml
 from omegaconf import OmegaConf
 from test_pipeline import _runs, _sh, assert_complete_run
 
-from tfstack import cli, sweeps
+from tfstack import cli
 from tfstack.errors import ConfigError
+from tfstack.pipeline import sweeps
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -31,8 +31,8 @@ from mlflow.tracking import MlflowClient
 from test_pipeline import _sh, assert_complete_run, project  # noqa: F401 (project: a fixture)
 
 from tfstack import pipeline, tracking
-from tfstack.config import compose
 from tfstack.errors import TrackingError
+from tfstack.pipeline.compose import compose
 
 ROOT = Path(__file__).resolve().parents[1]
 VENV_BIN = Path(sys.executable).parent

@@ -26,9 +26,9 @@ from project_copy import PROJECT_FILES, ROOT, shrink, tfstack  # noqa: E402
 
 from tfstack import cli  # noqa: E402
 from tfstack.components import load_component  # noqa: E402
-from tfstack.config import compose  # noqa: E402
 from tfstack.errors import ComponentError  # noqa: E402
-from tfstack.pipeline import load_model  # noqa: E402
+from tfstack.pipeline.compose import compose  # noqa: E402
+from tfstack.pipeline.inputs import load_model  # noqa: E402
 
 X = np.ones((2, 4), dtype="float32")
 

@@ -11,11 +11,12 @@ import pytest
 from conftest import make_base, make_head
 from omegaconf import OmegaConf
 
-from tfstack import config as config_module
 from tfstack import distribute, evaluation, labels, schedules, stacking, vocabulary
-from tfstack.config import Config, compose
 from tfstack.errors import ConfigError, FreezeError, ScheduleError, ShapeError
 from tfstack.freezing import FreezePolicy
+from tfstack.pipeline import config as config_module
+from tfstack.pipeline.compose import compose
+from tfstack.pipeline.config import Config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The groups that fill one section of the schema each (experiment/ and hparams_search/ are

@@ -5,7 +5,7 @@
 ``tfstack inspect MODEL [MODEL2]``           specs, per-layer table, verdict, the adapter auto picks
 ``tfstack params [overrides]``               write conf/ composed as DVC does into params.yaml
 ``tfstack run -m a=x,y b=u,v`` (or ``hparams_search=optuna``)  a Hydra multirun: one MLflow parent
-                                             run, one nested run per job (``tfstack.sweeps``)
+                                             run, one nested run per job (``pipeline.sweeps``)
 ``tfstack compare [--parent ID] [--filter F]`` the runs grouped by freeze x stacking x schedule
 ``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
 
@@ -94,9 +94,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _tracking_store(args):
     """The store and experiment named by ``tracking.*`` overrides, as ``tfstack run`` does."""
-    from tfstack.config import compose
     from tfstack.errors import ConfigError
     from tfstack.pipeline import tracking_uri
+    from tfstack.pipeline.compose import compose
 
     other = [o for o in args.overrides if not o.lstrip("+~").startswith("tracking")]
     if other:
@@ -109,7 +109,7 @@ def _tracking_store(args):
 
 
 def _compare(args) -> int:
-    from tfstack import compare
+    from tfstack.pipeline import compare
 
     uri, config = _tracking_store(args)
     comparison, files, parent = compare.compare_store(
@@ -131,7 +131,7 @@ def _compare(args) -> int:
 
 
 def _reproduce(args) -> int:
-    from tfstack import reproduce
+    from tfstack.pipeline import reproduce
 
     uri, config = _tracking_store(args)
     explicit = any(o.lstrip("+").startswith("tracking.experiment=") for o in args.overrides)
@@ -149,7 +149,7 @@ def _reproduce(args) -> int:
 
 
 def _sweep(args) -> int:
-    from tfstack import sweeps
+    from tfstack.pipeline import sweeps
 
     result = sweeps.run_sweep(args.overrides, config_dir=args.config_dir)
     print(sweeps.summary(result))
@@ -158,7 +158,7 @@ def _sweep(args) -> int:
 
 
 def _load_config(args):
-    from tfstack.config import compose, load_params
+    from tfstack.pipeline.compose import compose, load_params
 
     if getattr(args, "params", None):
         if args.overrides:
@@ -249,10 +249,10 @@ def _command(args, debug: bool) -> int:
         if args.command == "inspect":
             return _inspect(args)
         if args.command == "params":
-            from tfstack.config import compose, compose_yaml
+            from tfstack.pipeline.compose import compose, compose_yaml
 
             compose(args.overrides, config_dir=args.config_dir)  # validate first
-            from tfstack.pipeline import atomic_path
+            from tfstack.files import atomic_path
 
             with atomic_path(Path(args.out)) as tmp:  # never a half-written params.yaml
                 tmp.write_text(compose_yaml(args.config_dir, args.overrides))
@@ -318,7 +318,7 @@ def _resume_note(paths) -> str:
         return ""
     import json
 
-    from tfstack.resume import checkpoint_dir
+    from tfstack.pipeline.resume import checkpoint_dir
 
     directory = checkpoint_dir(paths)
     try:

@@ -21,8 +21,8 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
-from tfstack.config import Config, validate
 from tfstack.errors import DataError, TfstackError
+from tfstack.pipeline.config import Config, validate
 
 logger = logging.getLogger(__name__)
 
@@ -134,7 +134,7 @@ def logged_config(uri: str, run: Mapping) -> Config:
         ReproduceError: the run has no such artifact.
     """
     from tfstack import tracking
-    from tfstack.pipeline import CONFIG_ARTIFACT
+    from tfstack.pipeline.run_log import CONFIG_ARTIFACT
 
     text = tracking.read_artifact_text(uri, run["run_id"], CONFIG_ARTIFACT)
     if text is None:
@@ -154,7 +154,7 @@ def check_inputs(config: Config, root: Path, run: Mapping) -> list[str]:
         DataError: the data file is missing.
     """
     from tfstack.data import file_hash
-    from tfstack.pipeline import git_commit
+    from tfstack.pipeline.run_log import git_commit
 
     warnings = []
     tags = run["tags"]

@@ -18,12 +18,13 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tfstack.config import Config, to_dict
 from tfstack.errors import TfstackError
+from tfstack.pipeline.config import Config, to_dict
 
 if TYPE_CHECKING:
     from tfstack.checkpoints import TrainingState
-    from tfstack.pipeline import Paths, RunLog
+    from tfstack.pipeline.paths import Paths
+    from tfstack.pipeline.run_log import RunLog
 
 logger = logging.getLogger(__name__)
 

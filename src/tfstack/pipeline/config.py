@@ -12,9 +12,7 @@ from __future__ import annotations
 import difflib
 import math
 import re
-import shlex
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -189,7 +187,7 @@ class Config:
     output_dir: str = "outputs"
 
 
-def _known_keys(full_key: str) -> list[str]:
+def known_keys(full_key: str) -> list[str]:
     """The valid keys next to ``full_key`` in the schema, for "did you mean" messages."""
     node: Any = OmegaConf.structured(Config)
     parts = full_key.split(".")[:-1]
@@ -201,7 +199,7 @@ def _known_keys(full_key: str) -> list[str]:
     return list(node.keys()) if isinstance(node, DictConfig) else []
 
 
-def _first_unknown(full_key: str) -> str:
+def first_unknown(full_key: str) -> str:
     """The shortest prefix of a dotted key that is not in the schema (``trian.lr`` -> ``trian``)."""
     node: Any = OmegaConf.structured(Config)
     parts = full_key.split(".")
@@ -212,7 +210,7 @@ def _first_unknown(full_key: str) -> str:
     return full_key
 
 
-def _in_schema(full_key: str) -> bool:
+def in_schema(full_key: str) -> bool:
     """Whether a dotted key names a field of the schema (``components.base.input_shape``)."""
     node: Any = OmegaConf.structured(Config)
     parts = full_key.split(".")
@@ -225,7 +223,7 @@ def _in_schema(full_key: str) -> bool:
     return True
 
 
-def _adds_to_mapping(full_key: str) -> bool:
+def adds_to_mapping(full_key: str) -> bool:
     """Whether ``full_key`` is, or is inside, a free-form mapping of the schema.
 
     Such as ``schedule.lr_multipliers`` (or ``schedule.lr_multipliers.base``): Hydra refuses a
@@ -247,7 +245,7 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     if isinstance(err, MissingMandatoryValue):
         return ConfigError(f"{full_key} is not set ({source}). Set {full_key}=VALUE.")
     if "not in" in text or "Key" in text and "not" in text:
-        known = _known_keys(str(full_key))
+        known = known_keys(str(full_key))
         leaf = str(full_key).split(".")[-1]
         close = difflib.get_close_matches(leaf, known, n=1)
         prefix = str(full_key).rsplit(".", 1)[0] if "." in str(full_key) else ""
@@ -527,164 +525,6 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
                 "artifacts, so use letters, digits, '_', '.' and '-' only (no '/', no leading '.')."
             )
     return config
-
-
-def load_params(path: str | Path) -> Config:
-    """Load and validate a composed config file (DVC's ``params.yaml``).
-
-    Raises:
-        ConfigError: the file is missing, not YAML, or not a valid config.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(
-            f"Config file {path} does not exist. Run `dvc exp run` (which composes it from conf/) "
-            "or pass overrides to `tfstack run`."
-        )
-    try:
-        raw = OmegaConf.load(path)
-    except Exception as err:  # YAML errors come in several types
-        raise ConfigError(f"{path} is not valid YAML: {err}") from err
-    return validate(raw, source=str(path))
-
-
-def compose(overrides: list[str], *, config_dir: str | Path) -> Config:
-    """Compose ``conf/`` with Hydra overrides and validate it.
-
-    Args:
-        overrides: Hydra overrides such as ``["stacking=adapter", "train.epochs=3"]``.
-        config_dir: the ``conf/`` directory.
-
-    Raises:
-        ConfigError: an unknown group option, a bad override or an invalid config.
-    """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-    from hydra.errors import HydraException
-
-    config_dir = Path(config_dir).resolve()
-    if not (config_dir / "config.yaml").is_file():
-        raise ConfigError(f"No config.yaml in {config_dir}; run tfstack from the project root.")
-    try:
-        with initialize_config_dir(str(config_dir), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise _compose_error(err, config_dir) from err
-    return validate(cfg, source="overrides " + " ".join(overrides) if overrides else "conf/")
-
-
-def _compose_error(err: Exception, config_dir: Path) -> ConfigError:
-    """Turn Hydra's compose errors into a message that lists the valid choices."""
-    text = str(err).strip()
-    missing = re.search(r"Could not find '([\w/]+)/([\w.-]+)'", text)
-    if missing:
-        group, option = missing.groups()
-        options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
-        if options:
-            return ConfigError(
-                f"{group}={option} is not an option of config group {group!r}. "
-                f"Options: {options} (files in {config_dir / group})."
-            )
-        groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir())
-        return ConfigError(f"{group!r} is not a config group. Groups: {groups}.")
-    bad_key = re.search(r"Could not override '([\w.]+)'", text)
-    if bad_key and _adds_to_mapping(bad_key.group(1)):
-        full_key = bad_key.group(1)
-        cause = str(err.__cause__ or "").strip().splitlines()[:1] or ["a new key"]
-        append = re.search(r"To append to your config use (.+)", text)
-        how = append.group(1).strip() if append else f"+{full_key}=VALUE"
-        return ConfigError(
-            f"Cannot override {full_key}: {cause[0]}. A new entry in a mapping needs Hydra's "
-            f"'+' prefix: {how}"
-        )
-    if bad_key and _in_schema(bad_key.group(1)):
-        # A schema key that the composed YAML leaves out (e.g. components.base.input_shape).
-        full_key = bad_key.group(1)
-        return ConfigError(
-            f"{full_key} is a config key that conf/ does not set, so Hydra needs its '+' prefix "
-            f"to add it: +{full_key}=VALUE."
-        )
-    if bad_key:
-        full_key = bad_key.group(1)
-        full_key = _first_unknown(full_key)
-        known = _known_keys(full_key)
-        close = difflib.get_close_matches(full_key.split(".")[-1], known, n=1)
-        parent = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
-        hint = f" Did you mean {parent}{close[0]}?" if close else ""
-        return ConfigError(f"{full_key} is not a config key.{hint} Valid keys here: {known}.")
-    override = getattr(err, "override", None)  # hydra.errors.OverrideParseException
-    if override is not None:
-        return _unparsable_override(override, text)
-    if "LexerNoViableAltException" in text or "mismatched input" in text:
-        bad = text.split(":", 1)[-1].strip().splitlines()[0]
-        return ConfigError(
-            f"Cannot parse the override {bad}. Quote values with special characters for Hydra, "
-            """and the whole override for the shell: 'freeze.unfreeze_pattern="^conv"'."""
-        )
-    return ConfigError(f"Cannot compose the config: {text.splitlines()[0]}")
-
-
-def _unparsable_override(override: str, text: str) -> ConfigError:
-    """The message for an override Hydra's grammar refuses: which one, and how to quote it.
-
-    Hydra reads ``[``, ``(``, ``^``, ``*``, ``,``, ``$``, spaces and quotes in an unquoted value
-    as grammar (lists, sweeps, functions, interpolations). Quoted with ``"..."`` or ``'...'``
-    the value is a plain string, backslashes and all (only a backslash before a quote is an
-    escape). The shell removes one level of quotes first, so the whole override goes in single
-    quotes: bash passes ``'freeze.unfreeze_pattern="conv[12]"'`` to Hydra as
-    ``freeze.unfreeze_pattern="conv[12]"``.
-    """
-    lines = [line.strip() for line in text.splitlines()]
-    skip = ("See https", "^", "Error parsing override")
-    detail = next((line for line in lines if line and not line.startswith(skip)), "")
-    if detail.startswith("LexerNoViableAltException"):
-        detail = "a character it cannot read there"
-    key, equals, value = override.partition("=")
-    if not equals or not key.strip():
-        return ConfigError(
-            f"Cannot parse the override {override!r}: an override is KEY=VALUE (train.lr=0.01) "
-            "or GROUP=OPTION (freeze=joint)."
-        )
-    quoted = _hydra_quoted(key, value)
-    if quoted is None:
-        return ConfigError(
-            f"Cannot parse the override {override!r} (Hydra's override grammar: {detail}). "
-            "Quote the value for Hydra, and the whole override for the shell."
-        )
-    return ConfigError(
-        f"Cannot parse the override {override!r}: Hydra reads characters such as [ ] ( ) ^ * , "
-        f"in an unquoted value as its grammar ({detail}). Quote the value for Hydra and the "
-        f"whole override for the shell: {shlex.quote(quoted)}"
-    )
-
-
-def _hydra_quoted(key: str, value: str) -> str | None:
-    """``key="value"`` as Hydra's grammar reads back to exactly ``value``, or None."""
-    from hydra.core.override_parser.overrides_parser import OverridesParser
-    from hydra.errors import HydraException
-
-    for quote in ('"', "'"):
-        if quote in value:
-            continue
-        candidate = f"{key}={quote}{value}{quote}"
-        try:
-            parsed = OverridesParser.create().parse_overrides([candidate])[0]
-        except HydraException:
-            continue
-        if parsed.value() == value:
-            return candidate
-    return None
-
-
-def compose_yaml(config_dir: str | Path, overrides: list[str] | None = None) -> str:
-    """``conf/`` composed and resolved exactly as DVC writes it into ``params.yaml``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(Path(config_dir).resolve()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-    OmegaConf.resolve(cfg)
-    return OmegaConf.to_yaml(cfg)
 
 
 def to_dict(config: Config) -> dict:

@@ -22,7 +22,7 @@ UI), ``sweep_job`` and ``sweep_overrides``. It returns the objective to the swee
 epoch's value of ``objective.metric`` (default ``val_accuracy``, max). A failing job ends its run
 FAILED and returns the worst value, so a grid goes on and an Optuna study steers away from it.
 
-Parallel jobs share the sqlite store: ``tracking.py`` serializes its creation and retries writes
+Parallel jobs share the sqlite store: ``tfstack.tracking`` serializes its creation and retries writes
 that meet "database is locked"; the parent run creates the store before any job starts.
 """
 
@@ -42,9 +42,9 @@ from typing import Any
 from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
-from tfstack.config import Config, validate
 from tfstack.errors import ConfigError, TfstackError
 from tfstack.files import write_json
+from tfstack.pipeline.config import Config, validate
 
 logger = logging.getLogger(__name__)
 
@@ -246,14 +246,15 @@ def preflight(overrides: list[str], config_dir: Path) -> tuple[Config, dict[str,
 
 
 def _start_parent(base: Config, root: Path, overrides: list[str], objective: dict) -> None:
-    from tfstack import pipeline, tracking
+    from tfstack import tracking
+    from tfstack.pipeline.run_log import git_commit, tracking_uri
 
-    uri = pipeline.tracking_uri(base, root)
+    uri = tracking_uri(base, root)
     tags = {
         "sweep_overrides": " ".join(overrides),
         "objective": f"{objective['mode']} {objective['metric']}",
     }
-    commit = pipeline.git_commit(root)
+    commit = git_commit(root)
     if commit:
         tags["git_commit"] = commit
     # Under `mlflow run`, the project's run becomes the parent; jobs must not adopt it.
@@ -325,7 +326,7 @@ def _compare(parent_run_id: str, results: list[dict]):
     Besides freeze x stacking x schedule, it groups by every other config key the sweep varies
     (``train.lr``...), except ``seed``: runs that differ only by seed are averaged.
     """
-    from tfstack import compare
+    from tfstack.pipeline import compare
 
     extra = [key for key in _SWEEP.get("swept", []) if "." in key and key not in compare.GROUP_BY]
     try:
@@ -402,7 +403,7 @@ def run_sweep(overrides: list[str], *, config_dir: str | Path) -> dict[str, Any]
     from omegaconf.errors import OmegaConfBaseException
 
     from tfstack import pipeline
-    from tfstack.config import _compose_error
+    from tfstack.pipeline.compose import _compose_error
 
     config_dir = Path(config_dir).resolve()
     if not (config_dir / "config.yaml").is_file():

@@ -1,7 +1,7 @@
 """One process per output directory: the lock every pipeline command holds on ``output_dir``.
 
 Two processes writing one output directory would overwrite each other's models and checkpoints,
-and could each take the other's RUNNING MLflow run for a killed one (`tfstack.resume`). So
+and could each take the other's RUNNING MLflow run for a killed one (`tfstack.pipeline.resume`). So
 `run_all` and `run_stage` hold `exclusive` on ``output_dir`` for the whole command.
 
 Part of the entry layer (it knows the ``output_dir`` convention, not Config).

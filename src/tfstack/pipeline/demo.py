@@ -44,9 +44,9 @@ scratch widens (joint 0.80-0.88 against scratch 0.68-0.82).
 
 Command line (the data stage of the pipeline)::
 
-    python -m tfstack.demo write-raw data/
-    python -m tfstack.demo prepare data/digits.npz prepared/ --seed 0
-    python -m tfstack.demo pretrain prepared/source.npz models/ --seed 0 --epochs 20
+    python -m tfstack.pipeline.demo write-raw data/
+    python -m tfstack.pipeline.demo prepare data/digits.npz prepared/ --seed 0
+    python -m tfstack.pipeline.demo pretrain prepared/source.npz models/ --seed 0 --epochs 20
 """
 
 from __future__ import annotations
@@ -347,7 +347,8 @@ def _load_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
     """Read ``x`` and ``y`` of the raw digits file, with messages that name it."""
     if not path.is_file():
         raise DataError(
-            f"{path}: no such file. Write it with `python -m tfstack.demo write-raw {path.parent}`."
+            f"{path}: no such file. Write it with "
+            f"`python -m tfstack.pipeline.demo write-raw {path.parent}`."
         )
     try:
         with np.load(path, allow_pickle=False) as raw:
@@ -355,7 +356,7 @@ def _load_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
     except (KeyError, ValueError, OSError, AttributeError) as err:
         raise DataError(
             f"{path}: not a raw digits file with arrays x and y ({err}). "
-            f"Rewrite it with `python -m tfstack.demo write-raw {path.parent}`."
+            f"Rewrite it with `python -m tfstack.pipeline.demo write-raw {path.parent}`."
         ) from err
     if x.shape[1:] != (8, 8) or len(x) != len(y):
         raise DataError(
@@ -368,7 +369,7 @@ def _load_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
 def main(argv: list[str] | None = None) -> int:
     """Command line of the demo data stages; returns the exit code."""
     parser = argparse.ArgumentParser(
-        prog="python -m tfstack.demo", description=__doc__.split("\n")[0]
+        prog="python -m tfstack.pipeline.demo", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
     write_raw = commands.add_parser("write-raw", help="write digits.npz (byte-identical every run)")

@@ -15,11 +15,11 @@ import stat
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tfstack.config import ComponentConfig, Config
 from tfstack.errors import ComponentError, DataError
+from tfstack.pipeline.config import ComponentConfig, Config
 
 if TYPE_CHECKING:
-    from tfstack.pipeline import Paths
+    from tfstack.pipeline.paths import Paths
 
 # As in tfstack.components (which imports Keras); tests/test_preflight.py checks they agree.
 APPLICATIONS_PREFIX = "keras_applications:"
