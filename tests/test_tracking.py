@@ -447,3 +447,50 @@ def test_epoch_logger_gathers_short_epochs_into_one_write_per_interval(uri, sync
     assert timestamps == sorted(timestamps)  # each epoch keeps the time it ended
     tags = client.get_run(run_id).data.tags
     assert tags["phase.0.name"] == "head" and tags["phase.0.epochs"] == "0-3"
+
+
+def test_epochs_gathered_by_a_phase_cut_short_are_written_when_the_run_fails(uri):
+    """An error mid-phase ends the run FAILED with every completed epoch in its history."""
+    model = tiny_model()
+    x, y = tiny_data()
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy")
+
+    class FailAfterThirdEpoch(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            if epoch == 2:
+                raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        with tracking.tracked_run(uri, EXPERIMENT) as run_id:
+            epoch_logger = tracking.EpochLogger(run_id, "head", min_interval_s=3600)
+            model.fit(x, y, epochs=5, callbacks=[epoch_logger, FailAfterThirdEpoch()], verbose=0)
+
+    client = MlflowClient(uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FAILED"
+    assert run.data.tags["error"] == "RuntimeError: disk full"
+    assert run.data.tags["phase.0.name"] == "head"
+    assert [step for step, _ in history(client, run_id, "loss")] == [0, 1, 2]
+    assert [value for _, value in history(client, run_id, "phase_index")] == [0.0, 0.0, 0.0]
+
+
+def test_runs_in_two_stores_are_written_from_one_process(tmp_path):
+    """Each TrackedRun writes to its own store, whatever was started last."""
+    first_dir, second_dir = tmp_path / "a", tmp_path / "b"
+    first_dir.mkdir()
+    second_dir.mkdir()
+    first_uri = tracking.default_tracking_uri(first_dir)
+    second_uri = tracking.default_tracking_uri(second_dir)
+    first = tracking.start_run(first_uri, EXPERIMENT)
+    second = tracking.start_run(second_uri, EXPERIMENT)
+    tracking.log_metrics(first, {"score": 1.0})
+    tracking.log_metrics(second, {"score": 2.0}, synchronous=False)
+    assert tracking.get_tracked_run(second).uri == second_uri
+    tracking.end_run(second)
+    tracking.end_run(first)
+
+    assert MlflowClient(first_uri).get_run(first).data.metrics == {"score": 1.0}
+    assert MlflowClient(second_uri).get_run(second).data.metrics == {"score": 2.0}
+    assert MlflowClient(first_uri).get_run(first).info.status == "FINISHED"
+    with pytest.raises(mlflow.exceptions.MlflowException):
+        MlflowClient(first_uri).get_run(second)

@@ -1,0 +1,122 @@
+"""The import rules that draw the layers: who may import mlflow, hydra and omegaconf.
+
+Every import statement under src/tfstack/ is read with `ast` (also the ones inside functions,
+and `importlib.import_module("...")` / `__import__("...")` with a literal name), so a lazy
+import does not slip past. ruff's banned-api rule (pyproject.toml) enforces the mlflow rule in
+`make lint` too; `test_ruff_bans_mlflow_outside_tracking` checks that configuration.
+"""
+
+from __future__ import annotations
+
+import ast
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "src" / "tfstack"
+
+# Package -> the paths (relative to src/tfstack/) allowed to import it: a directory ends in "/".
+ALLOWED = {
+    "mlflow": ["tracking/"],
+    # Entry-layer modules; they move into pipeline/ later, and this list shrinks to ["pipeline/"].
+    "hydra": ["config.py", "sweeps.py", "reproduce.py", "cli.py", "preflight.py", "pipeline.py"],
+    "omegaconf": [
+        "config.py",
+        "sweeps.py",
+        "reproduce.py",
+        "cli.py",
+        "preflight.py",
+        "pipeline.py",
+    ],
+}
+
+
+def imported_packages(source: str) -> dict[str, list[int]]:
+    """Top-level packages a module's source imports, with the line numbers of the imports."""
+    found: dict[str, list[int]] = {}
+
+    def add(name: str, line: int) -> None:
+        found.setdefault(name.split(".", 1)[0], []).append(line)
+
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                add(alias.name, node.lineno)
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            add(node.module, node.lineno)
+        elif isinstance(node, ast.Call) and node.args:
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", None)
+            first = node.args[0]
+            if name in ("import_module", "__import__") and isinstance(first, ast.Constant):
+                if isinstance(first.value, str):
+                    add(first.value, node.lineno)
+    return found
+
+
+def _allowed(relative: str, package: str) -> bool:
+    return any(
+        relative.startswith(rule) if rule.endswith("/") else relative == rule
+        for rule in ALLOWED[package]
+    )
+
+
+def test_detects_every_form_of_import() -> None:
+    source = (
+        "import mlflow.tensorflow\n"
+        "from omegaconf import OmegaConf\n"
+        "from . import tracking\n"
+        "def later():\n"
+        "    import hydra\n"
+        "    importlib.import_module('mlflow.pyfunc')\n"
+    )
+    assert imported_packages(source) == {"mlflow": [1, 6], "omegaconf": [2], "hydra": [5]}
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_package_is_imported_only_where_allowed(package: str) -> None:
+    sources = sorted(PACKAGE.rglob("*.py"))
+    assert len(sources) > 20  # the walk sees the package, not an empty directory
+    offenders = []
+    for path in sources:
+        relative = path.relative_to(PACKAGE).as_posix()
+        lines = imported_packages(path.read_text(encoding="utf-8")).get(package, [])
+        if lines and not _allowed(relative, package):
+            offenders += [f"src/tfstack/{relative}:{line}" for line in lines]
+    assert not offenders, f"{package} may be imported only in {ALLOWED[package]}: {offenders}"
+
+
+def test_tracking_package_does_import_mlflow() -> None:
+    # The rule above is about something real: tracking/ is where mlflow is used.
+    users = [
+        path.name
+        for path in (PACKAGE / "tracking").glob("*.py")
+        if "mlflow" in imported_packages(path.read_text(encoding="utf-8"))
+    ]
+    assert "store.py" in users and "models.py" in users
+
+
+def _ruff() -> str | None:
+    return shutil.which("ruff", path=str(Path(sys.executable).parent)) or shutil.which("ruff")
+
+
+@pytest.mark.skipif(_ruff() is None, reason="ruff is not installed")
+@pytest.mark.parametrize(
+    ("filename", "banned"),
+    [("src/tfstack/stacking.py", True), ("src/tfstack/tracking/store.py", False)],
+)
+def test_ruff_bans_mlflow_outside_tracking(filename: str, banned: bool) -> None:
+    checked = subprocess.run(
+        [_ruff(), "check", "--no-cache", "--stdin-filename", filename, "-"],
+        input="import mlflow\n\nprint(mlflow)\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        check=False,
+    )
+    assert ("TID251" in checked.stdout) is banned, checked.stdout
+    assert checked.returncode == (1 if banned else 0), checked.stdout + checked.stderr
