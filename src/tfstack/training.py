@@ -31,12 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from tfstack import checkpoints, frozen_features
 from tfstack.checkpoints import TrainingState
 from tfstack.data import ArrayDataset
+from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
 from tfstack.schedules import Phase, make_optimizer
@@ -112,48 +112,6 @@ def history_rows(results: Sequence[PhaseResult]) -> list[dict[str, Any]]:
     return rows
 
 
-def numeric_logs(logs: dict | None) -> dict[str, float]:
-    """The entries of Keras's epoch ``logs`` that are numbers, as floats."""
-    numbers: dict[str, float] = {}
-    for key, value in (logs or {}).items():
-        try:
-            numbers[str(key)] = float(np.asarray(value).item())
-        except (TypeError, ValueError):
-            continue
-    return numbers
-
-
-def epoch_metrics(logs: dict | None, optimizer, phase_index: int) -> dict[str, float]:
-    """An epoch's metrics row: Keras's numeric logs, the optimizer's ``lr``, ``phase_index``.
-
-    What a checkpoint keeps per epoch and what the tracking callback logs, so a resumed run
-    fills its gaps with the values it would have logged.
-
-    Args:
-        logs: the ``logs`` Keras passes to ``on_epoch_end``.
-        optimizer: the phase's optimizer (None: no ``lr``).
-        phase_index: the phase's position in the schedule.
-
-    Returns:
-        ``{name: value}``; entries that are not numbers are left out.
-    """
-    metrics = numeric_logs(logs)
-    lr = _current_lr(optimizer)
-    if lr is not None:
-        metrics["lr"] = lr
-    metrics["phase_index"] = float(phase_index)
-    return metrics
-
-
-def _current_lr(optimizer) -> float | None:
-    if optimizer is None:
-        return None
-    try:
-        return float(keras.ops.convert_to_numpy(optimizer.learning_rate))
-    except Exception:  # exotic optimizers or schedules: skip lr rather than fail training
-        return None
-
-
 def _batches(data):
     return data.batches() if isinstance(data, ArrayDataset) else data
 
@@ -224,7 +182,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         history = self.record.setdefault("history", {})
         for key, value in numbers.items():
             history.setdefault(key, []).append(value)
-        metrics = epoch_metrics(numbers, self.stacked.optimizer, self.phase_index)
+        metrics = epoch_metrics_row(numbers, self.stacked.optimizer, self.phase_index)
         self.record["seconds"] = self.seconds_before + (start - self.started)
         state = self.state
         state.epoch_rows.append({"epoch": int(epoch), "metrics": metrics})

@@ -22,8 +22,8 @@ UI), ``sweep_job`` and ``sweep_overrides``. It returns the objective to the swee
 epoch's value of ``objective.metric`` (default ``val_accuracy``, max). A failing job ends its run
 FAILED and returns the worst value, so a grid goes on and an Optuna study steers away from it.
 
-Parallel jobs share the sqlite store: ``tfstack.tracking`` serializes its creation and retries writes
-that meet "database is locked"; the parent run creates the store before any job starts.
+Parallel jobs share the sqlite store: ``tfstack.tracking`` serializes its creation and retries
+writes that meet "database is locked"; the parent run creates the store before any job starts.
 """
 
 from __future__ import annotations
