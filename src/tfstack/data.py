@@ -177,9 +177,10 @@ class ArrayDataset:
     gathering a whole batch at once keeps Python out of the per-batch work.
 
     With ``epoch_seeded``, each epoch's order is instead a function of ``(seed, epoch)`` only,
-    where ``epoch`` is what `set_epoch` last set (a Keras callback calls it at the start of every
-    epoch, e.g. `tfstack.checkpoints.EpochOrder`): a run resumed at epoch ``k`` sees exactly the
-    order an uninterrupted run saw at epoch ``k``, however many epochs (or iterators) came before.
+    where ``epoch`` is what `set_epoch` last set (at the start of every epoch, by the callback
+    `tfstack.training.EpochOrder` that the phase loop attaches): a run resumed at epoch ``k`` sees
+    exactly the order an uninterrupted run saw at epoch ``k``, however many epochs (or
+    iterators) came before.
 
     Args:
         x: Inputs, shape ``(n, ...)``.
@@ -348,11 +349,7 @@ def make_dataset(
     Python per batch). Use `ArrayDataset` to also train on precomputed features in that order.
 
     Args:
-        x: Inputs, shape ``(n, ...)``.
-        y: Targets, shape ``(n, ...)``.
-        batch_size: Samples per batch (the last batch may be smaller).
-        shuffle: Whether to shuffle (training) or keep the order (validation, test).
-        seed: Seed of the shuffle.
+        x, y, batch_size, shuffle, seed: As for `ArrayDataset`.
 
     Returns:
         A dataset of ``(x_batch, y_batch)``.

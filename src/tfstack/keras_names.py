@@ -31,6 +31,18 @@ KERAS_OPTIMIZERS = frozenset(
 # subclass that a saved model reloads); the test checks the two agree.
 SUPPORTED_OPTIMIZERS = ("adagrad", "adam", "adamax", "adamw", "nadam", "rmsprop", "sgd")
 
+# The error names that are both a Keras loss and a Keras metric.
+_ERRORS = (
+    "mae",
+    "mape",
+    "mean_absolute_error",
+    "mean_absolute_percentage_error",
+    "mean_squared_error",
+    "mean_squared_logarithmic_error",
+    "mse",
+    "msle",
+)
+
 # Every string `keras.losses.get` accepts (case-sensitive), except the abstract base class
 # `Loss`, which it accepts but which cannot compute a loss.
 KERAS_LOSSES = frozenset(
@@ -77,14 +89,7 @@ KERAS_LOSSES = frozenset(
         "kl_divergence",
         "kld",
         "log_cosh",
-        "mae",
-        "mape",
-        "mean_absolute_error",
-        "mean_absolute_percentage_error",
-        "mean_squared_error",
-        "mean_squared_logarithmic_error",
-        "mse",
-        "msle",
+        *_ERRORS,
         "poisson",
         "sparse_categorical_crossentropy",
         "squared_hinge",
@@ -156,15 +161,8 @@ KERAS_METRICS = frozenset(
         "hinge",
         "kl_divergence",
         "log_cosh_error",
-        "mae",
-        "mape",
+        *_ERRORS,
         "mean",
-        "mean_absolute_error",
-        "mean_absolute_percentage_error",
-        "mean_squared_error",
-        "mean_squared_logarithmic_error",
-        "mse",
-        "msle",
         "pearson_correlation",
         "poisson",
         "precision",

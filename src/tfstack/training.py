@@ -362,12 +362,7 @@ def fit_phase(
     )
     seconds = time.perf_counter() - start
     return PhaseResult(
-        name=phase.name,
-        index=index,
-        initial_epoch=initial_epoch,
-        epochs=phase.epochs,
-        lr=phase.lr,
-        freeze=phase.freeze.describe(),
+        **_phase_fields(phase, index, initial_epoch),
         counts=report.counts,
         history={k: [float(v) for v in values] for k, values in history.history.items()},
         seconds=seconds,
@@ -526,12 +521,17 @@ def _phase_record(
         record = {"history": {}, "seconds": 0.0}
         del state.phases[index:]
         state.phases.append(record)
-    record.update(
-        name=phase.name,
-        index=index,
-        initial_epoch=start,
-        epochs=phase.epochs,
-        lr=phase.lr,
-        freeze=phase.freeze.describe(),
-    )
+    record.update(_phase_fields(phase, index, start))
     return record
+
+
+def _phase_fields(phase: Phase, index: int, initial_epoch: int) -> dict[str, Any]:
+    """What a `PhaseResult` and a checkpoint's phase record say of the phase itself."""
+    return {
+        "name": phase.name,
+        "index": index,
+        "initial_epoch": initial_epoch,
+        "epochs": phase.epochs,
+        "lr": phase.lr,
+        "freeze": phase.freeze.describe(),
+    }

@@ -55,12 +55,7 @@ def run_experiment_name(uri: str, run_id: str) -> str:
     Raises:
         TrackingError: The run does not exist in the store.
     """
-    client = open_store(uri).client
-    try:
-        run = client.get_run(run_id)
-    except MlflowException as exc:
-        raise TrackingError(f"run_id={run_id} does not exist in tracking.uri={uri}.") from exc
-    return client.get_experiment(run.info.experiment_id).name
+    return get_run(uri, run_id)["experiment"]
 
 
 def _artifact_location(uri: str, experiment: str) -> str | None:
