@@ -23,12 +23,9 @@ a directory); the pipeline decides what they are.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import os
 import shutil
-import tempfile
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +36,7 @@ import keras
 import numpy as np
 
 from tfstack.errors import OutputError, TrainingError
+from tfstack.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -102,27 +100,6 @@ def _write_in_place(path: Path, write: Callable[[Any], None]) -> None:
             write(file)
     except OSError as err:
         raise _cannot_write(path, err) from err
-
-
-def _write_replacing(path: Path, write: Callable[[Any], None]) -> None:
-    """Write a file beside ``path``, then rename it into place (atomic for readers and kills)."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError as err:
-        raise _cannot_write(path, err) from err
-    try:
-        with os.fdopen(fd, "wb") as file:
-            write(file)
-        os.replace(tmp, path)
-    except OSError as err:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise _cannot_write(path, err) from err
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
 
 
 def read_state(directory: Path) -> TrainingState | None:
@@ -308,4 +285,5 @@ def write_checkpoint(
 
 def write_state(directory: Path, state: TrainingState) -> None:
     """Replace ``state.json`` atomically (the checkpoint's commit point)."""
-    _write_replacing(Path(directory) / STATE_FILE, lambda f: f.write(state.to_json().encode()))
+    with atomic_path(Path(directory) / STATE_FILE, error=_cannot_write) as tmp:
+        tmp.write_text(state.to_json(), encoding="utf-8")

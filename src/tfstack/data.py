@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from tfstack.errors import DataError
+from tfstack.files import atomic_path
 from tfstack.labels import first_values, is_label_array
 
 if TYPE_CHECKING:
@@ -406,25 +407,24 @@ def save_npz(path: str | os.PathLike[str], arrays: Mapping[str, np.ndarray]) -> 
         DataError: An array has dtype object (it would need pickle to load).
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # per process: parallel writers
-    try:
-        with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive:
-            for name, array in arrays.items():
-                array = np.asarray(array)
-                if array.dtype.hasobject:
-                    raise DataError(f"{path}: array {name!r} has dtype object; save numbers only.")
-                array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
-                buffer = io.BytesIO()
-                np.lib.format.write_array(buffer, array, version=(1, 0), allow_pickle=False)
-                info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
-                info.compress_type = zipfile.ZIP_STORED
-                info.create_system = 3  # Unix, so the mode below is read as permissions.
-                info.external_attr = _ZIP_FILE_MODE << 16
-                archive.writestr(info, buffer.getvalue())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)  # nothing half-written is left when a write fails
+    # Written beside the final name and renamed (`atomic_path`), so parallel writers and a killed
+    # process never leave half a file; the archive is closed before the rename.
+    with (
+        atomic_path(path) as tmp,
+        zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED) as archive,
+    ):
+        for name, array in arrays.items():
+            array = np.asarray(array)
+            if array.dtype.hasobject:
+                raise DataError(f"{path}: array {name!r} has dtype object; save numbers only.")
+            array = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+            buffer = io.BytesIO()
+            np.lib.format.write_array(buffer, array, version=(1, 0), allow_pickle=False)
+            info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_DATE_TIME)
+            info.compress_type = zipfile.ZIP_STORED
+            info.create_system = 3  # Unix, so the mode below is read as permissions.
+            info.external_attr = _ZIP_FILE_MODE << 16
+            archive.writestr(info, buffer.getvalue())
     return path
 
 

@@ -6,7 +6,7 @@ import contextlib
 import json
 import os
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from tfstack.errors import OutputError
@@ -21,24 +21,35 @@ def cannot_write(path: Path, err: OSError, key: str = "output_dir") -> OutputErr
 
 
 @contextlib.contextmanager
-def atomic_path(path: Path) -> Iterator[Path]:
+def atomic_path(
+    path: Path, *, error: Callable[[Path, OSError], OutputError] = cannot_write
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; move it into place only if the block succeeds.
 
-    A reader (or a process killed mid-write) sees the old file or the new one, never part of
-    one. Failures to write raise `OutputError` naming the file.
+    The one way tfstack writes a file someone may read: a reader (or a process killed
+    mid-write) sees the old file or the new one, never part of one. Files are not fsync'ed
+    (it cost more than a demo epoch): an operating-system crash may lose the newest file.
+
+    Args:
+        path: The file to write; its directory is created.
+        error: Builds the error for a write that fails (default: `cannot_write`).
+
+    Raises:
+        OutputError: The file cannot be written (made by ``error``).
     """
+    path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     except OSError as err:
-        raise cannot_write(path, err) from err
+        raise error(path, err) from err
     os.close(fd)
     os.unlink(tmp)  # Keras refuses to overwrite some formats; let the writer create it.
     try:
         yield Path(tmp)
         os.replace(tmp, path)
     except OSError as err:
-        raise cannot_write(path, err) from err
+        raise error(path, err) from err
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)

@@ -64,6 +64,7 @@ import numpy as np
 
 from tfstack.data import file_hash, save_npz
 from tfstack.errors import DataError, TfstackError
+from tfstack.files import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -298,13 +299,8 @@ def pretrain_components(
     paths = {}
     for model in (base, head, head_wide):
         paths[model.name] = out_dir / f"{model.name}.keras"
-        # Beside the final name, then renamed: a killed pretrain leaves no half-written model.
-        tmp = out_dir / f".{model.name}.{os.getpid()}.keras"
-        try:
+        with atomic_path(paths[model.name]) as tmp:  # a killed pretrain leaves no half model
             model.save(tmp)
-            os.replace(tmp, paths[model.name])
-        finally:
-            tmp.unlink(missing_ok=True)
     result = {
         "source_test_accuracy": float(accuracy),
         "source_test_loss": float(loss),

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import tempfile
 from pathlib import Path
 
 from tfstack.errors import TrackingError
+from tfstack.files import write_json
 
 RUN_REF_KEYS = ("run_id", "uri", "experiment")
 
@@ -16,8 +14,8 @@ RUN_REF_KEYS = ("run_id", "uri", "experiment")
 def write_run_ref(path: str | Path, run_id: str, uri: str, experiment: str, **extra: str) -> None:
     """Write the run reference that later stages read to resume the run.
 
-    The JSON file is written to a temporary file beside it and moved into place with
-    `os.replace`, so a reader never sees a half-written file.
+    The JSON file is written beside it and renamed into place (`tfstack.files.write_json`), so a
+    reader never sees a half-written file.
 
     Args:
         path: File to write (parent directories are created).
@@ -28,24 +26,12 @@ def write_run_ref(path: str | Path, run_id: str, uri: str, experiment: str, **ex
             whether the run was started with the same config.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     clashing = sorted(set(extra) & set(RUN_REF_KEYS))
     if clashing:
         raise TrackingError(f"write_run_ref: extra field {clashing[0]!r} is a reserved key.")
     ref = {"run_id": run_id, "uri": uri, "experiment": experiment}
     ref.update({str(key): str(value) for key, value in extra.items()})
-    content = json.dumps(ref, indent=2)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as tmp:
-            tmp.write(content + "\n")
-            tmp.flush()
-            os.fsync(tmp.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
+    write_json(path, ref)
 
 
 def read_run_ref(path: str | Path) -> dict[str, str] | None:
