@@ -95,6 +95,8 @@ def test_stable_interface_keys_exist():
     ("overrides", "message"),
     [
         (["train.epoch=3"], "train.epoch is not a config key. Did you mean train.epochs?"),
+        # a mandatory (???) mapping of the schema takes new entries with Hydra's '+'
+        (["schedule.lr_multipliers.base=0.1"], "prefix: +schedule.lr_multipliers.base=0.1"),
         (["stacking=stackish"], "Options: ['adapter', 'functional', 'sequential']"),
         (["freeze=thawed"], "freeze=thawed is not an option"),
         (["train.epochs=abc"], "train.epochs"),

@@ -231,11 +231,16 @@ def adds_to_mapping(full_key: str) -> bool:
     """
     node: Any = OmegaConf.structured(Config)
     for part in full_key.split("."):
-        if not isinstance(node, DictConfig):
-            return False
-        if part not in node:
+        # `_get_node`, not `in`/`[]`: a mandatory (???) mapping is "not in" its parent; a
+        # mandatory mapping's own entries are unknown, so any name may be added to it.
+        if isinstance(node, DictConfig) and node._is_missing():
             return node._metadata.object_type in (None, dict)
-        node = node[part]
+        child = (
+            node._get_node(part, validate_access=False) if isinstance(node, DictConfig) else None
+        )
+        if child is None:
+            return isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
+        node = child
     return isinstance(node, DictConfig) and node._metadata.object_type in (None, dict)
 
 
