@@ -188,6 +188,7 @@ def check_case(path: Path, *, trust_code: bool, inputs, expected, capsys) -> str
     return outcome
 
 
+@pytest.mark.slow  # 440 cases: about 40 s alone, more on a busy machine
 def test_damaged_keras_and_h5_files_fail_in_one_line_or_load(saved, tmp_path, capsys):
     keras_path, h5_path, inputs, expected = saved
     started = time.perf_counter()
