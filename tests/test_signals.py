@@ -101,6 +101,50 @@ def test_a_repeated_stop_signal_does_not_interrupt_the_unwinding():
     assert signals.exit_code(KeyboardInterrupt()) == 130  # Ctrl-C
 
 
+# A stage as DVC runs it: a parent (DVC) starts a shell that runs the command.
+FOLLOWER = """
+import pathlib, sys, time
+from tfstack import signals
+out = pathlib.Path(sys.argv[1])
+with signals.stop_on_signals():
+    try:
+        signals.stop_with_parent()
+        out.write_text("ready")
+        time.sleep(60)
+    except signals.Stopped as stopped:
+        out.write_text(stopped.signal_name)
+"""
+PARENT = """
+import subprocess, sys, time
+subprocess.Popen(sys.argv[1:])
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("shell", ["/bin/sh", "/bin/bash", None], ids=["dash", "bash", "no-shell"])
+def test_a_stage_is_stopped_when_its_parent_dies_whatever_shell_runs_it(tmp_path, shell):
+    import shlex
+    import sys
+
+    out = tmp_path / "follower.txt"
+    follower = [sys.executable, "-c", FOLLOWER, str(out)]
+    command = [shell, "-c", shlex.join(follower)] if shell else follower
+    parent = subprocess.Popen([sys.executable, "-c", PARENT, *command])
+    try:
+        deadline = time.monotonic() + 60
+        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text() == "ready"
+        parent.kill()  # SIGKILL: nothing is forwarded; the shell (if it stays) lives on
+        parent.wait()
+        deadline = time.monotonic() + 20
+        while out.read_text() == "ready" and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert out.read_text() == "SIGTERM"
+    finally:
+        parent.kill()
+
+
 # ---------------------------------------------------------------------------------------------
 # tfstack run
 # ---------------------------------------------------------------------------------------------
@@ -151,7 +195,11 @@ def dvc_project(template: Path, destination: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
-def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(template, tmp_path, signum):
+def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(
+    template, tmp_path, monkeypatch, signum
+):
+    # DVC runs the stage in $SHELL, else /bin/sh: bash execs the command, dash stays in between.
+    monkeypatch.setenv("SHELL", "/bin/sh" if signum == signal.SIGTERM else "/bin/bash")
     project = dvc_project(template, tmp_path / "dvc")
     process = start(project, "dvc", "repro")  # stdout: the stages' output
     try:

@@ -16,8 +16,10 @@ a model).
 Under ``dvc repro`` a stage is the child of the ``dvc`` process, which does not forward SIGTERM or
 SIGHUP: ``kill <dvc pid>`` ends DVC alone and the stage would go on training, orphaned. With
 `stop_with_parent` a stage process asks Linux to send it SIGTERM when its parent dies
-(``PR_SET_PDEATHSIG``). A signal sent to the whole process group (``timeout``, a terminal, SLURM)
-reaches the stage directly.
+(``PR_SET_PDEATHSIG``), and, where the stage's shell stays between them (dash, Debian's
+``/bin/sh``, when ``$SHELL`` is unset), waits on DVC's process itself (``pidfd_open``).
+A signal sent to the whole process group (``timeout``, a terminal, SLURM) reaches the stage
+directly.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import contextlib
 import ctypes
 import logging
 import os
+import select
 import signal
 import sys
 import threading
@@ -97,21 +100,80 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
             signal.signal(signum, old)
 
 
+# A stage's command runs in a shell: ``$SHELL -c CMD``, else ``/bin/sh -c CMD``. bash replaces
+# itself with a lone command; dash (Debian's /bin/sh) does not, so it stays the stage's parent
+# and outlives DVC. The process to follow is the nearest ancestor that is not one of these.
+SHELLS = frozenset({"sh", "dash", "bash", "zsh", "ksh", "mksh", "fish", "ash", "busybox"})
+_POLL_S = 0.5  # how often the fallback watcher looks, where pidfd_open is unavailable
+
+
+def _process(pid: int) -> tuple[str, str, int] | None:
+    """``(name, state, parent pid)`` of a live process from ``/proc``; None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="utf-8", errors="replace") as stat_file:
+            stat = stat_file.read()
+    except OSError:
+        return None
+    # "pid (name) state ppid ...": the name may itself hold spaces and parentheses.
+    state, ppid = stat[stat.rindex(")") + 2 :].split()[:2]
+    if state in ("Z", "X"):  # exited, not yet reaped
+        return None
+    return stat[stat.index("(") + 1 : stat.rindex(")")], state, int(ppid)
+
+
+def ancestor_to_follow() -> int:
+    """This process's nearest ancestor that is not a shell (its parent if that is not a shell)."""
+    ancestor = os.getppid()
+    while (found := _process(ancestor)) is not None and found[0] in SHELLS and found[2] > 1:
+        ancestor = found[2]
+    return ancestor
+
+
+def _stop_when_gone(pid: int) -> None:
+    """Send this process SIGTERM once ``pid`` exits (a daemon thread waits for it)."""
+    me = os.getpid()
+    try:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        os.kill(me, signal.SIGTERM)
+        return
+    except (OSError, AttributeError):  # no pidfd (Linux < 5.3, a sandbox): look every _POLL_S
+        pidfd = None
+
+    def wait() -> None:
+        if pidfd is not None:
+            select.select([pidfd], [], [])  # readable once the process has exited
+        else:
+            while _process(pid) is not None:
+                time.sleep(_POLL_S)
+        os.kill(me, signal.SIGTERM)
+
+    threading.Thread(target=wait, name=f"tfstack-follow-{pid}", daemon=True).start()
+
+
 def stop_with_parent() -> None:
     """Receive SIGTERM when the parent process dies (Linux; elsewhere a no-op).
 
-    For a DVC stage, whose parent ``dvc`` forwards no SIGTERM. If the parent is already gone
-    (the process was re-parented before the request took effect), SIGTERM is sent now.
+    For a DVC stage, whose parent ``dvc`` forwards no SIGTERM. The parent is followed through
+    the shell that runs the stage's command: where that shell stays (dash), the process followed
+    is DVC above it. If the parent is already gone (the process was re-parented before the
+    request took effect), SIGTERM is sent now.
     """
     if not sys.platform.startswith("linux"):
         return
     parent = os.getppid()
+    kernel_follows = True
     try:
         libc = ctypes.CDLL(None, use_errno=True)
         if libc.prctl(_PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
             raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
     except (OSError, AttributeError) as err:
-        logger.debug("cannot follow the parent process: %s", err)
-        return
+        logger.debug("prctl(PR_SET_PDEATHSIG) unavailable, watching instead: %s", err)
+        kernel_follows = False
     if os.getppid() != parent:
         os.kill(os.getpid(), signal.SIGTERM)
+        return
+    ancestor = ancestor_to_follow()
+    if ancestor != parent or not kernel_follows:
+        logger.debug("following process %d above the shell %d", ancestor, parent)
+        _stop_when_gone(ancestor)

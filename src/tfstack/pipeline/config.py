@@ -13,7 +13,7 @@ import difflib
 import math
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -269,34 +269,35 @@ def _check_choice(value: Any, choices: tuple[str, ...], key: str, group: str | N
         )
 
 
-# Lower bounds of the numbers in the config: (key, lowest allowed, whether the bound itself is
-# allowed). Floats must also be finite: `train.lr=inf` would otherwise pass and fail later as
-# "the loss became nan". `None` (where the schema allows it) is not checked.
-_LOWER_BOUNDS: tuple[tuple[str, float, bool], ...] = (
-    ("train.epochs", 1, True),
-    ("train.batch_size", 1, True),
-    ("train.lr", 0, False),
+class _Bound(NamedTuple):
+    """The lowest value a number of the config may take, and a hint shown when it is below."""
+
+    lowest: float
+    inclusive: bool  # whether `lowest` itself is allowed
+    hint: str = ""
+
+
+# Floats must also be finite: `train.lr=inf` would otherwise pass and fail later as "the loss
+# became nan". `None` (where the schema allows it) is not checked.
+_LOWER_BOUNDS: dict[str, _Bound] = {
+    "train.epochs": _Bound(1, True),
+    "train.batch_size": _Bound(1, True),
+    "train.lr": _Bound(0, False, "e.g. train.lr=0.001"),
     # 0 is honoured: two_phase then has no fine-tuning phase (the phase is skipped and logged).
-    ("schedule.fine_tune_epochs", 0, True),
-    ("schedule.fine_tune_lr_factor", 0, False),
-    ("schedule.unfreeze_last", 1, True),
-    ("schedule.stages", 2, True),
-    ("schedule.unfreeze_step", 1, True),
-    ("schedule.lr_decay", 0, False),
-    ("freeze.unfreeze_last", 1, True),
-    ("distribute.cpu_replicas", 0, True),
-    ("demo.target_train_per_class", 1, True),
-    ("demo.pretrain_epochs", 1, True),
-)
-_HINTS = {
-    "train.lr": "e.g. train.lr=0.001",
-    "schedule.fine_tune_lr_factor": "e.g. 0.1 fine-tunes at a tenth of train.lr",
-    "schedule.stages": "gradual unfreezing is the head phase, then at least one unfreezing phase",
-    "schedule.lr_decay": "phase k trains at train.lr * lr_decay**k, e.g. 0.5",
-    "freeze.unfreeze_last": "use freeze=frozen to train the head only",
-    "schedule.unfreeze_last": "the layers with weights that two_phase unfreezes",
-    "schedule.unfreeze_step": "the layers with weights each gradual phase unfreezes in addition",
-    "distribute.cpu_replicas": "0 keeps the devices as they are",
+    "schedule.fine_tune_epochs": _Bound(0, True),
+    "schedule.fine_tune_lr_factor": _Bound(0, False, "e.g. 0.1 fine-tunes at a tenth of train.lr"),
+    "schedule.unfreeze_last": _Bound(1, True, "the layers with weights that two_phase unfreezes"),
+    "schedule.stages": _Bound(
+        2, True, "gradual unfreezing is the head phase, then at least one unfreezing phase"
+    ),
+    "schedule.unfreeze_step": _Bound(
+        1, True, "the layers with weights each gradual phase unfreezes in addition"
+    ),
+    "schedule.lr_decay": _Bound(0, False, "phase k trains at train.lr * lr_decay**k, e.g. 0.5"),
+    "freeze.unfreeze_last": _Bound(1, True, "use freeze=frozen to train the head only"),
+    "distribute.cpu_replicas": _Bound(0, True, "0 keeps the devices as they are"),
+    "demo.target_train_per_class": _Bound(1, True),
+    "demo.pretrain_epochs": _Bound(1, True),
 }
 
 
@@ -307,24 +308,24 @@ def _value(config: Config, key: str) -> Any:
     return node
 
 
-def _check_number(key: str, value: Any, lowest: float, inclusive: bool) -> None:
+def _check_number(key: str, value: Any, bound: _Bound) -> None:
     """Refuse a non-finite float, or a number below its bound, naming the key."""
+    lowest, inclusive, hint = bound
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{key}={value} is not a finite number. Set {key} to a finite number.")
     if value < lowest or (value == lowest and not inclusive):
-        bound = (
+        least = (
             f"at least {lowest:g}" if inclusive else "positive" if lowest == 0 else f"> {lowest}"
         )
-        hint = f" ({_HINTS[key]})" if key in _HINTS else ""
-        raise ConfigError(f"{key}={value} must be {bound}{hint}.")
+        raise ConfigError(f"{key}={value} must be {least}{f' ({hint})' if hint else ''}.")
 
 
 def _check_numbers(config: Config) -> None:
     """Every number of the config is finite and within its range."""
-    for key, lowest, inclusive in _LOWER_BOUNDS:
+    for key, bound in _LOWER_BOUNDS.items():
         value = _value(config, key)
         if value is not None:
-            _check_number(key, value, lowest, inclusive)
+            _check_number(key, value, bound)
     for name, factor in config.schedule.lr_multipliers.items():
         key = f"schedule.lr_multipliers.{name}"
         if not math.isfinite(factor):

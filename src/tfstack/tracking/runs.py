@@ -320,15 +320,7 @@ def _record_error(run_id: str, error: BaseException | str) -> None:
 
 
 @contextlib.contextmanager
-def tracked_run(
-    uri: str,
-    experiment: str,
-    *,
-    run_id: str | None = None,
-    run_name: str | None = None,
-    tags: Mapping[str, Any] | None = None,
-    end: bool = True,
-) -> Iterator[str]:
+def tracked_run(uri: str, experiment: str, *, end: bool = True, **start: Any) -> Iterator[str]:
     """Start or resume a run for the duration of a `with` block; yield its id.
 
     On success the run is ended FINISHED when `end` is True, or left RUNNING for the next stage
@@ -341,15 +333,13 @@ def tracked_run(
     Args:
         uri: Tracking URI.
         experiment: Experiment name.
-        run_id: Run to resume; None starts a new one.
-        run_name: Name of a new run.
-        tags: Tags to set on the run.
         end: End the run FINISHED on success (the pipeline's last stage), or leave it open.
+        **start: `start_run`'s keywords: ``run_id`` (resume it), ``run_name``, ``tags``.
 
     Yields:
         The run id.
     """
-    run_id = start_run(uri, experiment, run_id=run_id, run_name=run_name, tags=tags)
+    run_id = start_run(uri, experiment, **start)
     run = get_tracked_run(run_id)
     try:
         yield run_id
