@@ -1,12 +1,14 @@
 """Shared fixtures: tiny Keras models built in the test, and quiet TensorFlow logs."""
 
 import os
+import sys
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
+from project_copy import clone, make_template  # noqa: E402
 
 
 def make_base(name: str = "base", input_shape=(8, 8, 1), features: int = 8) -> keras.Model:
@@ -56,3 +58,26 @@ def head():
 @pytest.fixture
 def data():
     return make_data()
+
+
+@pytest.fixture(scope="session")
+def template(tmp_path_factory):
+    """The shrunk demo project, prepared and pretrained once per session; tests use a `project`."""
+    return make_template(tmp_path_factory.mktemp("project"))
+
+
+@pytest.fixture
+def project(template, tmp_path, monkeypatch):
+    """A copy of the template as the working directory, with no tracking URI leaked into it."""
+    for name in (
+        "TFSTACK_TRACKING_URI",
+        "MLFLOW_TRACKING_URI",
+        "MLFLOW_RUN_ID",
+        "HYDRA_FULL_ERROR",
+    ):
+        monkeypatch.delenv(name, raising=False)
+    project = clone(template, tmp_path / "project")
+    monkeypatch.chdir(project)
+    yield project
+    if "mlflow" in sys.modules:  # a test that ran tfstack in-process set the process-wide URI
+        sys.modules["mlflow"].set_tracking_uri(None)

@@ -46,6 +46,7 @@ def test_importing_tfstack_loads_no_tensorflow():
 
 
 @pytest.mark.parametrize("name", ["tfstack", *PUBLIC])
+@pytest.mark.slow
 def test_docstring_example_runs(name, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     target = tfstack if name == "tfstack" else getattr(tfstack, name)
@@ -63,6 +64,7 @@ def readme_example() -> str:
     return re.search(r"```python\n(.*?)```", section, re.S).group(1)
 
 
+@pytest.mark.slow
 def test_the_readme_example_runs_without_mlflow_hydra_or_dvc(tmp_path):
     script = tmp_path / "example.py"
     script.write_text(BLOCKER + readme_example(), encoding="utf-8")

@@ -158,6 +158,7 @@ def store(tmp_path):
     return uri, parent
 
 
+@pytest.mark.slow
 def test_compare_cli_reads_a_sweep_and_logs_the_table_to_its_parent(
     store, tmp_path, monkeypatch, capsys
 ):
@@ -185,6 +186,7 @@ def test_compare_cli_reads_a_sweep_and_logs_the_table_to_its_parent(
     assert run.data.tags["best_config"] == "freeze=joint stacking=sequential schedule=single"
 
 
+@pytest.mark.slow
 def test_compare_cli_by_experiment_and_filter(store, tmp_path, monkeypatch, capsys):
     uri, _ = store
     monkeypatch.chdir(tmp_path)
@@ -208,6 +210,7 @@ def test_compare_cli_by_experiment_and_filter(store, tmp_path, monkeypatch, caps
         ([], ["--filter", "tags.freeze = 'none'"], "No finished tfstack runs"),
     ],
 )
+@pytest.mark.slow
 def test_compare_cli_errors_name_the_problem(
     store, tmp_path, monkeypatch, capsys, overrides, options, message
 ):

@@ -113,6 +113,7 @@ def test_keras_application_mobilenetv2_without_download():
     assert model.output.shape == (None, 1280)
 
 
+@pytest.mark.slow
 def test_keras_application_loads_local_weights_file(tmp_path):
     arguments = {"input_shape": (32, 32, 3), "include_top": False, "pooling": "avg"}
     reference = keras.applications.MobileNetV2(weights=None, **arguments)
@@ -159,6 +160,7 @@ def test_savedmodel_wrapper_stays_opaque_after_keras_reload(tmp_path):
     assert is_opaque(keras.Sequential([reloaded], name="stacked"))
 
 
+@pytest.mark.slow
 def test_two_files_both_named_sequential_can_be_stacked(tmp_path):
     first, second = str(tmp_path / "first.keras"), str(tmp_path / "second.keras")
     for path, (width_in, width_out) in ((first, (4, 6)), (second, (6, 3))):

@@ -51,6 +51,7 @@ def test_write_raw_digits_holds_all_digits(raw_path):
     assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
 
 
+@pytest.mark.slow
 def test_write_raw_digits_is_byte_identical_across_runs_and_processes(raw_path, tmp_path):
     again = write_raw_digits(tmp_path / "again")
     process = run(
@@ -63,6 +64,7 @@ def test_write_raw_digits_is_byte_identical_across_runs_and_processes(raw_path, 
     assert file_hash(raw_path) in process.stdout
 
 
+@pytest.mark.slow
 def test_regenerated_data_matches_the_committed_data_dvc(tmp_path):
     """A fresh clone regenerates data/ and DVC finds it identical to what data.dvc recorded."""
     clone = tmp_path / "clone"
@@ -136,6 +138,7 @@ def test_make_transfer_task_errors(raw_path, tmp_path):
         make_transfer_task(tmp_path / "missing.npz", tmp_path, seed=0)
 
 
+@pytest.mark.slow
 def test_pretrain_components_saves_base_head_and_wide_head(task, tmp_path):
     # A separate process: pretraining enables TensorFlow's op determinism for the whole process.
     models = tmp_path / "models"

@@ -55,6 +55,7 @@ MIRRORED_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_mirrored_over_two_cpu_replicas_matches_one_device():
     script = MIRRORED_SCRIPT.format(tests=str(TESTS))
     out = subprocess.run(

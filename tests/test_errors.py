@@ -19,33 +19,11 @@ import keras
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from project_copy import clone, leftovers, make_template
+from project_copy import leftovers
 
 from tfstack import cli
 
 STAGE_OUTPUTS = ("build", "train", "evaluate")
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("errors"))
-
-
-@pytest.fixture
-def project(template, tmp_path, monkeypatch):
-    import mlflow
-
-    for name in (
-        "TFSTACK_TRACKING_URI",
-        "MLFLOW_TRACKING_URI",
-        "MLFLOW_RUN_ID",
-        "HYDRA_FULL_ERROR",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    project = clone(template, tmp_path / "project")
-    monkeypatch.chdir(project)
-    yield project
-    mlflow.set_tracking_uri(None)
 
 
 def fail(capsys, *args: str) -> str:
@@ -108,6 +86,7 @@ def digits_like(project: Path, name: str, **changes) -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_missing_component_file(project, capsys):
     line = fail(capsys, "run", "components.base.path=models/missing.keras")
     assert "components.base.path=" in line and "missing.keras does not exist" in line
@@ -116,6 +95,7 @@ def test_missing_component_file(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_truncated_keras_file(project, capsys):
     whole = (project / "outputs" / "pretrain" / "base.keras").read_bytes()
     (project / "cut.keras").write_bytes(whole[: len(whole) // 3])
@@ -125,6 +105,7 @@ def test_truncated_keras_file(project, capsys):
     assert_left_clean(project)
 
 
+@pytest.mark.slow
 def test_truncated_h5_file(project, capsys):
     tiny_head(project / "head.h5")
     whole = (project / "head.h5").read_bytes()
@@ -134,6 +115,7 @@ def test_truncated_h5_file(project, capsys):
     assert_left_clean(project)
 
 
+@pytest.mark.slow
 def test_h5_with_weights_only(project, capsys):
     model = keras.Sequential([keras.Input((32,)), keras.layers.Dense(5)])
     model.save_weights(project / "head.weights.h5")
@@ -144,6 +126,7 @@ def test_h5_with_weights_only(project, capsys):
     assert_left_clean(project)
 
 
+@pytest.mark.slow
 def test_h5_that_is_not_a_model(project, capsys):
     with h5py.File(project / "table.h5", "w") as file:
         file["values"] = np.arange(10)
@@ -160,6 +143,7 @@ def test_directory_that_is_not_a_savedmodel(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_lambda_layer_in_an_untrusted_file(project, capsys):
     tiny_head(project / "head.keras", keras.layers.Lambda(lambda t: t * 2, name="double"))
     line = fail(capsys, "run", "components.head.path=head.keras")
@@ -168,6 +152,7 @@ def test_lambda_layer_in_an_untrusted_file(project, capsys):
     assert_left_clean(project)
 
 
+@pytest.mark.slow
 def test_trust_code_allows_the_lambda_of_that_component_only(project, capsys):
     tiny_head(project / "head.keras", keras.layers.Lambda(lambda t: t * 2, name="double"))
     overrides = ["components.head.path=head.keras", "tracking=none"]
@@ -178,6 +163,7 @@ def test_trust_code_allows_the_lambda_of_that_component_only(project, capsys):
     assert "components.head.trust_code=true" in line
 
 
+@pytest.mark.slow
 def test_sequential_without_a_defined_input(project, capsys):
     keras.Sequential([keras.layers.Dense(5)]).save(project / "head.keras")
     line = fail(capsys, "run", "components.head.path=head.keras")
@@ -194,6 +180,7 @@ def test_sequential_without_a_defined_input(project, capsys):
     ],
     ids=["shape", "rank", "dtype"],
 )
+@pytest.mark.slow
 def test_incompatible_components_with_stacking_sequential(project, capsys, overrides, expected):
     tiny_head(project / "int_head.keras", dtype="int32")
     line = fail(capsys, "run", "stacking=sequential", *overrides)
@@ -249,6 +236,7 @@ def test_debug_and_hydra_full_error_show_the_traceback(project, capsys, monkeypa
     [("'[unclosed'", "is not a valid regex"), ("'^zzz$'", "matches no layer")],
     ids=["invalid", "no-match"],
 )
+@pytest.mark.slow
 def test_freeze_pattern(project, capsys, pattern, expected):
     line = fail(
         capsys,
@@ -269,6 +257,7 @@ def test_freeze_pattern(project, capsys, pattern, expected):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_empty_dataset(project, capsys):
     empty = np.zeros((0, 8, 8, 1), "float32")
     digits_like(project, "empty.npz", x_train=empty, y_train=np.zeros(0, "int64"))
@@ -277,12 +266,14 @@ def test_empty_dataset(project, capsys):
     assert_left_clean(project, completed=("build",))
 
 
+@pytest.mark.slow
 def test_empty_validation_split(project, capsys):
     line = fail(capsys, "run", "data.val_fraction=0.001")
     assert "the validation split would be empty" in line and "data.val_fraction" in line
     assert_left_clean(project, completed=("build",))
 
 
+@pytest.mark.slow
 def test_labels_outside_the_heads_classes(project, capsys):
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         y = data["y_train"] + 3  # 3..7 for a 5-way head
@@ -292,6 +283,7 @@ def test_labels_outside_the_heads_classes(project, capsys):
     assert_left_clean(project, completed=("build",))
 
 
+@pytest.mark.slow
 def test_samples_of_another_shape_than_the_model_takes(project, capsys):
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         x_train, x_test = data["x_train"], data["x_test"]
@@ -306,6 +298,7 @@ def test_samples_of_another_shape_than_the_model_takes(project, capsys):
     assert_left_clean(project, completed=("build",))
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_at_once_and_names_the_epoch(project, capsys):
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         x = data["x_train"].copy()
@@ -378,6 +371,7 @@ def test_an_output_dir_in_use_by_another_process(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_a_damaged_stage_output(project, capsys):
     assert cli.main(["build", "tracking=none"]) == 0
     stacked = project / "outputs" / "build" / "stacked.keras"
@@ -387,6 +381,7 @@ def test_a_damaged_stage_output(project, capsys):
     assert_left_clean(project, completed=("build",))
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint(project, capsys):
     checkpoint = project / "outputs" / "train" / "checkpoint"
     checkpoint.mkdir(parents=True)

@@ -112,6 +112,7 @@ def test_evaluate_classification_matches_keras_and_hand_counts(tmp_path):
     _assert_png_opens(result.figures["confusion_matrix.png"], tmp_path / "confusion_matrix.png")
 
 
+@pytest.mark.slow
 def test_evaluate_binary_thresholds_at_one_half_and_keeps_compiled_auc(tmp_path):
     model, x, y = _trained("binary", 1, "binary_crossentropy", ["auc"])
     keras_scores = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)

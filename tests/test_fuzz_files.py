@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from damaged_files import archive_member, h5_with_attribute, rewrite_archive, save_base
 from mlflow.tracking import MlflowClient
-from project_copy import clone, make_template, tfstack
+from project_copy import tfstack
 
 from tfstack import cli
 from tfstack.components import load_component
@@ -242,10 +242,8 @@ def test_real_tfstack_inspect_processes_print_one_line(damaged_samples, tmp_path
 
 @pytest.mark.slow
 def test_a_run_with_a_damaged_component_fails_in_one_line_and_leaves_no_run_running(
-    damaged_samples, tmp_path_factory
+    damaged_samples, project
 ):
-    template = make_template(tmp_path_factory.mktemp("fuzz_project"))
-    project = clone(template, tmp_path_factory.mktemp("fuzz_run") / "project")
     damaged = damaged_samples[0]
     result = tfstack(project, "run", f"components.base.path={damaged}")
     assert result.returncode == 2, result.stderr[-3000:]

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from project_copy import clone, make_template, tfstack
+from project_copy import clone, tfstack
 
 from tfstack.data import load_npz
 from tfstack.input_range import check_input_range, value_range
@@ -198,11 +198,6 @@ def test_value_range_scans_in_chunks_without_a_float_copy():
 # ---------------------------------------------------------------------------------------------
 # End to end
 # ---------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("input_range"))
 
 
 @pytest.mark.slow

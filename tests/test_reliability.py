@@ -26,28 +26,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from mlflow.tracking import MlflowClient
-from project_copy import ROOT, VENV_BIN, clone, env, leftovers, make_template, tfstack
+from project_copy import ROOT, VENV_BIN, env, leftovers, tfstack
 
 from tfstack import cli
 
 EPOCH_METRICS = ["loss", "val_loss", "accuracy", "val_accuracy", "lr", "phase_index"]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("reliability"))
-
-
-@pytest.fixture
-def project(template, tmp_path, monkeypatch):
-    import mlflow
-
-    for name in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID"):
-        monkeypatch.delenv(name, raising=False)
-    project = clone(template, tmp_path / "project")
-    monkeypatch.chdir(project)
-    yield project
-    mlflow.set_tracking_uri(None)
 
 
 def client_of(project: Path) -> MlflowClient:
@@ -172,6 +155,7 @@ def test_a_killed_run_resumes_into_the_same_run_and_matches_an_uninterrupted_one
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_the_same_config_and_seed_twice_give_identical_weights_and_metrics(project):
     overrides = [
         "tracking=none",
@@ -196,6 +180,7 @@ class TimestampNoise(keras.layers.Layer):
         return inputs + 0.0 * tf.cast(tf.timestamp(), inputs.dtype)
 
 
+@pytest.mark.slow
 def test_an_op_without_a_deterministic_kernel_is_named_with_the_setting_to_change(project, capsys):
     head = keras.Sequential(
         [keras.Input((32,)), TimestampNoise(), keras.layers.Dense(5, activation="softmax")]
@@ -334,6 +319,7 @@ def test_checkpoints_hold_numbers_only(tmp_path):
     json.loads((tmp_path / "state.json").read_text())
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_was_killed_before_any_checkpoint_is_not_left_running(project):
     """Killed during build (no checkpoint yet): the next command in that output_dir ends it."""
     from tfstack import tracking

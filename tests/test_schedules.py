@@ -75,6 +75,7 @@ def test_unknown_schedule_and_bad_phase_values_are_refused():
         )
 
 
+@pytest.mark.slow
 def test_phases_recompile_continue_epochs_and_apply_their_rates():
     model = _model()
     phases = make_schedule(
@@ -104,6 +105,7 @@ def test_phases_recompile_continue_epochs_and_apply_their_rates():
     assert all(len(r.history["val_loss"]) == 2 for r in results)
 
 
+@pytest.mark.slow
 def test_callbacks_for_phase_receive_each_phase():
     seen = []
 
@@ -143,6 +145,7 @@ def _one_step_deltas(optimizer_name, multipliers):
 
 
 @pytest.mark.parametrize("optimizer", ["sgd", "adam"])
+@pytest.mark.slow
 def test_discriminative_rates_scale_the_base_update(optimizer):
     plain_base, plain_head = _one_step_deltas(optimizer, None)
     disc_base, disc_head = _one_step_deltas(optimizer, {"base": 0.1})
@@ -152,6 +155,7 @@ def test_discriminative_rates_scale_the_base_update(optimizer):
     np.testing.assert_allclose(disc_head, plain_head, rtol=1e-4, atol=1e-4 * scale)
 
 
+@pytest.mark.slow
 def test_discriminative_optimizer_saves_and_reloads(tmp_path):
     model = _model("sequential")
     phases = [Phase("joint", 1, FreezePolicy("joint"), 1e-3, "adam", {"base": 0.1})]
@@ -171,6 +175,7 @@ def test_unknown_component_in_multipliers_is_named():
         make_optimizer("adam", 1e-3, model=_model(), lr_multipliers={"backbone": 0.1})
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_epoch_named():
     model = _model()
     x, _ = make_data(32)

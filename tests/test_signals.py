@@ -20,10 +20,8 @@ from mlflow.tracking import MlflowClient
 from project_copy import (
     CHECKPOINT_STATE,
     ROOT,
-    clone,
     env,
     epochs_done,
-    make_template,
     start,
     tfstack,
     wait_for_checkpoint,
@@ -33,16 +31,6 @@ from tfstack import signals
 
 EPOCHS = 40  # long enough to be stopped mid-training
 LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("signals"))
-
-
-@pytest.fixture
-def project(template, tmp_path):
-    return clone(template, tmp_path / "project")
 
 
 def the_run(project: Path):
@@ -109,10 +97,11 @@ out = pathlib.Path(sys.argv[1])
 with signals.stop_on_signals():
     try:
         signals.stop_with_parent()
-        out.write_text("ready")
+        (out / "ready").touch()
         time.sleep(60)
     except signals.Stopped as stopped:
-        out.write_text(stopped.signal_name)
+        (out / "stopped.tmp").write_text(stopped.signal_name)
+        (out / "stopped.tmp").rename(out / "stopped")
 """
 PARENT = """
 import subprocess, sys, time
@@ -126,21 +115,21 @@ def test_a_stage_is_stopped_when_its_parent_dies_whatever_shell_runs_it(tmp_path
     import shlex
     import sys
 
-    out = tmp_path / "follower.txt"
+    out = tmp_path  # the follower touches "ready", then writes the signal's name to "stopped"
     follower = [sys.executable, "-c", FOLLOWER, str(out)]
     command = [shell, "-c", shlex.join(follower)] if shell else follower
     parent = subprocess.Popen([sys.executable, "-c", PARENT, *command])
     try:
         deadline = time.monotonic() + 60
-        while not (out.exists() and out.read_text()) and time.monotonic() < deadline:
+        while not (out / "ready").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert out.read_text() == "ready"
+        assert (out / "ready").exists()
         parent.kill()  # SIGKILL: nothing is forwarded; the shell (if it stays) lives on
         parent.wait()
         deadline = time.monotonic() + 20
-        while out.read_text() == "ready" and time.monotonic() < deadline:
+        while not (out / "stopped").exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert out.read_text() == "SIGTERM"
+        assert (out / "stopped").read_text() == "SIGTERM"
     finally:
         parent.kill()
 

@@ -22,10 +22,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from project_copy import (
     VENV_BIN,
-    clone,
     env,
     epochs_done,
-    make_template,
     start,
     tfstack,
     wait_for_checkpoint,
@@ -35,16 +33,6 @@ from tfstack import tracking
 
 EPOCHS = 40  # long enough to be stopped mid-training
 LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
-
-
-@pytest.fixture(scope="module")
-def template(tmp_path_factory):
-    return make_template(tmp_path_factory.mktemp("store_failure"))
-
-
-@pytest.fixture
-def project(template, tmp_path):
-    return clone(template, tmp_path / "project")
 
 
 def break_mid_run(project: Path, overrides: list[str], break_store: Callable[[], None]):
@@ -88,6 +76,7 @@ def assert_resumed(client: MlflowClient, result) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_deleted_sqlite_store_is_noticed_and_never_written_again(tmp_path):
     db = tmp_path / "store" / "mlflow.db"
     db.parent.mkdir()

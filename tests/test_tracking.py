@@ -108,6 +108,7 @@ def test_start_log_end_lands_in_one_finished_run(uri, tmp_path):
     assert run.info.artifact_uri.startswith((tmp_path / "mlartifacts").as_uri())
 
 
+@pytest.mark.slow
 def test_second_process_resumes_the_same_run(uri, tmp_path):
     ref_path = tmp_path / "outputs" / "run.json"
     stage = """
@@ -143,6 +144,7 @@ def test_second_process_resumes_the_same_run(uri, tmp_path):
     }
 
 
+@pytest.mark.slow
 def test_resuming_a_finished_run_reopens_it(uri):
     run_id = tracking.start_run(uri, EXPERIMENT)
     tracking.end_run(run_id)
@@ -155,6 +157,7 @@ def test_resuming_a_finished_run_reopens_it(uri):
 
 
 @pytest.mark.parametrize("end", [True, False])
+@pytest.mark.slow
 def test_failing_stage_ends_run_failed_with_error(uri, end):
     with pytest.raises(ValueError, match="boom"):
         with tracking.tracked_run(uri, EXPERIMENT, end=end) as run_id:
@@ -193,6 +196,7 @@ def test_flatten_params():
     assert flat["long"].endswith("...")
 
 
+@pytest.mark.slow
 def test_many_params_are_batched(uri):
     run_id = tracking.start_run(uri, EXPERIMENT)
     params = {"grid": {f"p{i:03d}": i for i in range(250)}}
@@ -236,6 +240,7 @@ def test_non_numeric_metric_names_the_key(uri):
 
 
 @pytest.mark.parametrize("synchronous", [True, False])
+@pytest.mark.slow
 def test_epoch_logger_logs_contiguous_epochs_across_phases(uri, synchronous):
     run_id = tracking.start_run(uri, EXPERIMENT)
     model = tiny_model()
@@ -286,6 +291,7 @@ def test_epoch_logger_logs_contiguous_epochs_across_phases(uri, synchronous):
     assert [e for lg in loggers for e in lg.epochs_logged] == [0, 1, 2, 3, 4]
 
 
+@pytest.mark.slow
 def test_log_keras_model_loads_back_with_equal_predictions(uri, tmp_path):
     run_id = tracking.start_run(uri, EXPERIMENT)
     model = tiny_model(seed=3)
@@ -412,6 +418,7 @@ def test_concurrent_processes_share_a_fresh_database(uri):
     assert all(len(client.get_metric_history(r.info.run_id, "loss")) == 20 for r in runs)
 
 
+@pytest.mark.slow
 def test_log_keras_model_leaves_no_process_wide_tracking_uri(uri, monkeypatch):
     """A later run in this process, or a subprocess, must not inherit this store."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -423,6 +430,7 @@ def test_log_keras_model_leaves_no_process_wide_tracking_uri(uri, monkeypatch):
 
 
 @pytest.mark.parametrize("synchronous", [True, False])
+@pytest.mark.slow
 def test_epoch_logger_gathers_short_epochs_into_one_write_per_interval(uri, synchronous):
     run_id = tracking.start_run(uri, EXPERIMENT)
     model = tiny_model()
@@ -449,6 +457,7 @@ def test_epoch_logger_gathers_short_epochs_into_one_write_per_interval(uri, sync
     assert tags["phase.0.name"] == "head" and tags["phase.0.epochs"] == "0-3"
 
 
+@pytest.mark.slow
 def test_epochs_gathered_by_a_phase_cut_short_are_written_when_the_run_fails(uri):
     """An error mid-phase ends the run FAILED with every completed epoch in its history."""
     model = tiny_model()
@@ -474,6 +483,7 @@ def test_epochs_gathered_by_a_phase_cut_short_are_written_when_the_run_fails(uri
     assert [value for _, value in history(client, run_id, "phase_index")] == [0.0, 0.0, 0.0]
 
 
+@pytest.mark.slow
 def test_runs_in_two_stores_are_written_from_one_process(tmp_path):
     """Each TrackedRun writes to its own store, whatever was started last."""
     first_dir, second_dir = tmp_path / "a", tmp_path / "b"

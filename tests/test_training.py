@@ -141,6 +141,7 @@ def _max_weight_difference(a: keras.Model, b: keras.Model) -> float:
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.slow
 def test_cached_frozen_phase_matches_the_uncached_phase(case):
     plain, plain_results, plain_logs = _train(case, _frozen_phase(), cache=False)
     cached, cached_results, cached_logs = _train(case, _frozen_phase(), cache=True)
@@ -162,6 +163,7 @@ def test_cached_frozen_phase_matches_the_uncached_phase(case):
     assert cached_result.counts == plain_result.counts
 
 
+@pytest.mark.slow
 def test_cached_phase_sees_the_same_batches_in_the_same_order():
     """Trained with a batch order of its own, the head would differ: the comparison can fail."""
     plain, _, _ = _train("sequential", _frozen_phase(), cache=False)
@@ -203,6 +205,7 @@ def test_a_cached_phase_leaves_the_frozen_base_and_its_statistics_untouched():
         np.testing.assert_array_equal(old, new)
 
 
+@pytest.mark.slow
 def test_two_phase_schedule_continues_the_same_batch_order_after_a_cached_phase():
     phases = make_schedule(
         "two_phase", epochs=2, lr=0.01, optimizer="adam", freeze=FreezePolicy("frozen")
@@ -217,6 +220,7 @@ def test_two_phase_schedule_continues_the_same_batch_order_after_a_cached_phase(
     assert [row["lr"] for _, row in cached_logs] == pytest.approx([0.01, 0.01, 0.001, 0.001])
 
 
+@pytest.mark.slow
 def test_epoch_seeded_data_gives_the_same_cached_and_uncached_training():
     phases = make_schedule(
         "two_phase", epochs=2, lr=0.01, optimizer="adam", freeze=FreezePolicy("frozen")
@@ -230,6 +234,7 @@ def test_epoch_seeded_data_gives_the_same_cached_and_uncached_training():
     assert _max_weight_difference(stream, cached) > 1e-4  # another order: the test can fail
 
 
+@pytest.mark.slow
 def test_discriminative_rates_apply_in_a_cached_phase():
     phases = _frozen_phase(lr_multipliers={"head": 0.25})
     plain, _, _ = _train("adapter_dense", phases, cache=False)
@@ -241,6 +246,7 @@ def test_discriminative_rates_apply_in_a_cached_phase():
     assert _max_weight_difference(unscaled, cached) > 1e-4  # the multiplier changed the update
 
 
+@pytest.mark.slow
 def test_logged_metrics_match_between_cached_and_uncached_runs(tmp_path):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     runs = {}
@@ -315,6 +321,7 @@ def test_a_frozen_base_runs_in_inference_mode_so_its_random_layers_are_off(
     assert not np.allclose(layer(features, training=True), layer(features, training=False))
 
 
+@pytest.mark.slow
 def test_a_base_that_trains_keeps_its_dropout_and_random_layers_after_it_prevent_caching():
     keras.utils.set_random_seed(0)
     stack = build_stacked(
@@ -336,6 +343,7 @@ def test_a_base_that_trains_keeps_its_dropout_and_random_layers_after_it_prevent
     [FreezePolicy("joint"), FreezePolicy("partial", unfreeze_last=1)],
     ids=["joint", "partial"],
 )
+@pytest.mark.slow
 def test_caching_is_refused_when_any_base_layer_trains(policy):
     keras.utils.set_random_seed(0)
     stack = CASES["functional_two_bases"][0]()
@@ -354,6 +362,7 @@ def test_caching_is_refused_when_any_base_layer_trains(policy):
     assert "feature extractor 'base' trains" in result.cache_note
 
 
+@pytest.mark.slow
 def test_caching_needs_an_array_dataset_and_the_flag():
     keras.utils.set_random_seed(0)
     stack = CASES["sequential"][0]()
@@ -387,6 +396,7 @@ def test_split_frozen_shares_the_stacked_models_layers():
     )
 
 
+@pytest.mark.slow
 def test_the_saved_model_after_a_cached_phase_is_the_full_stacked_model(tmp_path):
     plain, _, _ = _train("functional_two_bases", _frozen_phase(), cache=False)
     cached, results, _ = _train("functional_two_bases", _frozen_phase(), cache=True)
@@ -490,6 +500,7 @@ def _checkpointed_schedule(directory, *, resume_from=None, kill_after=None):
     return stack.model, results, train_ds.epochs()
 
 
+@pytest.mark.slow
 def test_the_loop_orders_epochs_by_seed_and_epoch_so_a_resumed_run_is_the_uninterrupted_one(
     tmp_path,
 ):

@@ -165,6 +165,7 @@ def fresh_files(tmp_path_factory) -> dict:
     return files
 
 
+@pytest.mark.slow
 def test_lambda_in_keras2_h5_needs_trust(fresh_files):
     path, marker = fresh_files["keras2"]
 
