@@ -22,6 +22,9 @@ VENV_BIN = Path(sys.executable).parent
 PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "MLproject", "python_env.yaml", "src"]
 TEMP_NAME = re.compile(r"^\.|\.tmp$|\.tfstack-probe")  # what an interrupted write would leave
 CHECKPOINT_STATE = Path("outputs/train/checkpoint/state.json")
+# Overrides of a run long enough to be stopped, or broken, mid-training.
+LONG_EPOCHS = 40
+LONG_RUN = [f"train.epochs={LONG_EPOCHS}", "tracking.log_model=false"]
 
 
 def shrink(project: Path) -> None:

@@ -80,6 +80,16 @@ def mutate_config(config: dict, rng: random.Random) -> str:
     return json.dumps(config)
 
 
+def damaged_bytes(data: bytes, kind: str, rng: random.Random) -> bytes:
+    """The file's bytes cut short at a random length, or with 1 to 8 random bits flipped."""
+    if kind == "truncate":
+        return data[: rng.randrange(len(data))]
+    damaged = bytearray(data)
+    for _ in range(rng.randint(1, 8)):
+        damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
+    return bytes(damaged)
+
+
 def damaged_keras(source: Path, directory: Path, count: int) -> list[tuple[str, Path]]:
     rng = random.Random(SEED)
     data = source.read_bytes()
@@ -90,13 +100,8 @@ def damaged_keras(source: Path, directory: Path, count: int) -> list[tuple[str, 
     for index in range(count):
         path = directory / f"k{index:03d}.keras"
         kind = ["truncate", "flip", "config", "config", "member", "weights"][index % 6]
-        if kind == "truncate":
-            path.write_bytes(data[: rng.randrange(len(data))])
-        elif kind == "flip":
-            damaged = bytearray(data)
-            for _ in range(rng.randint(1, 8)):
-                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
-            path.write_bytes(bytes(damaged))
+        if kind in ("truncate", "flip"):
+            path.write_bytes(damaged_bytes(data, kind, rng))
         elif kind == "config":
             raw = mutate_config(config, rng).encode("utf-8", "surrogateescape")
             rewrite_archive(source, path, replace={"config.json": raw})
@@ -129,13 +134,8 @@ def damaged_h5(source: Path, directory: Path, count: int) -> list[tuple[str, Pat
     for index in range(count):
         path = directory / f"h{index:03d}.h5"
         kind = ["truncate", "flip", "config", "config", "attribute", "dataset"][index % 6]
-        if kind == "truncate":
-            path.write_bytes(data[: rng.randrange(len(data))])
-        elif kind == "flip":
-            damaged = bytearray(data)
-            for _ in range(rng.randint(1, 8)):
-                damaged[rng.randrange(len(damaged))] ^= 1 << rng.randrange(8)
-            path.write_bytes(bytes(damaged))
+        if kind in ("truncate", "flip"):
+            path.write_bytes(damaged_bytes(data, kind, rng))
         elif kind == "config":
             text = mutate_config(config, rng)
             if "\udcff" in text or "\x00" in text:  # not UTF-8, or NUL: fixed-length bytes

@@ -19,6 +19,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from project_copy import (
     CHECKPOINT_STATE,
+    LONG_RUN,
     ROOT,
     env,
     epochs_done,
@@ -28,9 +29,6 @@ from project_copy import (
 )
 
 from tfstack import signals
-
-EPOCHS = 40  # long enough to be stopped mid-training
-LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
 
 
 def the_run(project: Path):
@@ -142,7 +140,7 @@ def test_a_stage_is_stopped_when_its_parent_dies_whatever_shell_runs_it(tmp_path
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_tfstack_run_stopped_by_a_signal_ends_killed_and_resumes(project, signum):
-    process = start(project, "tfstack", "run", *LONG)
+    process = start(project, "tfstack", "run", *LONG_RUN)
     try:
         wait_for_checkpoint(project, process)
         process.send_signal(signum)
@@ -152,7 +150,7 @@ def test_tfstack_run_stopped_by_a_signal_ends_killed_and_resumes(project, signum
     assert process.returncode == 128 + signum, stderr[-3000:]
     assert_stopped(project, stderr, signum)
     stopped = the_run(project).info.run_id
-    assert_resumed(project, tfstack(project, "run", *LONG), stopped)
+    assert_resumed(project, tfstack(project, "run", *LONG_RUN), stopped)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -175,7 +173,7 @@ def dvc_project(template: Path, destination: Path) -> Path:
     _sh(destination, "git", "config", "user.name", "ci")
     _sh(destination, "dvc", "init", "-q")
     shutil.copy2(ROOT / ".dvc" / "config", destination / ".dvc" / "config")
-    _sh(destination, "tfstack", "params", *LONG)
+    _sh(destination, "tfstack", "params", *LONG_RUN)
     _sh(destination, "dvc", "commit", "-q", "-f", "data.dvc", "prepare", "pretrain")
     _sh(destination, "git", "add", "-A")
     _sh(destination, "git", "commit", "-q", "-m", "project copy")

@@ -21,6 +21,8 @@ from pathlib import Path
 import pytest
 from mlflow.tracking import MlflowClient
 from project_copy import (
+    LONG_EPOCHS,
+    LONG_RUN,
     VENV_BIN,
     env,
     epochs_done,
@@ -30,9 +32,6 @@ from project_copy import (
 )
 
 from tfstack import tracking
-
-EPOCHS = 40  # long enough to be stopped mid-training
-LONG = [f"train.epochs={EPOCHS}", "tracking.log_model=false"]
 
 
 def break_mid_run(project: Path, overrides: list[str], break_store: Callable[[], None]):
@@ -68,7 +67,7 @@ def assert_resumed(client: MlflowClient, result) -> None:
     (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
     assert run.info.status == "FINISHED" and int(run.data.tags["resumed_at_epoch"]) >= 1
     steps = [m.step for m in client.get_metric_history(run.info.run_id, "loss")]
-    assert sorted(steps) == list(range(EPOCHS))  # every epoch logged once, the unlogged ones too
+    assert sorted(steps) == list(range(LONG_EPOCHS))  # each epoch logged once
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +109,14 @@ def test_a_sqlite_store_deleted_mid_run(project):
             source.backup(copy)  # a consistent copy, as a backup would be
         db.unlink()
 
-    code, stderr, broken_at = break_mid_run(project, LONG, delete)
+    code, stderr, broken_at = break_mid_run(project, LONG_RUN, delete)
     assert code == 2
     uri = f"sqlite:///{db}"
     assert_one_line(stderr, uri, f"the sqlite file {db} was deleted", "Restore the file")
     assert_stopped_within_one_epoch(project, broken_at)
     assert not db.exists()
     os.replace(backup, db)
-    assert_resumed(MlflowClient(uri), tfstack(project, "run", *LONG))
+    assert_resumed(MlflowClient(uri), tfstack(project, "run", *LONG_RUN))
 
 
 def _chattr(flag: str, path: Path) -> bool:
@@ -136,7 +135,7 @@ def test_a_sqlite_store_made_read_only_mid_run(project):
             db.chmod(0o444)
 
     try:
-        code, stderr, broken_at = break_mid_run(project, LONG, make_read_only)
+        code, stderr, broken_at = break_mid_run(project, LONG_RUN, make_read_only)
     finally:
         if as_root:
             _chattr("-i", db)
@@ -146,7 +145,7 @@ def test_a_sqlite_store_made_read_only_mid_run(project):
     assert_one_line(stderr, uri, problem, "Make both writable again")
     assert_stopped_within_one_epoch(project, broken_at)
     db.chmod(0o644)
-    assert_resumed(MlflowClient(uri), tfstack(project, "run", *LONG))
+    assert_resumed(MlflowClient(uri), tfstack(project, "run", *LONG_RUN))
 
 
 def _free_port() -> int:
@@ -197,7 +196,7 @@ def test_a_tracking_server_stopped_mid_run(project, tmp_path):
     directory.mkdir()
     port = _free_port()
     uri = f"http://127.0.0.1:{port}"
-    overrides = [*LONG, f"tracking.uri={uri}"]
+    overrides = [*LONG_RUN, f"tracking.uri={uri}"]
     server = _start_server(directory, port)
     try:
         code, stderr, broken_at = break_mid_run(project, overrides, lambda: _stop_server(server))
