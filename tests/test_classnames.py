@@ -120,9 +120,10 @@ def test_class_names_that_do_not_fit_are_refused_naming_the_file(tmp_path, names
     assert str(caught.value).startswith(f"data.path={path}")
 
 
-@pytest.fixture
-def uri(tmp_path):
-    return tracking.default_tracking_uri(tmp_path)
+@pytest.fixture(scope="module")
+def uri(tmp_path_factory):
+    """One store for the module's pyfunc tests: creating a sqlite store costs seconds."""
+    return tracking.default_tracking_uri(tmp_path_factory.mktemp("store"))
 
 
 def _model_dir(client: MlflowClient, model_uri: str) -> Path:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import warnings
 from collections.abc import Sequence
 
 import mlflow.models
@@ -26,6 +27,12 @@ import pandas as pd
 from mlflow.pyfunc import PythonModel
 
 LABEL_COLUMN = "label"
+
+# MLflow asks every PythonModel without type hints on predict for them (at definition, logging
+# and loading); this model's signature is explicit (raw tensors in, a table out), so it has none.
+warnings.filterwarnings(
+    "ignore", message=".*Add type hints to the `predict` method", category=UserWarning
+)
 
 
 def probability_table(outputs: np.ndarray, class_names: Sequence[str]) -> pd.DataFrame:
