@@ -132,7 +132,8 @@ def _load_logged_model(client, run):
     mlflow.set_tracking_uri(client._tracking_client.tracking_uri)
     models = mlflow.search_logged_models(
         experiment_ids=[run.info.experiment_id],
-        filter_string=f"source_run_id = '{run.info.run_id}'",
+        # The TensorFlow flavor; the run's pyfunc `classifier` is tests/test_classnames.py's.
+        filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'",
         output_format="list",
     )
     assert models, "no model logged for the run"

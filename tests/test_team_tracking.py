@@ -212,7 +212,8 @@ def test_pipeline_logs_a_complete_run_to_mlflow_server_on_postgres(project, mlfl
     try:
         models = mlflow.search_logged_models(
             experiment_ids=[experiment.experiment_id],
-            filter_string=f"source_run_id = '{run.info.run_id}'",
+            # The TensorFlow flavor; the run's pyfunc `classifier` is tests/test_classnames.py's.
+            filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'",
             output_format="list",
         )
         assert len(models) == 1 and models[0].artifact_location.startswith("mlflow-artifacts:/")

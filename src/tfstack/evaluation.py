@@ -37,7 +37,8 @@ class Evaluation:
         figures: File name -> figure: ``confusion_matrix.png`` (classification, binary) or
             ``predicted_vs_true.png`` (regression).
         tables: File name -> JSON-ready rows for DVC's plot templates: ``confusion.json``
-            (``{"actual", "predicted"}`` per sample) or ``predictions.json``
+            (``{"actual", "predicted"}`` per sample, class names when given, else class ids) or
+            ``predictions.json``
             (``{"true", "predicted"}`` per target value).
         outputs: The model's predictions on ``x``, as ``model.predict`` returns them.
         confusion_matrix: Counts, rows true and columns predicted; ``None`` for regression.
@@ -77,7 +78,8 @@ def evaluate(
         batch_size: Samples per batch of ``model.evaluate`` and ``model.predict``.
         loss: The loss to compile with when ``model`` is not compiled (a Keras name or object).
         metrics: The Keras metrics to compile with when ``model`` is not compiled.
-        class_names: Tick labels of the confusion matrix, one per class (default: class ids).
+        class_names: One name per class, in class-id order: the confusion matrix's tick labels
+            and the values of its table's rows (default: class ids).
 
     Returns:
         An `Evaluation`.
@@ -127,7 +129,7 @@ def evaluate(
     return Evaluation(
         metrics=measured,
         figures={"confusion_matrix.png": confusion_figure(matrix, class_names=class_names)},
-        tables={"confusion.json": confusion_rows(y, predicted)},
+        tables={"confusion.json": confusion_rows(y, predicted, class_names=class_names)},
         outputs=outputs,
         confusion_matrix=matrix,
     )
@@ -274,9 +276,16 @@ def task_metrics(y_true: np.ndarray, outputs: np.ndarray, task: str) -> dict[str
     }
 
 
-def confusion_rows(y_true: np.ndarray, y_pred: np.ndarray) -> list[dict]:
-    """``[{"actual": a, "predicted": p}, ...]``, the input of DVC's confusion template."""
-    return [
-        {"actual": int(a), "predicted": int(p)}
-        for a, p in zip(np.asarray(y_true).ravel(), np.asarray(y_pred).ravel(), strict=True)
-    ]
+def confusion_rows(
+    y_true: np.ndarray, y_pred: np.ndarray, *, class_names: Sequence[str] | None = None
+) -> list[dict]:
+    """``[{"actual": a, "predicted": p}, ...]``, the input of DVC's confusion template.
+
+    With ``class_names`` the values are the classes' names (``names[label]``), so DVC's plot is
+    labelled as the figure is; otherwise the integer class ids.
+    """
+    pairs = zip(np.asarray(y_true).astype(int).ravel(), np.asarray(y_pred).ravel(), strict=True)
+    if class_names is None:
+        return [{"actual": int(a), "predicted": int(p)} for a, p in pairs]
+    names = [str(name) for name in class_names]
+    return [{"actual": names[a], "predicted": names[p]} for a, p in pairs]

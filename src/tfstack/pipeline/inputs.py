@@ -122,6 +122,11 @@ def _reload_safe_mode(path: Path, config: Config, *, stage: str, compile: bool) 
     return not owned
 
 
+def safe_mode_for(path: Path, config: Config, *, stage: str) -> bool:
+    """Whether a model an earlier stage wrote loads with Keras's safe mode (see `load_model`)."""
+    return _reload_safe_mode(path, config, stage=stage, compile=False)
+
+
 def load_model(path: Path, config: Config, *, stage: str, compile: bool = False):
     """Load a model a previous stage wrote, with a clear message when it is missing or damaged.
 
@@ -234,3 +239,76 @@ def feature_extractor_names(config: Config) -> list[str]:
     names = [config.components.base.name or "base"]
     names += [c.name or f"extra.{k}" for k, c in config.components.extra.items()]
     return names
+
+
+def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None:
+    """The run's class names, one per class in class-id order; None for regression.
+
+    They come from the data: the loader's ``class_names`` (image folders, a CSV), or an
+    optional ``class_names`` array in a ``.npz`` (name ``i`` is label ``i``, so the file's order
+    is kept); otherwise the class ids ``"0"`` .. ``"K-1"``. They label the confusion matrix and
+    the served classifier's columns (`tfstack.tracking.classifier`).
+
+    Raises:
+        DataError: The names do not fit the head (one per class), repeat, are empty, or one is
+            ``label`` (the served model's column of predicted names).
+    """
+    from tfstack.tracking.classifier import LABEL_COLUMN
+
+    if config.train.task == "regression":
+        return None
+    outputs = int(model.outputs[0].shape[-1] or 1)
+    classes = 2 if config.train.task == "binary" else outputs
+    where = f"data.path={config.data.path}"
+    names = getattr(splits, "class_names", None)
+    if names is None:
+        names = _npz_class_names(paths.resolve(config.data.path), where)
+        where += " class_names"
+    if names is None:
+        return [str(i) for i in range(classes)]
+    names = [str(name) for name in names]
+    if len(names) != classes:
+        raise DataError(
+            f"{where}: {len(names)} class names {names[:10]} for a head "
+            f"(components.head.path={config.components.head.path}) with {classes} classes; "
+            f"give one name per class, in label order (name i is label i)."
+        )
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated or "" in names or LABEL_COLUMN in names:
+        problem = (
+            f"repeat {repeated}"
+            if repeated
+            else ("include an empty name" if "" in names else f"include {LABEL_COLUMN!r}")
+        )
+        raise DataError(
+            f"{where}: the class names {names[:10]} {problem}; each class needs its own "
+            f"non-empty name other than {LABEL_COLUMN!r} (the served model's column of "
+            "predicted names). Rename that class."
+        )
+    return names
+
+
+def _npz_class_names(path: Path, where: str) -> list[str] | None:
+    """The optional ``class_names`` array of a dataset ``.npz`` (strings, one per class)."""
+    import zipfile
+
+    import numpy as np
+
+    if path.suffix != ".npz" or not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as loaded:
+            if "class_names" not in loaded.files:
+                return None
+            names = loaded["class_names"]
+    except (ValueError, OSError, zipfile.BadZipFile) as err:
+        raise DataError(
+            f"{where}: class_names cannot be read ({err}). Store them as an array of strings: "
+            "np.savez(..., class_names=np.array(['cat', 'dog']))."
+        ) from err
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise DataError(
+            f"{where}: class_names must be a 1-D array of strings; received dtype {names.dtype} "
+            f"and shape {names.shape}. Store np.array(['cat', 'dog', ...]), one per class."
+        )
+    return [str(name) for name in names.astype(str)]

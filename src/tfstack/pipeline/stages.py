@@ -26,11 +26,13 @@ from tfstack.files import atomic_path, write_json
 from tfstack.pipeline.config import Config
 from tfstack.pipeline.inputs import (
     check_targets,
+    class_names,
     feature_extractor_names,
     load_components,
     load_model,
     load_splits,
     make_phases,
+    safe_mode_for,
     seed_everything,
 )
 from tfstack.pipeline.paths import Paths
@@ -236,6 +238,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
+    class_names(config, paths, splits, model)  # bad names fail now, not after training
     from tfstack.input_range import check_input_range
 
     # A warning, not an error: the data is the user's to fix (and stays as given).
@@ -346,6 +349,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         )
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
+    names = class_names(config, paths, splits, model)
     result = evaluation.evaluate(
         model,
         splits.x_test,
@@ -354,6 +358,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         batch_size=config.train.batch_size,
         loss=config.train.loss,
         metrics=config.train.metrics,
+        class_names=names,
     )
     metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
@@ -363,6 +368,8 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         write_json(plots / name, rows)
     if result.confusion_matrix is not None:
         run.json(result.confusion_matrix.tolist(), "evaluation/confusion_matrix.json")
+    if names is not None:
+        run.json(names, "class_names.json")
     figures = dict(result.figures)
     history_path = paths.stage("train") / "history.json"
     if history_path.is_file():
@@ -380,6 +387,19 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
 
         uri = tracking.log_keras_model(run.run_id, model, splits.x_test[:5], name="model")
         logger.info("Logged the trained model as %s", uri)
+        if names is not None:
+            trained = paths.stage("train") / "model.keras"
+            # Beside the TensorFlow flavor (which reproduce and the tests load as Keras): the
+            # pyfunc that `mlflow models serve -m runs:/<id>/classifier` answers with names.
+            uri = tracking.log_classifier_model(
+                run.run_id,
+                model,
+                splits.x_test[:5],
+                names,
+                name="classifier",
+                safe_mode=safe_mode_for(trained, config, stage="train"),
+            )
+            logger.info("Logged the classifier (class names and probabilities) as %s", uri)
     return metrics
 
 

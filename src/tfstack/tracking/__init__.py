@@ -9,7 +9,8 @@ matplotlib figures, Keras models) and logs them into a run by its id. Its module
     registry   `TrackedRun`, the one run object, and the registry of runs open in this process
     runs       experiments; start, resume, attach and end a run (`tracked_run`); params, tags
     records    metrics, and text, JSON, figure and file artifacts
-    models     `log_keras_model`: the TensorFlow flavor with a signature and pinned requirements
+    models     `log_keras_model`: the TensorFlow flavor with a signature and pinned requirements;
+               `log_classifier_model`: the pyfunc classifier (`classifier`) answering with names
     callback   `EpochLogger`, the Keras callback that logs every epoch of a phase
     queries    reading runs back: `get_run`, `search_runs`, `metric_history`, artifacts
     run_ref    the JSON file that carries a run's id from one stage to the next
@@ -35,7 +36,11 @@ Typical stage:
 
 from tfstack.errors import StoreLostError, TrackingError
 from tfstack.tracking.callback import EpochLogger
-from tfstack.tracking.models import default_pip_requirements, log_keras_model
+from tfstack.tracking.models import (
+    default_pip_requirements,
+    log_classifier_model,
+    log_keras_model,
+)
 from tfstack.tracking.queries import (
     PARENT_RUN_TAG,
     get_run,
@@ -103,6 +108,7 @@ __all__ = [
     "get_run",
     "get_tracked_run",
     "log_artifact_file",
+    "log_classifier_model",
     "log_figure",
     "log_json",
     "log_keras_model",

@@ -1,16 +1,25 @@
-"""Keras models in a run: the TensorFlow flavor with a signature, an input example and pins."""
+"""Keras models in a run: the TensorFlow flavor, and the pyfunc classifier that answers with names.
+
+Both carry a signature, an input example and pinned requirements, and neither holds a pickle.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import importlib.metadata
+import json
 import logging
 import os
+import tempfile
 import time
-from collections.abc import Iterator
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 
 import keras
 import mlflow
+import mlflow.models
+import mlflow.pyfunc
 import mlflow.tensorflow
 import numpy as np
 
@@ -94,12 +103,135 @@ def log_keras_model(
     """
     from mlflow.models import infer_signature
 
-    run = get_tracked_run(run_id)
     example = np.asarray(input_example)[:5]
     predictions = model.predict(example, verbose=0)
     if isinstance(predictions, (list, tuple)):
         predictions = dict(zip(model.output_names, predictions, strict=True))
-    signature = infer_signature(example, predictions)
+    return _log_model(
+        run_id,
+        name,
+        mlflow.tensorflow.log_model,
+        model,
+        signature=infer_signature(example, predictions),
+        input_example=example,
+        pip_requirements=pip_requirements,
+        hide_custom_objects=True,
+    )
+
+
+def log_classifier_model(
+    run_id: str,
+    model: keras.Model,
+    input_example: np.ndarray,
+    class_names: Sequence[str],
+    *,
+    name: str = "classifier",
+    safe_mode: bool = True,
+    pip_requirements: list[str] | None = None,
+) -> str:
+    """Log a Keras classifier as an MLflow pyfunc model that answers with class names.
+
+    The model is `tfstack.tracking.classifier.ClassifierModel`, logged *from code* (MLflow
+    copies that file into the model and runs it on load; nothing is pickled), with the Keras
+    model and ``class_names.json`` as its artifacts and the names in its metadata. Its
+    ``predict`` (and ``mlflow models serve``) returns, per input, ``label`` (the class name) and
+    one probability column per class. The signature takes the raw inputs in their own dtype and
+    shape (uint8 images stay uint8), so a client sends what the data holds.
+
+    Args:
+        run_id: A run started or resumed in this process.
+        model: A trained Keras classifier: ``(n, classes)`` probabilities, or ``(n, 1)`` with
+            two class names (binary).
+        input_example: A batch of raw inputs; the first 5 rows are stored as the example.
+        class_names: One name per class, in class-id order.
+        name: Model name (``runs:/<run_id>/<name>`` resolves to it).
+        safe_mode: Whether the model loads with Keras's safe mode (False only for a model
+            whose code tfstack trusted).
+        pip_requirements: As for `log_keras_model`.
+
+    Returns:
+        The model URI, ``models:/<model_id>``.
+
+    Raises:
+        TrackingError: Logging failed.
+    """
+    from mlflow.models import ModelSignature
+    from mlflow.types import ColSpec, Schema, TensorSpec
+
+    from tfstack.tracking import classifier
+
+    names = [str(n) for n in class_names]
+    example = np.asarray(input_example)[:5]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(example.dtype, (-1, *example.shape[1:]))]),
+        outputs=Schema(
+            [ColSpec("string", classifier.LABEL_COLUMN)] + [ColSpec("double", n) for n in names]
+        ),
+    )
+    with tempfile.TemporaryDirectory(prefix="tfstack-classifier-") as scratch:
+        keras_path = Path(scratch) / "model.keras"
+        model.save(keras_path)
+        names_path = Path(scratch) / "class_names.json"
+        names_path.write_text(json.dumps(names), encoding="utf-8")
+        return _log_model(
+            run_id,
+            name,
+            # Model.log, not mlflow.pyfunc.log_model, which does not pass a run id on.
+            mlflow.models.Model.log,
+            artifact_path=None,
+            flavor=mlflow.pyfunc,
+            python_model=classifier.__file__,
+            artifacts={"keras_model": str(keras_path), "class_names": str(names_path)},
+            model_config={"modules": registered_modules(keras_path), "safe_mode": safe_mode},
+            metadata={"class_names": names},
+            signature=signature,
+            input_example=example,
+            pip_requirements=pip_requirements,
+        )
+
+
+def registered_modules(keras_file: Path) -> list[str]:
+    """The modules whose registered Keras classes a saved model's layers use.
+
+    Read from the ``.keras`` file's architecture (its ``config``, not its ``compile_config``:
+    the served model loads without its optimizer), as ``registered_name`` entries that name a
+    class in Keras's registry of custom objects.
+    """
+    with zipfile.ZipFile(keras_file) as archive:
+        architecture = json.loads(archive.read("config.json"))["config"]
+    used: set[str] = set()
+
+    def collect(value) -> None:
+        if isinstance(value, dict):
+            if isinstance(value.get("registered_name"), str):
+                used.add(value["registered_name"])
+            for item in value.values():
+                collect(item)
+        elif isinstance(value, list):
+            for item in value:
+                collect(item)
+
+    collect(architecture)
+    registered = keras.saving.get_custom_objects()
+    return sorted({registered[key].__module__ for key in used if key in registered})
+
+
+def _log_model(
+    run_id: str,
+    name: str,
+    log,
+    *args,
+    pip_requirements=None,
+    hide_custom_objects: bool = False,
+    **kwargs,
+) -> str:
+    """Create a LoggedModel in the run's experiment and log a model into it with ``log``.
+
+    ``hide_custom_objects`` keeps the TensorFlow flavor's pickle of Keras's registered classes
+    out (`_without_global_custom_objects`); the pyfunc classifier pickles nothing and needs them
+    registered, since MLflow loads it once to check the input example.
+    """
+    run = get_tracked_run(run_id)
     requirements = default_pip_requirements() if pip_requirements is None else pip_requirements
     logged_model = run.write(
         f"creating model {name!r} in run {run_id}",
@@ -112,17 +244,17 @@ def log_keras_model(
     # Model.log resolves its store from the process-wide tracking URI; set it only for this call
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak into later runs
     # of this process and into every subprocess it starts).
-    with _process_tracking_uri(run.uri), _without_global_custom_objects():
+    hidden = _without_global_custom_objects() if hide_custom_objects else contextlib.nullcontext()
+    with _process_tracking_uri(run.uri), hidden:
         info = run.write(
             f"logging model {name!r} to run {run_id}",
-            mlflow.tensorflow.log_model,
-            model,
+            log,
+            *args,
             name=name,
-            signature=signature,
-            input_example=example,
             pip_requirements=requirements,
             run_id=run_id,
             model_id=logged_model.model_id,
+            **kwargs,
         )
     logger.info(
         "logged model %s to run %s in %.2f s", info.model_uri, run_id, time.perf_counter() - start
