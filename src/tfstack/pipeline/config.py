@@ -64,7 +64,9 @@ class ComponentConfig:
     include_top: bool = False
     pooling: str | None = None
     input_shape: list[int] | None = None
-    kwargs: dict[str, Any] = field(default_factory=dict)
+    # null, not {}: Hydra then takes `kwargs={alpha:0.35}` without '+' (it merges a mapping
+    # given for an existing {} and refuses its new keys).
+    kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -238,7 +240,8 @@ def adds_to_mapping(full_key: str) -> bool:
     for part in full_key.split("."):
         # `_get_node`, not `in`/`[]`: a mandatory (???) mapping is "not in" its parent; a
         # mandatory mapping's own entries are unknown, so any name may be added to it.
-        if isinstance(node, DictConfig) and node._is_missing():
+        if isinstance(node, DictConfig) and (node._is_missing() or node._is_none()):
+            # A null mapping (components.<key>.kwargs) takes new entries the same way.
             return node._metadata.object_type in (None, dict)
         child = (
             node._get_node(part, validate_access=False) if isinstance(node, DictConfig) else None
@@ -388,8 +391,8 @@ def _check_no_ops(config: Config) -> None:
             raise ConfigError(
                 f"components.{name}.kwargs ({arguments}) passes arguments to a Keras "
                 f"Applications builder, but components.{name}.path={component.path} is not "
-                f"keras_applications:NAME, so they would be ignored. Remove "
-                f"components.{name}.kwargs (components.{name}.kwargs={{}}), or load an application."
+                f"keras_applications:NAME, so they would be ignored. Remove them "
+                f"(components.{name}.kwargs=null), or load an application."
             )
         if component.modules and not component.trust_code:
             # Importing a module runs its code: as for the file itself, only with trust.

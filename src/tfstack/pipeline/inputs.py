@@ -47,7 +47,7 @@ def _component_kwargs(component, paths: Paths) -> dict:
             include_top=component.include_top,
             pooling=component.pooling,
             input_shape=tuple(component.input_shape) if component.input_shape is not None else None,
-            builder_kwargs=dict(component.kwargs),
+            builder_kwargs=dict(component.kwargs or {}),
         )
     return kwargs
 
