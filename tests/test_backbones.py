@@ -262,3 +262,40 @@ def test_a_run_tags_the_sha256_of_the_files_it_loaded(project):
         file = project / "outputs" / "pretrain" / f"{name}.keras"
         assert run.data.tags[f"component.{name}.sha256"] == sha256_of(file)
         assert run.data.tags[f"component.{name}.file"] == str(file.resolve())
+
+
+@pytest.mark.slow
+def test_tfstack_run_offline_without_the_weights_says_so_in_one_line(
+    project, keras_home, offline, capsys
+):
+    from tfstack import cli
+
+    start = time.perf_counter()
+    code = cli.main(
+        [
+            "run",
+            "components.base.path=keras_applications:MobileNetV2",
+            "components.base.weights=imagenet",
+            "components.base.kwargs={alpha:0.35}",
+            "components.base.input_shape=[96,96,3]",
+            "components.base.pooling=avg",
+        ]
+    )
+    seconds = time.perf_counter() - start
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("tfstack: error: ")]
+    assert code == 2 and "Traceback" not in err, err[-3000:]
+    assert lines == [
+        f"tfstack: error: components.base.weights=imagenet needs the weights file "
+        f"{MOBILENET_FILE}, which is not in the Keras cache folder {keras_home / 'models'} "
+        f"and cannot be downloaded (cannot connect to proxy {offline}: Connection refused). "
+        f"Download https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+        f"{MOBILENET_FILE} where there is network access and put it in "
+        f"{keras_home / 'models'} (or set KERAS_HOME to a folder whose models/ holds it), or "
+        f"set components.base.weights=null."
+    ], err[-3000:]
+    assert seconds < 60, seconds  # the store, TensorFlow and one build; no network wait
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FAILED" and "needs the weights file" in run.data.tags["error"]
+    assert not (project / "outputs" / "build" / "stacked.keras").exists()

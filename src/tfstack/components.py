@@ -397,10 +397,15 @@ def _check_builder_kwargs(
     """Refuse a builder argument the builder does not take, or one set under its own key."""
     parameters = list(inspect.signature(builder).parameters)
     for argument, value in builder_kwargs.items():
-        if argument in NAMED_ARGUMENTS or (argument == "classes" and classes is not None):
+        if argument in NAMED_ARGUMENTS:
             raise ComponentError(
                 f"{key}.kwargs.{argument}={value!r} repeats {key}.{argument}, which tfstack "
                 f"passes itself; set {key}.{argument}={value} and remove it from {key}.kwargs."
+            )
+        if argument == "classes" and classes is not None:
+            raise ComponentError(
+                f"{key}.kwargs.classes={value!r} repeats the classes={classes} given to "
+                f"load_component; give it once."
             )
         if argument not in parameters:
             closest = difflib.get_close_matches(argument, parameters, n=1)
