@@ -23,7 +23,7 @@ import numpy as np
 import pytest
 from conftest import make_base, make_head
 from mlflow.tracking import MlflowClient
-from project_copy import tfstack
+from project_copy import leftovers, tfstack
 
 from tfstack.components import component_file, load_component
 from tfstack.errors import ComponentError, ConfigError
@@ -299,3 +299,4 @@ def test_tfstack_run_offline_without_the_weights_says_so_in_one_line(
     (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert run.info.status == "FAILED" and "needs the weights file" in run.data.tags["error"]
     assert not (project / "outputs" / "build" / "stacked.keras").exists()
+    assert not leftovers(project / "outputs")
