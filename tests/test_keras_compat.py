@@ -71,3 +71,42 @@ def test_multi_worker_fit_fix_finds_kerass_functions_and_leaves_one_process_alon
     model.compile(optimizer="sgd", loss="mse")
     history = model.fit(np.ones((8, 3)), np.zeros((8, 1)), epochs=2, verbose=0)
     assert len(history.history["loss"]) == 2
+
+
+def test_keras_home_is_the_folder_keras_caches_under():
+    import os
+
+    assert _keras_compat.keras_home() == keras.src.backend.config.keras_home()
+    assert os.path.isabs(os.path.expanduser(_keras_compat.keras_home()))
+
+
+def test_file_matches_hash_is_kerass_md5_and_sha256_check(tmp_path):
+    import hashlib
+
+    file = tmp_path / "weights.h5"
+    file.write_bytes(b"weights")
+    for algorithm in ("md5", "sha256"):
+        digest = hashlib.new(algorithm, b"weights").hexdigest()
+        assert _keras_compat.file_matches_hash(str(file), digest)
+        assert not _keras_compat.file_matches_hash(str(file), digest[::-1])
+
+
+def test_answering_get_file_reaches_the_applications_builders():
+    from keras.src.utils import file_utils
+
+    asked = []
+
+    def answer(keras_get_file, fname=None, origin=None, **options):
+        asked.append((fname, options["cache_subdir"], keras_get_file is original))
+        raise LookupError("answered")
+
+    original = file_utils.get_file
+    with _keras_compat.answering_get_file(answer):
+        try:
+            keras.applications.MobileNetV2(alpha=0.35, input_shape=(32, 32, 3), include_top=False)
+        except LookupError:
+            pass
+    assert file_utils.get_file is original
+    assert asked == [
+        ("mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_224_no_top.h5", "models", True)
+    ]

@@ -84,10 +84,10 @@ def test_an_existing_data_file_passes(paths):
         (
             [
                 "components.base.path=keras_applications:MobileNetV2",
-                "+components.base.weights=w.h5",
+                "components.base.weights=w.h5",
             ],
             None,
-            "components.base.weights='w.h5' is not a local file",
+            "components.base.weights='w.h5' is neither imagenet nor a local file",
         ),
         (["+components.extra.second.path=x.h5"], None, "components.extra.second.path=x.h5 does"),
     ],

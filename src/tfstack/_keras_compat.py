@@ -9,6 +9,7 @@ not the ones tested.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 from collections.abc import Callable, Iterator
@@ -16,7 +17,9 @@ from collections.abc import Callable, Iterator
 import keras
 import tensorflow as tf
 from keras.src import tree
+from keras.src.backend import config as keras_config
 from keras.src.backend.tensorflow import trainer
+from keras.src.utils import file_utils
 from tensorflow.python.framework import config as tf_config
 
 logger = logging.getLogger(__name__)
@@ -135,6 +138,35 @@ def fix_multi_worker_fit(is_multi_worker: Callable[[object], bool]) -> None:
     reduce_per_replica._tfstack_fix = True
     trainer.reduce_per_replica = reduce_per_replica
     trainer.TensorFlowTrainer._maybe_symbolic_build = _maybe_symbolic_build
+
+
+def keras_home() -> str:
+    """The Keras home folder Keras read at import (``$KERAS_HOME``, else ``~/.keras``)."""
+    return keras_config.keras_home()
+
+
+def file_matches_hash(path: str, file_hash: str, algorithm: str = "auto") -> bool:
+    """Whether a file has the md5 or sha256 hash Keras gives for it (Keras's own check)."""
+    return file_utils.validate_file(path, file_hash, algorithm=algorithm)
+
+
+@contextlib.contextmanager
+def answering_get_file(replacement: Callable[..., str]) -> Iterator[None]:
+    """Let ``replacement`` answer the ``get_file`` calls of Keras Applications builders.
+
+    Every ``keras/src/applications/*.py`` builder fetches its weights with
+    ``file_utils.get_file(fname, origin, cache_subdir="models", file_hash=...)``, looked up on
+    the module at call time, so replacing that module attribute for the duration of a build
+    reaches every family without knowing how each names its files. ``replacement`` receives
+    Keras's own ``get_file`` first, then the builder's arguments. Not thread-safe: one build at
+    a time.
+    """
+    original = file_utils.get_file
+    file_utils.get_file = functools.partial(replacement, original)
+    try:
+        yield
+    finally:
+        file_utils.get_file = original
 
 
 check_versions()

@@ -6,16 +6,18 @@ whose message names the config key, the file, what was found, and the fix.
 """
 
 import difflib
+import inspect
 import logging
 import os
 import types
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import keras
 import tensorflow as tf
 
 from tfstack.errors import ComponentError, describe_error
 from tfstack.model_files import read_h5_config, read_keras_config
+from tfstack.pretrained_weights import weights_requests
 from tfstack.trust import (
     TrustOptions,
     find_code,
@@ -24,6 +26,7 @@ from tfstack.trust import (
     unknown_class_message,
     unresolved,
 )
+from tfstack.vocabulary import NAMED_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +36,9 @@ H5_EXTENSIONS = (".h5", ".hdf5")
 SAVEDMODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 SERVING_ENDPOINT = "serving_default"
 OPAQUE_ATTRIBUTE = "_tfstack_opaque"
+SOURCE_FILE_ATTRIBUTE = "_tfstack_source_file"
+# Builder arguments that load_component takes by name (and the config by key), not in kwargs.
+NAMED_ARGUMENTS = ("weights", "include_top", "pooling", "input_shape")
 
 
 def load_component(
@@ -49,6 +55,7 @@ def load_component(
     pooling: str | None = None,
     input_shape: tuple | None = None,
     classes: int | None = None,
+    builder_kwargs: Mapping[str, object] | None = None,
 ) -> keras.Model:
     """Load a pretrained model as a component named `name`.
 
@@ -67,20 +74,26 @@ def load_component(
         key: Config key prefix used in error messages; defaults to `components.<name>`.
         trust_options: How the user sets trust and modules, for the fixes messages name;
             defaults to the config keys `<key>.trust_code=true` and `<key>.modules=[...]`.
-        weights: Keras Applications only: None (random init) or a local weights file path.
-            Nothing is ever downloaded.
+        weights: Keras Applications only: None (random init), "imagenet" (from the Keras cache
+            `$KERAS_HOME/models`, downloaded by Keras only where the machine is online; see
+            `tfstack.pretrained_weights`) or a local weights file path.
         include_top: Keras Applications only: keep the classifier on top.
         pooling: Keras Applications only: None, "avg" or "max".
         input_shape: Keras Applications only: input shape without the batch dimension.
         classes: Keras Applications only: number of classes of the top classifier.
+        builder_kwargs: Keras Applications only: further builder arguments, e.g.
+            `{"alpha": 0.35}` for MobileNetV2 or `{"include_preprocessing": False}` for
+            EfficientNet (messages name them `<key>.kwargs.<argument>`).
 
     Returns:
-        A `keras.Model` named `name`.
+        A `keras.Model` named `name`; `component_file` tells which file it came from.
 
     Raises:
         ComponentError: The source is missing, unreadable, not a model, carries code without
             `trust_code`, uses a class no module registers, has no defined input, or `cut_at`
-            names no layer; or `modules` are given without trust or cannot be imported.
+            names no layer; or `modules` are given without trust or cannot be imported; or
+            a builder argument is unknown, or ImageNet weights are neither cached nor
+            downloadable.
 
     Example:
         >>> import keras
@@ -101,17 +114,23 @@ def load_component(
         "classes": classes,
     }
     if source.startswith(APPLICATIONS_PREFIX):
-        model = _load_application(source, key=key, **application_kwargs)
+        model, source_file = _load_application(
+            source, key=key, builder_kwargs=dict(builder_kwargs or {}), **application_kwargs
+        )
     else:
-        _reject_application_kwargs(source, key=key, **application_kwargs)
+        _reject_application_kwargs(
+            source, key=key, kwargs=dict(builder_kwargs or {}) or None, **application_kwargs
+        )
         model = _load_path(
             source, name=name, trust_code=trust_code, key=key, trust_options=trust_options
         )
+        source_file = os.path.abspath(source)
 
     _require_defined_input(model, source=source, key=key)
     if cut_at is not None:
         model = _cut(model, cut_at, source=source, key=key)
     model.name = name
+    setattr(model, SOURCE_FILE_ATTRIBUTE, source_file)
     logger.info(
         "Loaded component %s from %s: inputs %s -> outputs %s (%d layers%s)",
         name,
@@ -122,6 +141,20 @@ def load_component(
         ", opaque SavedModel" if is_opaque(model) else "",
     )
     return model
+
+
+def component_file(model: keras.Model) -> str | None:
+    """The file a component was loaded from, as `load_component` recorded it.
+
+    Args:
+        model: A model `load_component` returned.
+
+    Returns:
+        The absolute path of its `.keras`/`.h5` file or SavedModel directory; for
+        `keras_applications:NAME`, of the weights file it was given (the Keras cache's file
+        for "imagenet"); None for random initialisation or a model from elsewhere.
+    """
+    return getattr(model, SOURCE_FILE_ATTRIBUTE, None)
 
 
 def is_opaque(model: keras.Model) -> bool:
@@ -307,8 +340,9 @@ def _load_application(
     pooling: str | None,
     input_shape: tuple | None,
     classes: int | None,
-) -> keras.Model:
-    """Build `keras.applications.NAME` without downloading anything."""
+    builder_kwargs: dict,
+) -> tuple[keras.Model, str | None]:
+    """Build `keras.applications.NAME`; return it and the weights file it loaded, if any."""
     application_name = source.removeprefix(APPLICATIONS_PREFIX)
     builder = getattr(keras.applications, application_name, None)
     if builder is None or isinstance(builder, types.ModuleType) or not callable(builder):
@@ -324,21 +358,26 @@ def _load_application(
             f"with NAME one of the {len(available)} builders of Keras {keras.__version__} "
             f"({available[0]}, ..., {available[-1]}).{suggestion} Names are case-sensitive."
         )
-    if weights is not None and not os.path.isfile(weights):
+    if weights not in (None, NAMED_WEIGHTS) and not os.path.isfile(weights):
         raise ComponentError(
-            f"{key}.weights={weights!r} is not a local file; tfstack downloads nothing at run "
-            f"time. Set {key}.weights=null for random initialisation, or download the weights "
-            f"once outside tfstack and set {key}.weights=/path/to/weights.h5."
+            f"{key}.weights={weights!r} is neither {NAMED_WEIGHTS} nor a local file. Set "
+            f"{key}.weights={NAMED_WEIGHTS} for Keras's pretrained weights, null for random "
+            f"initialisation, or the path of a weights file."
         )
+    _check_builder_kwargs(builder, application_name, builder_kwargs, key=key, classes=classes)
 
     optional = {"pooling": pooling, "input_shape": input_shape, "classes": classes}
     application_kwargs = {
         "weights": weights,
         "include_top": include_top,
         **{argument: value for argument, value in optional.items() if value is not None},
+        **builder_kwargs,
     }
     try:
-        return builder(**application_kwargs)
+        with weights_requests(key) as used:
+            model = builder(**application_kwargs)
+    except ComponentError:
+        raise
     except Exception as err:  # applications raise ValueError, OSError, ...
         arguments = ", ".join(
             f"{argument}={value!r}" for argument, value in application_kwargs.items()
@@ -347,6 +386,34 @@ def _load_application(
             f"{key}.path={source} could not be built with {arguments} "
             f"({type(err).__name__}: {err}). Fix the {key} arguments named in that message."
         ) from err
+    if used:
+        return model, used[-1]
+    return model, os.path.abspath(weights) if weights not in (None, NAMED_WEIGHTS) else None
+
+
+def _check_builder_kwargs(
+    builder, application_name: str, builder_kwargs: dict, *, key: str, classes: int | None
+) -> None:
+    """Refuse a builder argument the builder does not take, or one set under its own key."""
+    parameters = list(inspect.signature(builder).parameters)
+    for argument, value in builder_kwargs.items():
+        if argument in NAMED_ARGUMENTS:
+            raise ComponentError(
+                f"{key}.kwargs.{argument}={value!r} repeats {key}.{argument}, which tfstack "
+                f"passes itself; set {key}.{argument}={value} and remove it from {key}.kwargs."
+            )
+        if argument == "classes" and classes is not None:
+            raise ComponentError(
+                f"{key}.kwargs.classes={value!r} repeats the classes={classes} given to "
+                f"load_component; give it once."
+            )
+        if argument not in parameters:
+            closest = difflib.get_close_matches(argument, parameters, n=1)
+            suggestion = f" Did you mean {key}.kwargs.{closest[0]}?" if closest else ""
+            raise ComponentError(
+                f"{key}.kwargs.{argument} is not an argument of keras.applications."
+                f"{application_name}, which takes: {', '.join(parameters)}.{suggestion}"
+            )
 
 
 def _reject_application_kwargs(source: str, *, key: str, **application_kwargs: object) -> None:

@@ -38,6 +38,9 @@ TASKS = ("classification", "binary", "regression")
 DISTRIBUTE_KINDS = ("none", "mirrored", "multi_worker")
 """TensorFlow distribution strategies (``distribute=NAME``, ``distribute.kind``)."""
 
+NAMED_WEIGHTS = "imagenet"
+"""Named weights of ``keras_applications:NAME`` (``components.<key>.weights``; or null, a file)."""
+
 CACHE_MODES = ("auto", "off")
 """Frozen-feature caching (``train.cache_frozen``)."""
 

@@ -40,6 +40,8 @@ from tfstack.vocabulary import (
 # Component names become file and artifact names (summary_<name>.txt, shapes/<name>_layers.json):
 # no path separators, no leading dot.
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+# As in tfstack.components (which imports Keras); tests/test_preflight.py checks they agree.
+APPLICATIONS_PREFIX = "keras_applications:"
 
 # Schema defaults are the YAML defaults of conf/: a field whose value differs between the options
 # of its group (the option names themselves, train.epochs, ...) has no default here and is
@@ -56,10 +58,15 @@ class ComponentConfig:
     trust_code: bool = False
     # Python modules that register the file's custom Keras classes; importing needs trust_code.
     modules: list[str] = field(default_factory=list)
+    # keras_applications:NAME only: null, imagenet (the Keras cache, downloaded where online)
+    # or a weights file; the builder's other arguments (alpha, include_preprocessing, ...).
     weights: str | None = None
     include_top: bool = False
     pooling: str | None = None
     input_shape: list[int] | None = None
+    # null, not {}: Hydra then takes `kwargs={alpha:0.35}` without '+' (it merges a mapping
+    # given for an existing {} and refuses its new keys).
+    kwargs: dict[str, Any] | None = None
 
 
 @dataclass
@@ -233,7 +240,8 @@ def adds_to_mapping(full_key: str) -> bool:
     for part in full_key.split("."):
         # `_get_node`, not `in`/`[]`: a mandatory (???) mapping is "not in" its parent; a
         # mandatory mapping's own entries are unknown, so any name may be added to it.
-        if isinstance(node, DictConfig) and node._is_missing():
+        if isinstance(node, DictConfig) and (node._is_missing() or node._is_none()):
+            # A null mapping (components.<key>.kwargs) takes new entries the same way.
             return node._metadata.object_type in (None, dict)
         child = (
             node._get_node(part, validate_access=False) if isinstance(node, DictConfig) else None
@@ -378,6 +386,14 @@ def _check_no_ops(config: Config) -> None:
     for name, component in components.items():
         for attribute in ("cut_at", "weights", "pooling"):
             optional_strings[f"components.{name}.{attribute}"] = getattr(component, attribute)
+        if component.kwargs and not component.path.startswith(APPLICATIONS_PREFIX):
+            arguments = ", ".join(f"{k}={v!r}" for k, v in component.kwargs.items())
+            raise ConfigError(
+                f"components.{name}.kwargs ({arguments}) passes arguments to a Keras "
+                f"Applications builder, but components.{name}.path={component.path} is not "
+                f"keras_applications:NAME, so they would be ignored. Remove them "
+                f"(components.{name}.kwargs=null), or load an application."
+            )
         if component.modules and not component.trust_code:
             # Importing a module runs its code: as for the file itself, only with trust.
             modules = ",".join(component.modules)

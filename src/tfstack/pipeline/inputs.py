@@ -11,8 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfstack.errors import DataError, describe_error
-from tfstack.pipeline.config import Config
+from tfstack.pipeline.config import APPLICATIONS_PREFIX, Config
 from tfstack.pipeline.paths import Paths
+from tfstack.vocabulary import NAMED_WEIGHTS
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:
@@ -30,18 +31,23 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         disable_op_determinism()
 
 
-def _component_kwargs(component) -> dict:
+def _component_kwargs(component, paths: Paths) -> dict:
     kwargs = {
         "cut_at": component.cut_at,
         "trust_code": component.trust_code,
         "modules": list(component.modules),
     }
-    if component.path.startswith("keras_applications:"):
+    if component.path.startswith(APPLICATIONS_PREFIX):
+        weights = component.weights
+        if weights not in (None, NAMED_WEIGHTS):
+            # Relative to the project root, as preflight checked it.
+            weights = str(paths.resolve(weights))
         kwargs.update(
-            weights=component.weights,
+            weights=weights,
             include_top=component.include_top,
             pooling=component.pooling,
             input_shape=tuple(component.input_shape) if component.input_shape is not None else None,
+            builder_kwargs=dict(component.kwargs or {}),
         )
     return kwargs
 
@@ -52,13 +58,13 @@ def load_components(config: Config, paths: Paths):
 
     def load(key: str, component):
         source = component.path
-        if not source.startswith("keras_applications:"):
+        if not source.startswith(APPLICATIONS_PREFIX):
             source = str(paths.resolve(source))
         return load_component(
             source,
             name=component.name or key,
             key=f"components.{key}",
-            **_component_kwargs(component),
+            **_component_kwargs(component, paths),
         )
 
     bases = [load("base", config.components.base)]

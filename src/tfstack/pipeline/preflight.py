@@ -16,13 +16,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfstack.errors import ComponentError, DataError
-from tfstack.pipeline.config import ComponentConfig, Config
+from tfstack.pipeline.config import APPLICATIONS_PREFIX, ComponentConfig, Config
+from tfstack.vocabulary import NAMED_WEIGHTS
 
 if TYPE_CHECKING:
     from tfstack.pipeline.paths import Paths
 
 # As in tfstack.components (which imports Keras); tests/test_preflight.py checks they agree.
-APPLICATIONS_PREFIX = "keras_applications:"
 MODEL_FILE_EXTENSIONS = (".keras", ".h5", ".hdf5")
 SAVEDMODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")
 DATA_KEYS = "x_train, y_train, x_test, y_test"
@@ -142,11 +142,12 @@ def check_component(key: str, component: ComponentConfig, paths: Paths) -> None:
     source = component.path
     if source.startswith(APPLICATIONS_PREFIX):
         # The name is checked by Keras (it needs the import); the weights file is not.
-        if component.weights is not None and not paths.resolve(component.weights).is_file():
+        weights = component.weights
+        if weights not in (None, NAMED_WEIGHTS) and not paths.resolve(weights).is_file():
             raise ComponentError(
-                f"{key}.weights={component.weights!r} is not a local file (looked for "
-                f"{paths.resolve(component.weights)}); tfstack downloads nothing at run time. "
-                f"Set {key}.weights=null for random initialisation, or a path to a weights file."
+                f"{key}.weights={weights!r} is neither {NAMED_WEIGHTS} nor a local file (looked "
+                f"for {paths.resolve(weights)}). Set {key}.weights={NAMED_WEIGHTS} for Keras's "
+                f"pretrained weights, null for random initialisation, or a weights file's path."
             )
         return
     path = paths.resolve(source)

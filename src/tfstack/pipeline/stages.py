@@ -125,6 +125,7 @@ def build(config: Config, paths: Paths, run: RunLog):
         "adapters": result.adapters,
         "stacked": shape_report({"stacked": result.model})["stacked"],
         "components": shape_report(models),
+        "component_files": component_files(models),
         "seconds": time.perf_counter() - start,
     }
     summaries = {"stacked": summary_text(result.model)}
@@ -139,6 +140,18 @@ def build(config: Config, paths: Paths, run: RunLog):
     return result
 
 
+def component_files(models: dict) -> dict:
+    """Each component's file (or weights file) and its sha256, by component name.
+
+    Components without one (a Keras application with random weights) are left out.
+    """
+    from tfstack.components import component_file
+    from tfstack.file_hashes import sha256_of
+
+    files = {name: component_file(model) for name, model in models.items()}
+    return {name: {"path": path, "sha256": sha256_of(path)} for name, path in files.items() if path}
+
+
 def log_build_report(run: RunLog, build_dir: Path) -> None:
     """Record the build's shape report and summaries in the run (from the build's files)."""
     report = json.loads((build_dir / "shapes.json").read_text(encoding="utf-8"))
@@ -151,9 +164,18 @@ def log_build_report(run: RunLog, build_dir: Path) -> None:
         run.metrics({"stage_seconds_build": report["seconds"]})
     for summary in sorted(build_dir.glob("summary_*.txt")):
         run.text(summary.read_text(encoding="utf-8"), f"shapes/{summary.name}")
-    if run.run_id and report.get("adapters"):
-        from tfstack import tracking
+    if not run.run_id:
+        return
+    from tfstack import tracking
 
+    tags = {}
+    for name, file in report.get("component_files", {}).items():
+        # Which bytes this run loaded: a file replaced in place gets another digest.
+        tags[f"component.{name}.sha256"] = file["sha256"]
+        tags[f"component.{name}.file"] = file["path"]
+    if tags:
+        tracking.log_tags(run.run_id, tags)
+    if report.get("adapters"):
         described = "; ".join(
             f"{a['upstream']}->{a['downstream']}: "
             + ", ".join(layer["class_name"] for layer in a["layers"])
