@@ -119,3 +119,26 @@ def wait_for_checkpoint(project: Path, process: subprocess.Popen, epochs: int = 
         assert process.poll() is None, process.communicate()[1][-3000:]
         assert time.monotonic() < deadline, f"no checkpoint of {epochs} epochs within 600 s"
         time.sleep(0.02)
+
+
+def sh(project: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run a command (git, dvc, tfstack) in ``project``; it must succeed."""
+    result = subprocess.run(args, cwd=project, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, (args, result.stderr[-3000:])
+    return result
+
+
+def dvc_project(template: Path, destination: Path, overrides: list[str] = ()) -> Path:
+    """A git + DVC copy whose prepare and pretrain stages are committed (not rerun)."""
+    shutil.copytree(template, destination, ignore=shutil.ignore_patterns("mlflow.db*"))
+    shutil.copy2(ROOT / ".gitignore", destination / ".gitignore")
+    sh(destination, "git", "init", "-q")
+    sh(destination, "git", "config", "user.email", "ci@example.com")
+    sh(destination, "git", "config", "user.name", "ci")
+    sh(destination, "dvc", "init", "-q")
+    shutil.copy2(ROOT / ".dvc" / "config", destination / ".dvc" / "config")
+    sh(destination, "tfstack", "params", *overrides)
+    sh(destination, "dvc", "commit", "-q", "-f", "data.dvc", "prepare", "pretrain")
+    sh(destination, "git", "add", "-A")
+    sh(destination, "git", "commit", "-q", "-m", "project copy")
+    return destination

@@ -9,7 +9,6 @@ resumes into the same MLflow run and ends it FINISHED.
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import time
@@ -20,9 +19,9 @@ from mlflow.tracking import MlflowClient
 from project_copy import (
     CHECKPOINT_STATE,
     LONG_RUN,
-    ROOT,
-    env,
+    dvc_project,
     epochs_done,
+    sh,
     start,
     tfstack,
     wait_for_checkpoint,
@@ -158,28 +157,6 @@ def test_tfstack_run_stopped_by_a_signal_ends_killed_and_resumes(project, signum
 # ---------------------------------------------------------------------------------------------
 
 
-def _sh(project: Path, *args: str) -> subprocess.CompletedProcess:
-    result = subprocess.run(args, cwd=project, env=env(), capture_output=True, text=True)
-    assert result.returncode == 0, (args, result.stderr[-3000:])
-    return result
-
-
-def dvc_project(template: Path, destination: Path) -> Path:
-    """A git + DVC copy whose prepare and pretrain stages are committed (not rerun)."""
-    shutil.copytree(template, destination, ignore=shutil.ignore_patterns("mlflow.db*"))
-    shutil.copy2(ROOT / ".gitignore", destination / ".gitignore")
-    _sh(destination, "git", "init", "-q")
-    _sh(destination, "git", "config", "user.email", "ci@example.com")
-    _sh(destination, "git", "config", "user.name", "ci")
-    _sh(destination, "dvc", "init", "-q")
-    shutil.copy2(ROOT / ".dvc" / "config", destination / ".dvc" / "config")
-    _sh(destination, "tfstack", "params", *LONG_RUN)
-    _sh(destination, "dvc", "commit", "-q", "-f", "data.dvc", "prepare", "pretrain")
-    _sh(destination, "git", "add", "-A")
-    _sh(destination, "git", "commit", "-q", "-m", "project copy")
-    return destination
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
 def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(
@@ -187,7 +164,7 @@ def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(
 ):
     # DVC runs the stage in $SHELL, else /bin/sh: bash execs the command, dash stays in between.
     monkeypatch.setenv("SHELL", "/bin/sh" if signum == signal.SIGTERM else "/bin/bash")
-    project = dvc_project(template, tmp_path / "dvc")
+    project = dvc_project(template, tmp_path / "dvc", LONG_RUN)
     process = start(project, "dvc", "repro")  # stdout: the stages' output
     try:
         wait_for_checkpoint(project, process)
@@ -202,4 +179,4 @@ def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(
         time.sleep(0.1)
     assert_stopped(project, stdout + stderr, signal.SIGTERM)  # PR_SET_PDEATHSIG sends SIGTERM
     stopped = the_run(project).info.run_id
-    assert_resumed(project, _sh(project, "dvc", "repro"), stopped)
+    assert_resumed(project, sh(project, "dvc", "repro"), stopped)

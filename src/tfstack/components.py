@@ -26,11 +26,10 @@ from tfstack.trust import (
     unknown_class_message,
     unresolved,
 )
-from tfstack.vocabulary import NAMED_WEIGHTS
+from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
 
 logger = logging.getLogger(__name__)
 
-APPLICATIONS_PREFIX = "keras_applications:"
 KERAS_EXTENSIONS = (".keras",)
 H5_EXTENSIONS = (".h5", ".hdf5")
 SAVEDMODEL_FILES = ("saved_model.pb", "saved_model.pbtxt")

@@ -38,6 +38,9 @@ TASKS = ("classification", "binary", "regression")
 DISTRIBUTE_KINDS = ("none", "mirrored", "multi_worker")
 """TensorFlow distribution strategies (``distribute=NAME``, ``distribute.kind``)."""
 
+APPLICATIONS_PREFIX = "keras_applications:"
+"""A component that Keras builds: ``components.<key>.path=keras_applications:NAME``."""
+
 NAMED_WEIGHTS = "imagenet"
 """Named weights of ``keras_applications:NAME`` (``components.<key>.weights``; or null, a file)."""
 

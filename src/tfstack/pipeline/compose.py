@@ -15,6 +15,7 @@ from pathlib import Path
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+import hydra_plugins.tfstack_resolvers  # noqa: F401  (registers conf/'s tfstack_dep resolver)
 from tfstack.errors import ConfigError
 from tfstack.pipeline.config import (
     Config,

@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from tfstack import keras_names
 from tfstack.errors import ConfigError
 from tfstack.vocabulary import (
+    APPLICATIONS_PREFIX,
     BN_MODES,
     CACHE_MODES,
     DISTRIBUTE_KINDS,
@@ -40,8 +41,6 @@ from tfstack.vocabulary import (
 # Component names become file and artifact names (summary_<name>.txt, shapes/<name>_layers.json):
 # no path separators, no leading dot.
 COMPONENT_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
-# As in tfstack.components (which imports Keras); tests/test_preflight.py checks they agree.
-APPLICATIONS_PREFIX = "keras_applications:"
 
 # Schema defaults are the YAML defaults of conf/: a field whose value differs between the options
 # of its group (the option names themselves, train.epochs, ...) has no default here and is
@@ -178,6 +177,21 @@ class DemoConfig:
 
 
 @dataclass
+class DvcDepsConfig:
+    """The user's files as ``dvc.yaml`` dependencies, set in conf/config.yaml only.
+
+    Each is ``${tfstack_dep:${<the input's key>}}`` (hydra_plugins.tfstack_resolvers): the
+    configured file, or ``params.yaml`` for an input that is not a file.
+    """
+
+    data: str = MISSING
+    base: str = MISSING
+    base_weights: str = MISSING
+    head: str = MISSING
+    head_weights: str = MISSING
+
+
+@dataclass
 class Config:
     """The whole tfstack config."""
 
@@ -190,6 +204,7 @@ class Config:
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    dvc_deps: DvcDepsConfig = field(default_factory=DvcDepsConfig)
     seed: int = 42
     output_dir: str = "outputs"
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfstack.errors import DataError, describe_error
-from tfstack.pipeline.config import APPLICATIONS_PREFIX, Config
+from tfstack.pipeline.config import Config
 from tfstack.pipeline.paths import Paths
-from tfstack.vocabulary import NAMED_WEIGHTS
+from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
 
 
 def seed_everything(seed: int, deterministic: bool) -> None:

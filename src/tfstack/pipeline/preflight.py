@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfstack.errors import ComponentError, DataError
-from tfstack.pipeline.config import APPLICATIONS_PREFIX, ComponentConfig, Config
-from tfstack.vocabulary import NAMED_WEIGHTS
+from tfstack.pipeline.config import ComponentConfig, Config
+from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
 
 if TYPE_CHECKING:
     from tfstack.pipeline.paths import Paths
