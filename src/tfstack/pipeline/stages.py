@@ -30,6 +30,7 @@ from tfstack.pipeline.inputs import (
     load_components,
     load_model,
     load_splits,
+    make_front,
     make_phases,
     seed_everything,
 )
@@ -105,6 +106,7 @@ def build(config: Config, paths: Paths, run: RunLog):
     # Seeded here too: adapters and intermediate layers get their initial weights at build time.
     seed_everything(config.seed, config.train.deterministic)
     bases, head = load_components(config, paths)
+    front = make_front(config, paths, bases[0])
     result = build_stacked(
         config.stacking.strategy,
         bases,
@@ -112,6 +114,7 @@ def build(config: Config, paths: Paths, run: RunLog):
         adapter=config.stacking.adapter,
         intermediate=list(config.stacking.intermediate) or None,
         merge=config.stacking.merge,
+        front=front,
         name="stacked",
     )
     out = paths.stage("build")
@@ -292,6 +295,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         from tfstack.tracking import log_tags
 
         log_tags(run.run_id, {f"phase.{r.index}.cached": str(r.cached).lower() for r in results})
+        log_tags(run.run_id, _inference_mode_tags(model, results))
         # The whole phase, also when this process ran only its last epochs.
         log_tags(
             run.run_id,
@@ -329,6 +333,21 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     if resumable and not keep_checkpoint:
         checkpoints.remove(directory)
     return model, results
+
+
+def _inference_mode_tags(model, results) -> dict:
+    """``phase.<i>.inference_mode``: per phase, the frozen components whose random or
+    training-mode layers were switched off, and those layers (``base: dropout (Dropout)``)."""
+    from tfstack.frozen_features import training_mode_layers
+
+    return {
+        f"phase.{r.index}.inference_mode": "; ".join(
+            f"{name}: {', '.join(training_mode_layers(model.get_layer(name)))}"
+            for name in r.inference_mode
+        )
+        for r in results
+        if r.inference_mode
+    }
 
 
 def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
