@@ -83,7 +83,8 @@ def build_augmentation(
             layer = getattr(keras.layers, name)(
                 **config, seed=seed + index, name=f"{BLOCK_NAME}_{index}_{_snake(name)}"
             )
-        except (TypeError, ValueError) as err:
+        # Keras raises NotImplementedError for an unknown fill_mode.
+        except (TypeError, ValueError, NotImplementedError) as err:
             first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
             raise ShapeError(
                 f"{key}[{index}]: {name}({config}) is refused by Keras: {first}"
