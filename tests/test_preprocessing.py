@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -15,13 +16,14 @@ from conftest import make_head
 
 from tfstack.augmentation import build_augmentation
 from tfstack.components import read_model_config
-from tfstack.errors import ShapeError
+from tfstack.errors import ConfigError, ShapeError
 from tfstack.preprocessing import APPLICATION_MODES, build_preprocessing
 from tfstack.shapes import output_specs
 from tfstack.stacking import build_stacked
 from tfstack.trust import find_code
 from tfstack.vocabulary import APPLICATION_FAMILIES
 
+ROOT = Path(__file__).resolve().parents[1]
 PIXELS = np.random.default_rng(0).integers(0, 256, size=(6, 8, 8, 3)).astype("float32")
 
 
@@ -144,3 +146,58 @@ def test_bad_preprocessing_settings_are_refused_naming_the_key():
     flat = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)], name="flat")
     with pytest.raises(ShapeError, match=r"preprocess.resize=true resizes images"):
         build_preprocessing("none", flat, resize=True)
+
+
+def test_the_layer_table_lists_the_front_blocks_and_their_layers():
+    from tfstack.shapes import layer_table
+
+    base = rgb_base()
+    front = [build_preprocessing("applications", base, family="vgg16")]
+    rows = layer_table(build_stacked("adapter", base, make_head(), front=front).model)
+    names = [row["name"] for row in rows]
+    assert names[0] == "preprocess" and "preprocess/preprocess_bgr" in names
+    assert {row["params"] for row in rows if row["name"].startswith("preprocess")} == {0}
+    assert rows[names.index("preprocess/preprocess_vgg16_center")]["output_shape"] == [
+        None,
+        8,
+        8,
+        3,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("path", "family"),
+    [
+        ("keras_applications:MobileNetV2", "mobilenet_v2"),
+        ("keras_applications:ResNet50", "resnet"),
+        ("keras_applications:EfficientNetB0", "efficientnet"),
+    ],
+)
+def test_applications_takes_the_family_of_a_keras_applications_base(path, family):
+    from tfstack.pipeline.compose import compose
+    from tfstack.pipeline.inputs import application_family
+
+    conf = ROOT / "conf"
+    config = compose(["preprocess=applications", f"components.base.path={path}"], config_dir=conf)
+    assert application_family(config) == family
+    config = compose(["preprocess=applications"], config_dir=conf)
+    with pytest.raises(ConfigError, match=r"preprocess=applications needs preprocess.family="):
+        application_family(config)
+
+
+@pytest.mark.slow
+def test_the_build_stage_adapts_normalize_on_the_configured_training_split(project):
+    from tfstack.data import load_npz
+    from tfstack.pipeline.compose import compose
+    from tfstack.pipeline.inputs import load_components, make_front
+    from tfstack.pipeline.paths import Paths
+
+    config = compose(["preprocess=normalize", "augment=flip_rotate"], config_dir=project / "conf")
+    paths = Paths.from_config(config, project)
+    bases, _ = load_components(config, paths)
+    preprocess, augment = make_front(config, paths, bases[0])
+    assert (preprocess.name, augment.name) == ("preprocess", "augment")
+    x_train = load_npz(paths.resolve(config.data.path), val_fraction=0.2, seed=config.seed).x_train
+    mean = keras.ops.convert_to_numpy(preprocess.get_layer("preprocess_normalize").mean)
+    np.testing.assert_allclose(mean.reshape(-1), x_train.mean(axis=(0, 1, 2)), rtol=1e-4)
+    assert [layer.seed for layer in augment.layers] == [config.seed, config.seed + 1]
