@@ -199,3 +199,17 @@ def test_tfstack_run_with_rescale_and_flip_rotate_finishes(project, capsys):
     assert "augment_0_random_flip" in phase["cache_note"]
     model = keras.saving.load_model(project / "outputs" / "train" / "model.keras", safe_mode=True)
     assert [layer.name for layer in model.layers][:2] == ["preprocess", "augment"]
+
+
+def test_a_value_range_left_at_its_default_is_warned_about(caplog):
+    brightness = [{"class_name": "RandomBrightness", "config": {"factor": 0.2}}]
+    with caplog.at_level(logging.WARNING, logger="tfstack.augmentation"):
+        build_augmentation(brightness, SPEC, seed=0)
+    assert "augment.layers[0] RandomBrightness uses Keras's default value_range [0, 255]" in (
+        caplog.text
+    )
+    caplog.clear()
+    brightness[0]["config"]["value_range"] = [0, 1]
+    with caplog.at_level(logging.WARNING, logger="tfstack.augmentation"):
+        build_augmentation(brightness, SPEC, seed=0)
+    assert caplog.text == ""

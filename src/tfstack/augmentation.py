@@ -89,6 +89,20 @@ def build_augmentation(
             raise ShapeError(
                 f"{key}[{index}]: {name}({config}) is refused by Keras: {first}"
             ) from err
+        if "value_range" in layer.get_config() and "value_range" not in config:
+            # Keras's default (0, 255) is wrong after a rescaling to [0, 1]: a brightness
+            # delta of factor * 255 would wash every image out, without an error.
+            logger.warning(
+                "%s[%d] %s uses Keras's default value_range %s; it receives the preprocessed "
+                "input, so set %s[%d].config.value_range to its range (e.g. [0, 1] after "
+                "preprocess=rescale).",
+                key,
+                index,
+                name,
+                list(layer.get_config()["value_range"]),
+                key,
+                index,
+            )
         built.append(layer)
     inputs = keras.Input(shape=tuple(input_spec.shape[1:]), dtype=input_spec.dtype)
     try:
