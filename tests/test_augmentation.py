@@ -98,6 +98,7 @@ def test_the_same_seed_gives_the_same_augmentation():
     assert not np.allclose(augmented(42), augmented(7))
 
 
+@pytest.mark.slow  # two fits
 def test_a_frozen_phase_with_augmentation_is_not_cached_and_says_why():
     with_augment = _fit(_stacked().model)
     assert not with_augment.cached

@@ -199,8 +199,7 @@ def _varying_input(outputs, extractors: set[int], frozen_tensor, frozen_operatio
                     cause = _first_varying(parent, frozen_operation)
                     return (
                         f"the input of frozen feature extractor {operation.name!r} changes every "
-                        f"epoch ({cause}), so its outputs do too (augmentation in front of a "
-                        "frozen base is applied anew each epoch)"
+                        f"epoch, and so do its outputs: {cause}"
                     )
         stack.extend(node.input_tensors)
     return None

@@ -348,7 +348,8 @@ def fit_phase(
         logger.warning(
             "Phase %d %r: the frozen feature extractor %r holds layers that act only in "
             "training mode (%s); while it is frozen they run in inference mode, i.e. they are "
-            "off. Put augmentation in the augment group (before the base) to keep it active.",
+            "off. To keep augmentation active, put it in front of the base "
+            "(tfstack.augmentation).",
             index,
             phase.name,
             name,
