@@ -15,6 +15,8 @@ GROUPS = [
     "data",
     "components",
     "stacking",
+    "preprocess",
+    "augment",
     "freeze",
     "schedule",
     "train",

@@ -25,6 +25,8 @@ SECTION_GROUPS = (
     "data",
     "components",
     "stacking",
+    "preprocess",
+    "augment",
     "freeze",
     "schedule",
     "train",
@@ -59,7 +61,9 @@ def test_each_registry_is_keyed_by_its_vocabulary():
 
 def test_each_builder_and_preset_takes_exactly_the_options_its_table_lists():
     for name, builder in stacking.STRATEGIES.items():
-        assert _keyword_options(builder, ["name"]) == set(vocabulary.STRATEGY_OPTIONS[name])
+        assert _keyword_options(builder, ["name", "front"]) == set(
+            vocabulary.STRATEGY_OPTIONS[name]
+        )
         # No catch-all that would swallow an option.
         assert all(
             p.kind is not p.VAR_KEYWORD for p in inspect.signature(builder).parameters.values()

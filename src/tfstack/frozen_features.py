@@ -140,6 +140,10 @@ def split_frozen(
             )
         return is_frozen[id(tensor)]
 
+    varying = _varying_input(outputs, extractors, frozen_tensor, frozen_operation)
+    if varying:
+        return None, varying
+
     cut: list = []
 
     def collect(tensor) -> None:
@@ -171,6 +175,60 @@ def split_frozen(
     )
     shapes = ", ".join(f"{n} {tuple(t.shape)}" for n, t in zip(names, cut, strict=True))
     return FrozenSplit(frozen, trainable, names), f"cached the outputs of {shapes}"
+
+
+def _varying_input(outputs, extractors: set[int], frozen_tensor, frozen_operation) -> str | None:
+    """Why a frozen feature extractor's input differs between epochs, or None.
+
+    Augmentation (or any layer that trains or draws random numbers) in front of a frozen
+    feature extractor changes what it sees every epoch, so its outputs cannot be computed once.
+    """
+    seen: set[int] = set()
+    stack = list(outputs)
+    while stack:
+        tensor = stack.pop()
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        operation, node = _keras_compat.producer(tensor)
+        if node.is_input:
+            continue
+        if id(operation) in extractors:
+            for parent in node.input_tensors:
+                if not frozen_tensor(parent):
+                    cause = _first_varying(parent, frozen_operation)
+                    return (
+                        f"the input of frozen feature extractor {operation.name!r} changes every "
+                        f"epoch, and so do its outputs: {cause}"
+                    )
+        stack.extend(node.input_tensors)
+    return None
+
+
+def _first_varying(tensor, frozen_operation) -> str:
+    """The first layer upstream of ``tensor`` that trains or depends on training mode."""
+    operation, node = _keras_compat.producer(tensor)
+    for parent in node.input_tensors:
+        operation_parent, parent_node = _keras_compat.producer(parent)
+        if not parent_node.is_input and not frozen_operation(operation_parent):
+            return _first_varying(parent, frozen_operation)
+    reason = _random_or_training_dependent(operation)
+    if reason:
+        return reason
+    return f"layer {operation.name!r} ({type(operation).__name__}) trains in this phase"
+
+
+def training_mode_layers(component: keras.layers.Layer) -> list[str]:
+    """The layers inside a component that compute something else in training mode.
+
+    ``["dropout (Dropout)", "random_flip (RandomFlip)"]``: a frozen component is called in
+    inference mode (`inference_view`), so these are off while it is frozen.
+    """
+    return [
+        f"{sub.name} ({type(sub).__name__})"
+        for sub in _keras_compat.flatten_layers(component)
+        if sub is not component and _training_mode_reason(sub)
+    ]
 
 
 class _InferenceCall(keras.layers.Layer):

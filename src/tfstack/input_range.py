@@ -238,7 +238,7 @@ def _first_layers(model: Any, minimum: float, maximum: float) -> _FirstLayers:
         bounds = float(np.min(low)), float(np.max(high)), float(np.max(high - low))
         return _FirstLayers(rescaling, *bounds, first, reason)
 
-    for layer in _layers_from_input(model):
+    for layer in layers_from_input(model):
         if isinstance(layer, keras.layers.TFSMLayer):
             return stop(reason=f"{layer.name!r} is a SavedModel whose layers are hidden")
         if isinstance(layer, categorical):
@@ -256,7 +256,7 @@ def _first_layers(model: Any, minimum: float, maximum: float) -> _FirstLayers:
     return stop(reason="the model has no layer with weights")
 
 
-def _layers_from_input(model: Any) -> Iterator[Any]:
+def layers_from_input(model: Any) -> Iterator[Any]:
     """The model's layers in topological order, nested models expanded, input layers skipped."""
     import keras
 
@@ -264,7 +264,7 @@ def _layers_from_input(model: Any) -> Iterator[Any]:
         if isinstance(layer, keras.layers.InputLayer):
             continue
         if isinstance(layer, keras.Model):
-            yield from _layers_from_input(layer)
+            yield from layers_from_input(layer)
         else:
             yield layer
 
@@ -297,4 +297,10 @@ def _affine_bounds(layer: Any, low: np.ndarray, high: np.ndarray):
     return np.minimum(a, b), np.maximum(a, b)
 
 
-__all__ = ["InputRangeWarning", "ValueRange", "check_input_range", "value_range"]
+__all__ = [
+    "InputRangeWarning",
+    "ValueRange",
+    "check_input_range",
+    "layers_from_input",
+    "value_range",
+]

@@ -12,6 +12,10 @@
 
 Every component keeps its own name in the stacked model, so freeze policies, tables and
 per-component learning rates refer to it.
+
+Every strategy puts the same front in front of its first component (`_model_input`): the
+``front`` blocks, in order, usually ``preprocess`` (`tfstack.preprocessing`) then ``augment``
+(`tfstack.augmentation`). The stacked model's input is then the front's input (raw pixels).
 """
 
 from __future__ import annotations
@@ -76,6 +80,28 @@ def _input_layer(spec: TensorSpec) -> keras.KerasTensor:
     return keras.Input(shape=tuple(spec.shape[1:]), dtype=spec.dtype, name="input")
 
 
+def _model_input(
+    first: keras.Model, front: Sequence[keras.Model]
+) -> tuple[keras.KerasTensor, list[keras.Model]]:
+    """The stacked model's input and the front blocks every strategy puts before ``first``.
+
+    Without a front the input is ``first``'s; with one, it is the front's, and the front's
+    output must fit ``first``.
+
+    Raises:
+        ShapeError: the front's output does not fit ``first``'s input.
+    """
+    first_spec = _single_spec(input_specs(first), first.name, "input")
+    if not front:
+        return _input_layer(first_spec), []
+    spec = _single_spec(input_specs(front[0]), front[0].name, "input")
+    got = _single_spec(output_specs(front[-1]), front[-1].name, "output")
+    verdict = check_compatibility(front[-1].name, got, first.name, first_spec)
+    if not verdict.compatible:
+        raise ShapeError(str(verdict))
+    return _input_layer(spec), list(front)
+
+
 def _check_unique_names(components: Sequence[keras.Model]) -> None:
     names = [c.name for c in components]
     duplicates = sorted({n for n in names if names.count(n) > 1})
@@ -136,16 +162,18 @@ def build_sequential(
     head: keras.Model,
     *,
     name: str = "stacked",
+    front: Sequence[keras.Model] = (),
 ) -> StackResult:
     """``keras.Sequential`` of the components; refuses any junction that does not fit.
 
-    It inserts no adapters: ``build_stacked`` refuses ``adapter`` with this strategy.
+    It inserts no adapters: ``build_stacked`` refuses ``adapter`` with this strategy. ``front``:
+    blocks before the first component (see `build_stacked`).
 
     Raises:
         ShapeError: with the verdict naming both components, both shapes and the fix.
     """
     chain = [*feature_extractors, head]
-    _check_unique_names(chain)
+    _check_unique_names([*front, *chain])
     for up, down in zip(chain, chain[1:], strict=False):
         verdict = check_compatibility(
             up.name,
@@ -155,8 +183,8 @@ def build_sequential(
         )
         if not verdict.compatible:
             raise ShapeError(str(verdict))
-    first = _single_spec(input_specs(chain[0]), chain[0].name, "input")
-    model = keras.Sequential([_input_layer(first), *chain], name=name)
+    inputs, blocks = _model_input(chain[0], front)
+    model = keras.Sequential([inputs, *blocks, *chain], name=name)
     return StackResult(model, "sequential", [m.name for m in feature_extractors], head.name)
 
 
@@ -166,6 +194,7 @@ def build_adapter(
     *,
     name: str = "stacked",
     adapter: str | list[dict] | None = "auto",
+    front: Sequence[keras.Model] = (),
 ) -> StackResult:
     """The components in sequence, with an adapter wherever a junction does not fit.
 
@@ -175,9 +204,10 @@ def build_adapter(
         name: the stacked model's name.
         adapter: ``auto`` to plan each adapter, or an explicit list of Keras layer configs used
             at the junction into the head (other junctions use ``auto``).
+        front: blocks before the first component (see `build_stacked`).
     """
     chain = [*feature_extractors, head]
-    _check_unique_names(chain)
+    _check_unique_names([*front, *chain])
     layers: list[keras.layers.Layer] = [chain[0]]
     records = []
     for index, (up, down) in enumerate(zip(chain, chain[1:], strict=False), start=1):
@@ -191,8 +221,8 @@ def build_adapter(
         if block is not None:
             layers.append(block)
         layers.append(down)
-    first = _single_spec(input_specs(chain[0]), chain[0].name, "input")
-    model = keras.Sequential([_input_layer(first), *layers], name=name)
+    inputs, blocks = _model_input(chain[0], front)
+    model = keras.Sequential([inputs, *blocks, *layers], name=name)
     return StackResult(
         model, "adapter", [m.name for m in feature_extractors], head.name, adapters=records
     )
@@ -206,6 +236,7 @@ def build_functional(
     adapter: str | list[dict] | None = None,
     intermediate: list[dict] | None = None,
     merge: str = "concatenate",
+    front: Sequence[keras.Model] = (),
 ) -> StackResult:
     """One shared input, each feature extractor called on it, merged, then the head.
 
@@ -217,10 +248,11 @@ def build_functional(
             for the junction between the (merged, intermediate) features and the head.
         intermediate: Keras layer configs placed between the features and the head.
         merge: ``concatenate`` or ``average`` when there are several feature extractors.
+        front: blocks before the feature extractors (see `build_stacked`).
     """
     if merge not in MERGES:
         raise ShapeError(f"stacking.merge={merge!r} is not valid. Expected one of {list(MERGES)}.")
-    _check_unique_names([*feature_extractors, head])
+    _check_unique_names([*front, *feature_extractors, head])
     in_specs = [_single_spec(input_specs(m), m.name, "input") for m in feature_extractors]
     if any(spec.shape[1:] != in_specs[0].shape[1:] for spec in in_specs):
         pairs = zip(feature_extractors, in_specs, strict=True)
@@ -229,10 +261,13 @@ def build_functional(
             f"stacking=functional feeds one input to every feature extractor, but they expect "
             f"different inputs: {listing}. Give them the same input_shape."
         )
-    inputs = _input_layer(in_specs[0])
+    inputs, blocks = _model_input(feature_extractors[0], front)
+    shared = inputs
+    for block in blocks:
+        shared = block(shared)
     # Each extractor is called as a nested layer on the shared input, so its trainable flag and
     # its BatchNormalization mode keep working (keras#18092).
-    features = [m(inputs) for m in feature_extractors]
+    features = [m(shared) for m in feature_extractors]
     if len(features) > 1:
         if merge == "average":
             shapes = {tuple(f.shape[1:]) for f in features}
@@ -287,6 +322,7 @@ def build_stacked(
     adapter: str | list[dict] | None = None,
     intermediate: list[dict] | None = None,
     merge: str | None = None,
+    front: Sequence[keras.Model] | None = None,
 ) -> StackResult:
     """Build a stacked model by strategy name.
 
@@ -301,6 +337,11 @@ def build_stacked(
         adapter: ``auto`` or a list of Keras layer configs (``adapter``, ``functional``).
         intermediate: Keras layer configs before the head (``functional``).
         merge: ``concatenate`` (its default) or ``average`` (``functional``).
+        front: nested models applied, in order, to the input before the first component, in
+            every strategy: the ``preprocess`` and ``augment`` blocks
+            (`tfstack.preprocessing.build_preprocessing`,
+            `tfstack.augmentation.build_augmentation`). The stacked model takes the first
+            block's input; None blocks are left out.
 
     Returns:
         The StackResult.
@@ -334,7 +375,8 @@ def build_stacked(
         raise ShapeError("Stacking needs at least one feature extractor before the head.")
     # Only the options that are set: an unset one takes the builder's own default.
     chosen = {key: value for key, value in options.items() if is_set(value)}
-    result = STRATEGIES[strategy](list(feature_extractors), head, name=name, **chosen)
+    blocks = [block for block in front or () if block is not None]
+    result = STRATEGIES[strategy](list(feature_extractors), head, name=name, front=blocks, **chosen)
     logger.info(
         "Built %s model %r: %s -> %s",
         strategy,

@@ -342,6 +342,19 @@ def fit_phase(
         logger.info("Phase %d %r: not caching frozen outputs: %s", index, phase.name, note)
     # Cached phases run the frozen part in inference mode already (predict).
     inference = frozen_features.frozen_in_training_mode(model, feature_extractors)
+    for name in inference:
+        # Never silently: augmentation baked into a frozen base is off in this phase.
+        layers = frozen_features.training_mode_layers(model.get_layer(name))
+        logger.warning(
+            "Phase %d %r: the frozen feature extractor %r holds layers that act only in "
+            "training mode (%s); while it is frozen they run in inference mode, i.e. they are "
+            "off. To keep augmentation active, put it in front of the base "
+            "(tfstack.augmentation).",
+            index,
+            phase.name,
+            name,
+            ", ".join(layers),
+        )
     if inference and split is None:
         view = frozen_features.inference_view(model, inference)
         fit_model = frozen_features.compiled_like(model, view, loss=loss, metrics=metrics)

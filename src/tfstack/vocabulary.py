@@ -50,6 +50,56 @@ CACHE_MODES = ("auto", "off")
 RESUME_MODES = ("auto", "off")
 """Per-epoch checkpoints and resuming a killed run (``train.resume``)."""
 
+PREPROCESS_KINDS = ("none", "rescale", "normalize", "applications")
+"""Input preprocessing inside the stacked model (``preprocess=NAME``, ``preprocess.kind``)."""
+
+APPLICATION_FAMILIES = (
+    "convnext",
+    "densenet",
+    "efficientnet",
+    "efficientnet_v2",
+    "inception_resnet_v2",
+    "inception_v3",
+    "mobilenet",
+    "mobilenet_v2",
+    "mobilenet_v3",
+    "nasnet",
+    "resnet",
+    "resnet50",
+    "resnet_v2",
+    "vgg16",
+    "vgg19",
+    "xception",
+)
+"""Keras Applications modules whose ``preprocess_input`` ``preprocess=applications`` matches
+(``preprocess.family``; the module of ``keras.applications.<family>``)."""
+
+AUGMENT_LAYERS: Mapping[str, tuple[str, ...]] = {
+    "RandomFlip": ("mode",),
+    "RandomRotation": ("factor", "fill_mode", "interpolation", "fill_value"),
+    "RandomZoom": ("height_factor", "width_factor", "fill_mode", "interpolation", "fill_value"),
+    "RandomTranslation": (
+        "height_factor",
+        "width_factor",
+        "fill_mode",
+        "interpolation",
+        "fill_value",
+    ),
+    "RandomContrast": ("factor", "value_range"),
+    "RandomBrightness": ("factor", "value_range"),
+    "RandomCrop": ("height", "width"),
+}
+"""The Keras augmentation layers ``augment.layers`` may list, and the parameters each takes
+(``seed`` aside: it is derived from the run's seed and the layer's position)."""
+
+PREPROCESS_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "none": (),
+    "rescale": ("scale", "offset", "force"),
+    "normalize": ("force",),
+    "applications": ("family", "force"),
+}
+"""The ``preprocess.*`` options each kind uses besides ``resize`` (which all use)."""
+
 STRATEGY_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "sequential": (),
     "adapter": ("adapter",),
@@ -140,3 +190,53 @@ def unused_across_groups(
             "or set freeze.unfreeze_last with freeze=partial."
         )
     return None
+
+
+def augment_layer_problem(layers: Any, *, key: str = "augment.layers") -> str | None:
+    """The message for the first invalid entry of an augmentation layer list, or None.
+
+    Each entry is ``{class_name: RandomFlip, config: {mode: horizontal}}`` (``config`` may be
+    left out), as for ``stacking.intermediate``; the class and its parameters must be in
+    `AUGMENT_LAYERS`.
+
+    Args:
+        layers: the list as the user wrote it.
+        key: the config key, for the message.
+
+    Returns:
+        ``augment.layers[1]: RandomZom is not an augmentation layer. ...``, or None.
+    """
+    if not isinstance(layers, list | tuple):
+        return f"{key}={_shown(layers)} is not a list. Give a list such as {_AUGMENT_EXAMPLE}."
+    for index, entry in enumerate(layers):
+        where = f"{key}[{index}]"
+        if not isinstance(entry, Mapping) or set(entry) - {"class_name", "config"}:
+            return (
+                f"{where}={entry!r} is not a layer entry. Write it as {_AUGMENT_EXAMPLE}, with "
+                "the keys class_name and config only."
+            )
+        name = entry.get("class_name")
+        if name not in AUGMENT_LAYERS:
+            return (
+                f"{where}: {name!r} is not an augmentation layer tfstack builds. Use one of "
+                f"{list(AUGMENT_LAYERS)}."
+            )
+        config = entry.get("config") or {}
+        if not isinstance(config, Mapping):
+            return f"{where}.config={config!r} is not a mapping of {name}'s parameters."
+        allowed = AUGMENT_LAYERS[name]
+        for parameter in config:
+            if parameter not in allowed:
+                why = (
+                    " (seeds come from the run's `seed` and the layer's position)"
+                    if parameter == "seed"
+                    else ""
+                )
+                return (
+                    f"{where}: {parameter!r} is not a parameter of {name}{why}. "
+                    f"Its parameters: {list(allowed)}."
+                )
+    return None
+
+
+_AUGMENT_EXAMPLE = "[{class_name: RandomFlip, config: {mode: horizontal}}]"

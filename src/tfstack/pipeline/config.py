@@ -21,6 +21,7 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from tfstack import keras_names
 from tfstack.errors import ConfigError
 from tfstack.vocabulary import (
+    APPLICATION_FAMILIES,
     APPLICATIONS_PREFIX,
     BN_MODES,
     CACHE_MODES,
@@ -28,12 +29,15 @@ from tfstack.vocabulary import (
     FREEZE_OPTIONS,
     FREEZE_POLICIES,
     MERGES,
+    PREPROCESS_KINDS,
+    PREPROCESS_OPTIONS,
     RESUME_MODES,
     SCHEDULE_OPTIONS,
     SCHEDULES,
     STRATEGIES,
     STRATEGY_OPTIONS,
     TASKS,
+    augment_layer_problem,
     unused_across_groups,
     unused_option,
 )
@@ -96,6 +100,31 @@ class StackingConfig:
     intermediate: list[Any] = field(default_factory=list)
     # null: concatenate (stacking=functional only).
     merge: str | None = None
+
+
+@dataclass
+class PreprocessConfig:
+    """Preprocessing layers in front of the base (``tfstack.preprocessing``).
+
+    ``scale``/``offset``: rescale only; ``family``: applications only (null: the family of
+    ``components.base.path=keras_applications:NAME``); ``resize``: any kind; ``force``: scale
+    even when the base preprocesses its input itself.
+    """
+
+    kind: str = MISSING
+    scale: float | None = MISSING
+    offset: float | None = MISSING
+    family: str | None = None
+    resize: bool = False
+    force: bool = False
+
+
+@dataclass
+class AugmentConfig:
+    """Augmentation layers after the preprocessing (``tfstack.augmentation``)."""
+
+    # Entries {class_name: RandomFlip, config: {mode: horizontal}}; [] is none.
+    layers: list[Any] = MISSING
 
 
 @dataclass
@@ -195,18 +224,23 @@ class DvcDepsConfig:
 class Config:
     """The whole tfstack config."""
 
+    # What goes in: the data, the components, and how the stacked model is put together.
     data: DataConfig = field(default_factory=DataConfig)
     components: ComponentsConfig = field(default_factory=ComponentsConfig)
     stacking: StackingConfig = field(default_factory=StackingConfig)
+    preprocess: PreprocessConfig = field(default_factory=PreprocessConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    # How it trains.
     freeze: FreezeConfig = field(default_factory=FreezeConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     distribute: DistributeConfig = field(default_factory=DistributeConfig)
-    demo: DemoConfig = field(default_factory=DemoConfig)
-    dvc_deps: DvcDepsConfig = field(default_factory=DvcDepsConfig)
     seed: int = 42
+    # Where it is recorded, and the project around it.
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
     output_dir: str = "outputs"
+    dvc_deps: DvcDepsConfig = field(default_factory=DvcDepsConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
 
 
 def known_keys(full_key: str) -> list[str]:
@@ -472,6 +506,27 @@ def _check_unused_options(config: Config) -> None:
     )
     if unused:
         raise ConfigError(unused)
+    _check_preprocess_and_augment(config)
+
+
+def _check_preprocess_and_augment(config: Config) -> None:
+    """The preprocess options the kind uses, a known family, valid augmentation layers."""
+    p = config.preprocess
+    # force=false is the "unset" value of a bool; only force=true can be ignored.
+    options = {"scale": p.scale, "offset": p.offset, "family": p.family, "force": p.force or None}
+    unused = unused_option("preprocess", p.kind, options, PREPROCESS_OPTIONS)
+    if unused:
+        raise ConfigError(unused)
+    if p.family is not None:
+        _check_choice(p.family, APPLICATION_FAMILIES, "preprocess.family")
+    if p.scale is not None and not (math.isfinite(p.scale) and p.scale != 0):
+        raise ConfigError(
+            f"preprocess.scale={p.scale} must be a finite, non-zero factor, e.g. "
+            "preprocess.scale=0.00392156862745098 (1/255)."
+        )
+    problem = augment_layer_problem(config.augment.layers)
+    if problem:
+        raise ConfigError(problem)
 
 
 def _check_keras_names(train: TrainConfig) -> None:
@@ -529,6 +584,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     _check_choice(config.freeze.policy, FREEZE_POLICIES, "freeze.policy", "freeze")
     _check_choice(config.schedule.name, SCHEDULES, "schedule.name", "schedule")
     _check_choice(config.train.task, TASKS, "train.task")
+    _check_choice(config.preprocess.kind, PREPROCESS_KINDS, "preprocess.kind", "preprocess")
     if config.stacking.merge is not None:
         _check_choice(config.stacking.merge, MERGES, "stacking.merge")
     _check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")

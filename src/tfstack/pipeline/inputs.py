@@ -1,16 +1,17 @@
 """What the stages read, from config to library values: components, models, data, phases.
 
-Components load with their own trust (`load_components`); a model an earlier stage wrote
-reloads with the same per-component trust (`load_model`); the data is checked against the
-stacked model's input and the head's output (`check_targets`); the schedule's phases are built
-from the config's values (`make_phases`).
+Components load with their own trust (`load_components`); the preprocessing and augmentation
+blocks in front of them come from the ``preprocess`` and ``augment`` groups (`make_front`); a
+model an earlier stage wrote reloads with the same per-component trust (`load_model`); the data
+is checked against the stacked model's input and the head's output (`check_targets`); the
+schedule's phases are built from the config's values (`make_phases`).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from tfstack.errors import DataError, describe_error
+from tfstack.errors import ConfigError, DataError, describe_error
 from tfstack.pipeline.config import Config
 from tfstack.pipeline.paths import Paths
 from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
@@ -71,6 +72,63 @@ def load_components(config: Config, paths: Paths):
     bases += [load(f"extra.{key}", c) for key, c in config.components.extra.items()]
     head = load("head", config.components.head)
     return bases, head
+
+
+def make_front(config: Config, paths: Paths, base) -> list:
+    """The ``preprocess`` and ``augment`` blocks for `tfstack.stacking.build_stacked`'s front.
+
+    ``preprocess=normalize`` adapts on the training split, read here batch by batch.
+    """
+    from tfstack.augmentation import build_augmentation
+    from tfstack.preprocessing import build_preprocessing
+    from tfstack.shapes import input_specs, output_specs
+
+    p = config.preprocess
+    train_inputs = None
+    if p.kind == "normalize":
+        import tensorflow as tf
+
+        x_train = load_splits(config, paths).x_train
+        train_inputs = tf.data.Dataset.from_tensor_slices(x_train).batch(config.train.batch_size)
+    preprocess = build_preprocessing(
+        p.kind,
+        base,
+        scale=p.scale,
+        offset=p.offset,
+        family=application_family(config) if p.kind == "applications" else None,
+        resize=p.resize,
+        force=p.force,
+        train_inputs=train_inputs,
+    )
+    spec = (output_specs if preprocess is not None else input_specs)(preprocess or base)[0]
+    augment = build_augmentation(list(config.augment.layers), spec, seed=config.seed)
+    return [block for block in (preprocess, augment) if block is not None]
+
+
+def application_family(config: Config) -> str:
+    """``preprocess.family``, or the family of ``components.base.path=keras_applications:NAME``.
+
+    Raises:
+        ConfigError: no family is set and the base is not a Keras Applications model.
+    """
+    from tfstack.vocabulary import APPLICATION_FAMILIES
+
+    if config.preprocess.family is not None:
+        return config.preprocess.family
+    path = config.components.base.path
+    if path.startswith(APPLICATIONS_PREFIX):
+        import keras
+
+        builder = getattr(keras.applications, path.split(":", 1)[1], None)
+        # keras.applications.MobileNetV2 is defined in keras.src.applications.mobilenet_v2.
+        family = getattr(builder, "__module__", "").rsplit(".", 1)[-1]
+        if family in APPLICATION_FAMILIES:
+            return family
+    raise ConfigError(
+        f"preprocess=applications needs preprocess.family=FAMILY, since components.base.path="
+        f"{path} is not a Keras Applications model whose family tfstack can tell. Use one of "
+        f"{list(APPLICATION_FAMILIES)}."
+    )
 
 
 def _components_by_name(config: Config) -> dict:

@@ -31,6 +31,7 @@ from tfstack.pipeline.inputs import (
     load_components,
     load_model,
     load_splits,
+    make_front,
     make_phases,
     safe_mode_for,
     seed_everything,
@@ -107,6 +108,7 @@ def build(config: Config, paths: Paths, run: RunLog):
     # Seeded here too: adapters and intermediate layers get their initial weights at build time.
     seed_everything(config.seed, config.train.deterministic)
     bases, head = load_components(config, paths)
+    front = make_front(config, paths, bases[0])
     result = build_stacked(
         config.stacking.strategy,
         bases,
@@ -114,6 +116,7 @@ def build(config: Config, paths: Paths, run: RunLog):
         adapter=config.stacking.adapter,
         intermediate=list(config.stacking.intermediate) or None,
         merge=config.stacking.merge,
+        front=front,
         name="stacked",
     )
     out = paths.stage("build")
@@ -317,6 +320,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         from tfstack.tracking import log_tags
 
         log_tags(run.run_id, {f"phase.{r.index}.cached": str(r.cached).lower() for r in results})
+        log_tags(run.run_id, _inference_mode_tags(model, results))
         # The whole phase, also when this process ran only its last epochs.
         log_tags(
             run.run_id,
@@ -354,6 +358,21 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     if resumable and not keep_checkpoint:
         checkpoints.remove(directory)
     return model, results
+
+
+def _inference_mode_tags(model, results) -> dict:
+    """``phase.<i>.inference_mode``: per phase, the frozen components whose random or
+    training-mode layers were switched off, and those layers (``base: dropout (Dropout)``)."""
+    from tfstack.frozen_features import training_mode_layers
+
+    return {
+        f"phase.{r.index}.inference_mode": "; ".join(
+            f"{name}: {', '.join(training_mode_layers(model.get_layer(name)))}"
+            for name in r.inference_mode
+        )
+        for r in results
+        if r.inference_mode
+    }
 
 
 def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
