@@ -87,7 +87,7 @@ class Splits:
             all_labels = np.concatenate([y.reshape(-1) for _, y in splits.values()])
             summary["classes"] = [int(c) for c in np.unique(all_labels)]
             summary["num_classes"] = len(summary["classes"])
-            summary["class_counts"] = {name: _class_counts(y) for name, (_, y) in splits.items()}
+            summary["class_counts"] = {name: class_counts(y) for name, (_, y) in splits.items()}
         if self.class_names is not None:
             summary["class_names"] = list(self.class_names)
         return summary
@@ -290,14 +290,14 @@ class IndexedDataset:
             # Input order every epoch: plain slices, without the per-epoch cost of a map
             # function (about 3 ms per iteration on the demo, paid again by every validation).
             batches = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(self.batch_size)
-            return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+            return shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
 
         def take(index):
             # index: (batch,) -> inputs (batch, ...), y (batch, ...)
             picked = tf.nest.map_structure(lambda t: tf.gather(t, index), inputs)
             return picked, tf.gather(y, index)
 
-        return _shard_by_data(
+        return shard_by_data(
             self._order.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
                 tf.data.AUTOTUNE
             )
@@ -395,7 +395,7 @@ class ArrayDataset(IndexedDataset):
         return tf.data.Dataset.from_tensor_slices(self.x).batch(self.batch_size)
 
 
-def _shard_by_data(batches: tf.data.Dataset) -> tf.data.Dataset:
+def shard_by_data(batches: tf.data.Dataset) -> tf.data.Dataset:
     """Under a multi-worker strategy, split every batch among the workers.
 
     The arrays are in memory, so there are no files to shard by (``AUTO`` would try files and
@@ -559,30 +559,63 @@ def _split_validation(
     x: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Move a seeded, stratified-if-possible fraction of the training data to validation."""
-    if not (isinstance(val_fraction, int | float) and 0 < val_fraction < 1):
+    (x_train, y_train), (x_val, y_val) = split_off(
+        x, y, fraction=val_fraction, seed=seed, key="data.val_fraction", where=where
+    )
+    return x_train, y_train, x_val, y_val
+
+
+def split_off(
+    x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int, key: str, where: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Split a seeded, stratified-if-possible fraction of the samples off, in input order.
+
+    Stratified when the targets are integer labels and every class can give a sample to both
+    sides; otherwise a seeded random split. The same samples and seed give the same split.
+
+    Args:
+        x: Inputs (arrays, or an array of file paths), one row per sample.
+        y: Targets, one row per sample.
+        fraction: Fraction of the samples split off, in (0, 1); ``round(fraction * n)`` samples.
+        seed: Seed of the split.
+        key: The config key of ``fraction``: ``data.val_fraction`` (the split off is the
+            validation split) or ``data.test_fraction`` (the test split).
+        where: The data's config key and value, for messages.
+
+    Returns:
+        ``((x_kept, y_kept), (x_split_off, y_split_off))``.
+
+    Raises:
+        DataError: ``fraction`` is not in (0, 1), or either side would be empty.
+    """
+    if not (isinstance(fraction, int | float) and 0 < fraction < 1):
         raise DataError(
-            f"data.val_fraction must be a number between 0 and 1 (exclusive). "
-            f"Received: data.val_fraction={val_fraction}"
+            f"{key} must be a number between 0 and 1 (exclusive). Received: {key}={fraction}"
         )
+    validation = key == "data.val_fraction"
     n = len(x)
-    n_val = round(val_fraction * n)
-    if n_val == 0 or n_val == n:
-        side = "validation" if n_val == 0 else "training"
+    n_off = round(fraction * n)
+    if n_off == 0 or n_off == n:
+        if validation:
+            side = "validation" if n_off == 0 else "training"
+        else:
+            side = "test" if n_off == 0 else "training"
+        samples = "training samples" if validation else "samples"
         raise DataError(
-            f"{where}: the {side} split would be empty: data.val_fraction={val_fraction} of "
-            f"{n} training samples is {val_fraction * n:.2f} samples, rounded to {n_val}. "
-            "Add training samples or change data.val_fraction."
+            f"{where}: the {side} split would be empty: {key}={fraction} of "
+            f"{n} {samples} is {fraction * n:.2f} samples, rounded to {n_off}. "
+            f"Add {samples} or change {key}."
         )
     rng = np.random.default_rng(seed)
-    val_index = None
+    off_index = None
     if is_label_array(y) and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
-        val_index = _stratified_index(y.reshape(-1), n_val, rng)
-    if val_index is None:
-        logger.info("Validation split is random (not stratified): labels are not integer classes")
-        val_index = np.sort(rng.permutation(n)[:n_val])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val_index] = True
-    return x[~is_val], y[~is_val], x[is_val], y[is_val]
+        off_index = _stratified_index(y.reshape(-1), n_off, rng)
+    if off_index is None:
+        logger.info("%s split is random (not stratified)", "Validation" if validation else "Test")
+        off_index = np.sort(rng.permutation(n)[:n_off])
+    is_off = np.zeros(n, dtype=bool)
+    is_off[off_index] = True
+    return (x[~is_off], y[~is_off]), (x[is_off], y[is_off])
 
 
 def _stratified_index(y: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -618,7 +651,7 @@ def _stratified_index(y: np.ndarray, n_val: int, rng: np.random.Generator) -> np
     return np.sort(np.concatenate(chosen))
 
 
-def _class_counts(y: np.ndarray) -> dict[str, int]:
+def class_counts(y: np.ndarray) -> dict[str, int]:
     """Label -> number of samples, with string keys so the dict is JSON-ready."""
     labels, counts = np.unique(y, return_counts=True)
     return {str(int(label)): int(count) for label, count in zip(labels, counts, strict=True)}
@@ -631,7 +664,10 @@ __all__ = [
     "Splits",
     "file_hash",
     "load_npz",
+    "class_counts",
     "make_dataset",
     "sample_order",
     "save_npz",
+    "shard_by_data",
+    "split_off",
 ]
