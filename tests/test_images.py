@@ -390,7 +390,7 @@ def test_config_composes_images_and_refuses_image_options_for_npz():
     with pytest.raises(
         ConfigError, match=r"data\.color_mode='rgb' applies only to data=images or data=csv"
     ):
-        compose(["data=npz", "data.path=x.npz", "+data.color_mode=rgb"], config_dir=conf)
+        compose(["data=npz", "data.path=x.npz", "data.color_mode=rgb"], config_dir=conf)
 
 
 @pytest.mark.slow

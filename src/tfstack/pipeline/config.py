@@ -79,9 +79,9 @@ class ComponentsConfig:
 class DataConfig:
     """A dataset: an ``.npz`` of arrays, a folder of class folders of images, or a CSV of images.
 
-    ``format`` says which (``vocabulary.DATA_FORMATS``); the image options are null here and set
-    by ``conf/data/images.yaml`` and ``csv.yaml``, so a format that does not use one refuses it
-    (``vocabulary.DATA_OPTIONS``).
+    ``format`` says which (``vocabulary.DATA_FORMATS``). The image options are set by
+    ``conf/data/images.yaml`` and ``csv.yaml`` and null in the ``npz`` options; a format that
+    does not use one refuses it when set (``vocabulary.DATA_OPTIONS``).
     """
 
     name: str = MISSING
@@ -89,14 +89,16 @@ class DataConfig:
     # Mandatory: merging a YAML "???" onto a default would silently keep the default.
     path: str = "???"
     val_fraction: float = 0.2
-    test_fraction: float | None = None
+    # The image options: set by each option of conf/data/ (null where its format does not use
+    # them), so MISSING here.
+    test_fraction: float | None = MISSING
     # null: the stacked model's input size.
     image_size: list[int] | None = None
-    color_mode: str | None = None
-    interpolation: str | None = None
-    crop_to_aspect_ratio: bool | None = None
-    path_column: str | None = None
-    label_column: str | None = None
+    color_mode: str | None = MISSING
+    interpolation: str | None = MISSING
+    crop_to_aspect_ratio: bool | None = MISSING
+    path_column: str | None = MISSING
+    label_column: str | None = MISSING
 
 
 @dataclass
