@@ -473,3 +473,22 @@ def test_tfstack_run_on_an_image_folder_finishes_with_metrics(project):
     assert run.info.status == "FINISHED"
     assert len(run.data.tags["data_hash"]) == 64  # the folder's content hash, not an md5
     assert "test_accuracy" in run.data.metrics
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("damage", ["truncated_png", "rgb_for_a_grayscale_base"])
+def test_bad_images_fail_the_run_in_one_line_naming_the_file_or_key(project, capsys, damage):
+    from test_errors import assert_left_clean, fail
+
+    folder = _digit_folder(project / "pics", project)
+    overrides = ["run", "data=images", "data.path=pics", "data.color_mode=grayscale"]
+    if damage == "truncated_png":
+        bad = sorted((folder / "train" / "digit1").glob("*.png"))[2]
+        bad.write_bytes(bad.read_bytes()[:45])
+        expected = f"tfstack: error: cannot decode {bad.resolve()} ("
+    else:
+        overrides[-1] = "data.color_mode=rgb"
+        expected = "tfstack: error: data.color_mode=rgb gives 3 channels, but the stacked model"
+    line = fail(capsys, *overrides)
+    assert line.startswith(expected), line
+    assert_left_clean(project, completed=("build",))

@@ -148,26 +148,14 @@ def load_splits(config: Config, paths: Paths):
     """The data's splits: `tfstack.data.Splits` (arrays) or `tfstack.images.FileSplits`."""
     data = config.data
     where = paths.resolve(data.path)
-    if data.format == "images":
-        from tfstack.images import find_image_folder
+    if data.format in ("images", "csv"):
+        from tfstack.images import find_image_folder, load_csv
 
-        return find_image_folder(
-            where,
-            val_fraction=data.val_fraction,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-        )
-    if data.format == "csv":
-        from tfstack.images import load_csv
-
-        return load_csv(
-            where,
-            path_column=data.path_column,
-            label_column=data.label_column,
-            val_fraction=data.val_fraction,
-            test_fraction=data.test_fraction,
-            seed=config.seed,
-        )
+        split = {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
+        if data.format == "images":
+            return find_image_folder(where, **split, seed=config.seed)
+        columns = {"path_column": data.path_column, "label_column": data.label_column}
+        return load_csv(where, **columns, **split, seed=config.seed)
     from tfstack.data import load_npz
 
     return load_npz(where, val_fraction=data.val_fraction, seed=config.seed)
