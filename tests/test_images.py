@@ -56,6 +56,7 @@ def test_train_val_test_folders_give_their_splits_and_sorted_class_names(tmp_pat
     for split, n in (("train", 3), ("val", 2), ("test", 1)):
         _folder(tmp_path / split, classes=("zebra", "ant"), per_class=n)
     (tmp_path / "train" / "ant" / "notes.txt").write_text("not an image")  # ignored, as Keras
+    (tmp_path / "train" / ".ipynb_checkpoints").mkdir()  # hidden: not a class, as in Keras
     splits = find_image_folder(tmp_path)
     assert splits.class_names == ["ant", "zebra"]
     assert splits.summary()["sizes"] == {"train": 6, "val": 4, "test": 2}

@@ -242,9 +242,7 @@ def find_image_folder(
         )
     _check_fraction("data.test_fraction", test_fraction, allow_zero=True)
     if (root / "train").is_dir():
-        others = sorted(
-            p.name for p in root.iterdir() if p.is_dir() and p.name not in _SPLIT_FOLDERS
-        )
+        others = [name for name in _subfolders(root) if name not in _SPLIT_FOLDERS]
         if others:
             raise DataError(
                 f"{where} has a train/ folder and also {first_values(others, 5)}: with train/, "
@@ -283,13 +281,18 @@ def find_image_folder(
 
 def _class_folders(folder: Path, where: str) -> tuple[list[str], tuple[np.ndarray, np.ndarray]]:
     """Sorted class names and ``(files, labels)`` of one folder of class subfolders."""
-    class_names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    class_names = _subfolders(folder)
     if not class_names:
         raise DataError(
             f"{where}: {folder} holds no class folder. Put each class's images in a subfolder "
             f"named after the class ({folder}/<class>/*.png)."
         )
     return class_names, _index_classes(folder, class_names, where)
+
+
+def _subfolders(folder: Path) -> list[str]:
+    """Sorted subfolder names, without hidden ones (``.ipynb_checkpoints``), as Keras lists them."""
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
 def _split_folder(
@@ -299,7 +302,7 @@ def _split_folder(
     folder = root / split
     if not folder.is_dir():
         return None
-    names = sorted(p.name for p in folder.iterdir() if p.is_dir())
+    names = _subfolders(folder)
     unknown = [n for n in names if n not in class_names]
     if unknown:
         raise DataError(
