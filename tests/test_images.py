@@ -493,3 +493,24 @@ def test_bad_images_fail_the_run_in_one_line_naming_the_file_or_key(project, cap
     line = fail(capsys, *overrides)
     assert line.startswith(expected), line
     assert_left_clean(project, completed=("build",))
+
+
+def test_preflight_wants_a_folder_for_images_and_a_file_for_csv(tmp_path):
+    from tfstack.pipeline import preflight
+    from tfstack.pipeline.paths import Paths
+
+    paths = Paths(root=tmp_path, out=tmp_path / "outputs")
+    _write(tmp_path / "one.png")
+    (tmp_path / "pics").mkdir()
+    preflight.check_data_path("pics", paths, data_format="images")
+    with pytest.raises(DataError, match=r"^data\.path=one\.png is a file, not a directory"):
+        preflight.check_data_path("one.png", paths, data_format="images")
+    with pytest.raises(DataError, match=r"^data\.path=pics is a directory, not a file\. .*CSV"):
+        preflight.check_data_path("pics", paths, data_format="csv")
+
+
+def test_csv_content_hash_covers_the_csv_itself(tmp_path):
+    path = _csv(tmp_path, ["a", "b"] * 3)
+    before = load_csv(path, path_column="file", label_column="target").content_hash()
+    path.write_text(path.read_text().replace("img/0.png,a", "img/0.png,b"))
+    assert load_csv(path, path_column="file", label_column="target").content_hash() != before
