@@ -52,6 +52,17 @@ def test_load_npz_splits_sizes_and_stratifies(tmp_path):
     json.dumps(summary)  # JSON-ready, for logging as an artifact
 
 
+def test_load_npz_reads_optional_class_names(tmp_path):
+    plain = load_npz(write_dataset(tmp_path / "plain.npz"))
+    assert plain.class_names is None and "class_names" not in plain.summary()
+    names = np.array(["cat", "dog", "emu"])
+    named = load_npz(write_dataset(tmp_path / "named.npz", class_names=names))
+    assert named.class_names == ["cat", "dog", "emu"]
+    assert named.summary()["class_names"] == ["cat", "dog", "emu"]
+    with pytest.raises(DataError, match="class_names must be a 1-D array of strings"):
+        load_npz(write_dataset(tmp_path / "bad.npz", class_names=np.arange(3)))
+
+
 def test_load_npz_validation_split_is_a_seeded_partition_of_train(tmp_path):
     path = write_dataset(tmp_path / "d.npz", n_train=60)
     original = np.load(path)["x_train"]

@@ -50,6 +50,8 @@ class Splits:
         y_val: Validation targets.
         x_test: Test inputs, as stored in the file.
         y_test: Test targets.
+        class_names: The name of each class id (index ``i`` names label ``i``), or None when the
+            data names no classes (an ``.npz`` without a ``class_names`` array, regression).
     """
 
     x_train: np.ndarray
@@ -58,6 +60,7 @@ class Splits:
     y_val: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    class_names: list[str] | None = None
 
     def summary(self) -> dict[str, Any]:
         """Sizes, shapes and classes of the splits, JSON-ready.
@@ -84,7 +87,9 @@ class Splits:
             all_labels = np.concatenate([y.reshape(-1) for _, y in splits.values()])
             summary["classes"] = [int(c) for c in np.unique(all_labels)]
             summary["num_classes"] = len(summary["classes"])
-            summary["class_counts"] = {name: _class_counts(y) for name, (_, y) in splits.items()}
+            summary["class_counts"] = {name: class_counts(y) for name, (_, y) in splits.items()}
+        if self.class_names is not None:
+            summary["class_names"] = list(self.class_names)
         return summary
 
 
@@ -153,29 +158,29 @@ def load_npz(
             f"{where}: train and test inputs differ in shape: x_train has samples of shape "
             f"{arrays['x_train'].shape[1:]}, x_test of shape {arrays['x_test'].shape[1:]}."
         )
-    for name, array in arrays.items():
-        _check_finite(array, name, where)
+    for name in REQUIRED_KEYS:
+        _check_finite(arrays[name], name, where)
 
     x_train, y_train, x_val, y_val = _split_validation(
         arrays["x_train"], arrays["y_train"], val_fraction=val_fraction, seed=seed, where=where
     )
-    splits = Splits(x_train, y_train, x_val, y_val, arrays["x_test"], arrays["y_test"])
+    class_names = _class_names(arrays.pop("class_names", None), where)
+    splits = Splits(x_train, y_train, x_val, y_val, arrays["x_test"], arrays["y_test"], class_names)
     logger.info("Loaded %s: %s", path, splits.summary()["sizes"])
     return splits
 
 
-class ArrayDataset:
-    """Arrays served as batches in a seeded order that every view of them shares.
+class IndexedDataset:
+    """Samples served as batches in a seeded index order that every view of them shares.
 
-    The order is a `tf.data` pipeline of index batches: ``range(n)``, shuffled with ``seed``
-    (reshuffled every epoch) when ``shuffle``, then batched. `batches` gathers ``(x, y)`` by those
-    indices; `with_inputs` gathers other inputs of the same samples (the outputs of a frozen
-    feature extractor, say) with the same ``y``. Every view draws its epochs from the one shuffle
-    stream, so a phase trained on precomputed features sees exactly the batches, in exactly the
-    order, that training on ``x`` would have seen, and the phases after it continue that stream.
-
-    Shuffling indices instead of samples keeps the shuffle buffer small (``n`` integers), and
-    gathering a whole batch at once keeps Python out of the per-batch work.
+    The order is a `tf.data` pipeline of sample indices (`sample_order`): ``range(n)``, shuffled
+    with ``seed`` (reshuffled every epoch) when ``shuffle``, then batched. A subclass says what a
+    sample's inputs are (`batches`, `input_batches`): arrays in memory (`ArrayDataset`) or files
+    decoded on the fly (`tfstack.images.ImageDataset`). `with_inputs` gathers other inputs of
+    the same samples (the outputs of a frozen feature extractor, say) with the same ``y``. Every
+    view draws its epochs from the one shuffle stream, so a phase trained on precomputed
+    features sees exactly the batches, in exactly the order, that training on the inputs would
+    have seen, and the phases after it continue that stream.
 
     With ``epoch_seeded``, each epoch's order is instead a function of ``(seed, epoch)`` only,
     where ``epoch`` is what `set_epoch` last set (at the start of every epoch, by the callback
@@ -184,13 +189,172 @@ class ArrayDataset:
     iterators) came before.
 
     Args:
-        x: Inputs, shape ``(n, ...)``.
+        n: Number of samples.
         y: Targets, shape ``(n, ...)``.
         batch_size: Samples per batch (the last batch may be smaller).
         shuffle: Whether to shuffle (training) or keep the order (validation, test).
         seed: Seed of the shuffle.
         epoch_seeded: Shuffle each epoch by ``(seed, epoch)`` (see above) instead of drawing
             epochs from one stateful shuffle stream.
+
+    Raises:
+        DataError: ``y`` does not have ``n`` rows, or ``batch_size`` is not positive.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        y: np.ndarray,
+        *,
+        batch_size: int,
+        shuffle: bool,
+        seed: int,
+        epoch_seeded: bool = False,
+    ):
+        import tensorflow as tf  # here, not at the top: the prepare stage needs no TensorFlow
+
+        if len(y) != n:
+            raise DataError(f"x has {n} samples but y has {len(y)}; they must match.")
+        if batch_size < 1:
+            raise DataError(
+                f"batch_size must be a positive integer. Received: batch_size={batch_size}"
+            )
+        self.y = y
+        self.batch_size = batch_size
+        self.shuffle = shuffle
+        self.seed = seed
+        self._n = n
+        self._indices, self._epoch = sample_order(
+            n, shuffle=shuffle, seed=seed, epoch_seeded=epoch_seeded
+        )
+        self._order = self._indices.batch(batch_size)  # (batch,) int64 indices
+        self._y = tf.convert_to_tensor(y)
+        self._batches: tf.data.Dataset | None = None
+
+    def set_epoch(self, epoch: int) -> None:
+        """Make the next iteration the given epoch's order (``epoch_seeded`` datasets only)."""
+        if self._epoch is not None:
+            self._epoch.assign(int(epoch))
+
+    def __len__(self) -> int:
+        return self._n
+
+    @property
+    def steps(self) -> int:
+        """Batches per epoch."""
+        return -(-self._n // self.batch_size)
+
+    def batches(self) -> tf.data.Dataset:
+        """The ``(x_batch, y_batch)`` dataset (the same object on every call)."""
+        if self._batches is None:
+            self._batches = self._make_batches()
+        return self._batches
+
+    def _make_batches(self) -> tf.data.Dataset:
+        raise NotImplementedError
+
+    def input_batches(self) -> tf.data.Dataset:
+        """The inputs alone, in input order (unshuffled), in batches of ``batch_size``."""
+        raise NotImplementedError
+
+    def with_inputs(self, inputs: np.ndarray | Sequence[np.ndarray]) -> tf.data.Dataset:
+        """``(inputs_batch, y_batch)`` batches in the shared order.
+
+        Args:
+            inputs: One array, or a list of arrays, with one row per sample in input order
+                (e.g. a feature extractor's outputs for `input_batches`).
+
+        Returns:
+            A dataset of ``(inputs_batch, y_batch)``; a list of arrays gives a tuple of batches.
+
+        Raises:
+            DataError: an array does not have one row per sample.
+        """
+        import tensorflow as tf
+
+        arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
+        for array in arrays:
+            if len(array) != self._n:
+                raise DataError(
+                    f"inputs have {len(array)} rows but the dataset has {self._n} samples; "
+                    "give one row per sample, in the order of x."
+                )
+        tensors = [tf.convert_to_tensor(a) for a in arrays]
+        return self._gather(tensors[0] if len(tensors) == 1 else tuple(tensors))
+
+    def _gather(self, inputs) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        y = self._y
+        if not self.shuffle:
+            # Input order every epoch: plain slices, without the per-epoch cost of a map
+            # function (about 3 ms per iteration on the demo, paid again by every validation).
+            batches = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(self.batch_size)
+            return shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
+
+        def take(index):
+            # index: (batch,) -> inputs (batch, ...), y (batch, ...)
+            picked = tf.nest.map_structure(lambda t: tf.gather(t, index), inputs)
+            return picked, tf.gather(y, index)
+
+        return shard_by_data(
+            self._order.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
+                tf.data.AUTOTUNE
+            )
+        )
+
+
+def sample_order(
+    n: int, *, shuffle: bool, seed: int, epoch_seeded: bool = False
+) -> tuple[tf.data.Dataset, tf.Variable | None]:
+    """The sample indices of one epoch, in training order, as a `tf.data` pipeline.
+
+    Args:
+        n: Number of samples.
+        shuffle: Shuffle (else ``0..n-1``).
+        seed: Seed of the shuffle.
+        epoch_seeded: Shuffle by ``(seed, epoch)``, where ``epoch`` is the returned variable's
+            value when an iteration starts (see `IndexedDataset`); else one stateful stream
+            reshuffled every iteration.
+
+    Returns:
+        ``(indices, epoch)``: a dataset of scalar int64 indices, and the epoch variable (None
+        unless shuffled by epoch).
+    """
+    import tensorflow as tf
+
+    order = tf.data.Dataset.range(n)
+    if not shuffle:
+        return order, None
+    if not epoch_seeded:
+        return order.shuffle(buffer_size=max(n, 1), seed=seed, reshuffle_each_iteration=True), None
+    # Read by the pipeline each time an epoch's iteration starts, so set_epoch() before it
+    # decides the order; stateless, so nothing else (other iterators, restarts) moves it.
+    epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
+
+    def permutation(_):
+        # () -> (n,): the indices in this epoch's order
+        key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
+        return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), key)
+
+    order = tf.data.Dataset.from_tensors(tf.constant(0)).map(permutation).unbatch()
+    return order.apply(tf.data.experimental.assert_cardinality(n)), epoch
+
+
+class ArrayDataset(IndexedDataset):
+    """Arrays served as batches in a seeded order that every view of them shares.
+
+    The order and its views are `IndexedDataset`'s: `batches` gathers ``(x, y)`` by the shared
+    index batches. Shuffling indices instead of samples keeps the shuffle buffer small (``n``
+    integers), and gathering a whole batch at once keeps Python out of the per-batch work.
+
+    Args:
+        x: Inputs, shape ``(n, ...)``.
+        y: Targets, shape ``(n, ...)``.
+        batch_size: Samples per batch (the last batch may be smaller).
+        shuffle: Whether to shuffle (training) or keep the order (validation, test).
+        seed: Seed of the shuffle.
+        epoch_seeded: Shuffle each epoch by ``(seed, epoch)`` (see `IndexedDataset`).
 
     Raises:
         DataError: ``x`` and ``y`` differ in length, or ``batch_size`` is not positive.
@@ -214,115 +378,24 @@ class ArrayDataset:
         seed: int,
         epoch_seeded: bool = False,
     ):
-        import tensorflow as tf  # here, not at the top: the prepare stage needs no TensorFlow
-
-        _check_pair(x, y)
-        if batch_size < 1:
-            raise DataError(
-                f"batch_size must be a positive integer. Received: batch_size={batch_size}"
-            )
-        self.x = x
-        self.y = y
-        self.batch_size = batch_size
-        self.shuffle = shuffle
-        self.seed = seed
-        self._epoch = None
-        order = tf.data.Dataset.range(len(x))
-        if shuffle and epoch_seeded:
-            order = self._epoch_seeded_order(len(x), seed)
-        elif shuffle:
-            order = order.shuffle(
-                buffer_size=max(len(x), 1), seed=seed, reshuffle_each_iteration=True
-            )
-        self._order = order.batch(batch_size)  # (batch,) int64 indices
-        self._y = tf.convert_to_tensor(y)
-        self._batches: tf.data.Dataset | None = None
-
-    def _epoch_seeded_order(self, n: int, seed: int):
-        import tensorflow as tf
-
-        # Read by the pipeline each time an epoch's iteration starts, so set_epoch() before it
-        # decides the order; stateless, so nothing else (other iterators, restarts) moves it.
-        self._epoch = tf.Variable(0, dtype=tf.int64, trainable=False, name="epoch")
-        epoch = self._epoch
-
-        def permutation(_):
-            # () -> (n,): the indices in this epoch's order
-            key = tf.stack([tf.constant(seed, tf.int64), epoch.read_value()])
-            return tf.random.experimental.stateless_shuffle(tf.range(n, dtype=tf.int64), key)
-
-        order = tf.data.Dataset.from_tensors(tf.constant(0)).map(permutation).unbatch()
-        return order.apply(tf.data.experimental.assert_cardinality(n))
-
-    def set_epoch(self, epoch: int) -> None:
-        """Make the next iteration the given epoch's order (``epoch_seeded`` datasets only)."""
-        if self._epoch is not None:
-            self._epoch.assign(int(epoch))
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    @property
-    def steps(self) -> int:
-        """Batches per epoch."""
-        return -(-len(self.x) // self.batch_size)
-
-    def batches(self) -> tf.data.Dataset:
-        """The ``(x_batch, y_batch)`` dataset (the same object on every call)."""
-        import tensorflow as tf
-
-        if self._batches is None:
-            self._batches = self._gather(tf.convert_to_tensor(self.x))
-        return self._batches
-
-    def with_inputs(self, inputs: np.ndarray | Sequence[np.ndarray]) -> tf.data.Dataset:
-        """``(inputs_batch, y_batch)`` batches in the shared order.
-
-        Args:
-            inputs: One array, or a list of arrays, with one row per sample of ``x`` in the same
-                order (e.g. a feature extractor's outputs for ``x``).
-
-        Returns:
-            A dataset of ``(inputs_batch, y_batch)``; a list of arrays gives a tuple of batches.
-
-        Raises:
-            DataError: an array does not have one row per sample.
-        """
-        import tensorflow as tf
-
-        arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
-        for array in arrays:
-            if len(array) != len(self.x):
-                raise DataError(
-                    f"inputs have {len(array)} rows but the dataset has {len(self.x)} samples; "
-                    "give one row per sample, in the order of x."
-                )
-        tensors = [tf.convert_to_tensor(a) for a in arrays]
-        return self._gather(tensors[0] if len(tensors) == 1 else tuple(tensors))
-
-    def _gather(self, inputs) -> tf.data.Dataset:
-        import tensorflow as tf
-
-        y = self._y
-        if not self.shuffle:
-            # Input order every epoch: plain slices, without the per-epoch cost of a map
-            # function (about 3 ms per iteration on the demo, paid again by every validation).
-            batches = tf.data.Dataset.from_tensor_slices((inputs, y)).batch(self.batch_size)
-            return _shard_by_data(batches.prefetch(tf.data.AUTOTUNE))
-
-        def take(index):
-            # index: (batch,) -> inputs (batch, ...), y (batch, ...)
-            picked = tf.nest.map_structure(lambda t: tf.gather(t, index), inputs)
-            return picked, tf.gather(y, index)
-
-        return _shard_by_data(
-            self._order.map(take, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).prefetch(
-                tf.data.AUTOTUNE
-            )
+        super().__init__(
+            len(x), y, batch_size=batch_size, shuffle=shuffle, seed=seed, epoch_seeded=epoch_seeded
         )
+        self.x = x
+
+    def _make_batches(self) -> tf.data.Dataset:
+        import tensorflow as tf
+
+        return self._gather(tf.convert_to_tensor(self.x))
+
+    def input_batches(self) -> tf.data.Dataset:
+        """``x`` alone, in input order, in batches of ``batch_size``."""
+        import tensorflow as tf
+
+        return tf.data.Dataset.from_tensor_slices(self.x).batch(self.batch_size)
 
 
-def _shard_by_data(batches: tf.data.Dataset) -> tf.data.Dataset:
+def shard_by_data(batches: tf.data.Dataset) -> tf.data.Dataset:
     """Under a multi-worker strategy, split every batch among the workers.
 
     The arrays are in memory, so there are no files to shard by (``AUTO`` would try files and
@@ -359,11 +432,6 @@ def make_dataset(
         DataError: ``x`` and ``y`` differ in length, or ``batch_size`` is not positive.
     """
     return ArrayDataset(x, y, batch_size=batch_size, shuffle=shuffle, seed=seed).batches()
-
-
-def _check_pair(x: np.ndarray, y: np.ndarray) -> None:
-    if len(x) != len(y):
-        raise DataError(f"x has {len(x)} samples but y has {len(y)}; they must match.")
 
 
 def file_hash(path: str | os.PathLike[str]) -> str:
@@ -452,12 +520,25 @@ def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
                 f"Expected {', '.join(REQUIRED_KEYS)}."
             )
         arrays = {}
-        for k in REQUIRED_KEYS:
+        optional = ["class_names"] if "class_names" in present else []
+        for k in [*REQUIRED_KEYS, *optional]:
             try:
                 arrays[k] = loaded[k]
             except (ValueError, OSError, zipfile.BadZipFile) as err:
                 raise DataError(f"{where}: cannot read {k} ({err}). Save numeric arrays.") from err
     return arrays
+
+
+def _class_names(names: np.ndarray | None, where: str) -> list[str] | None:
+    """The optional ``class_names`` array of a dataset file (one string per class id)."""
+    if names is None:
+        return None
+    if names.ndim != 1 or names.dtype.kind not in "US":
+        raise DataError(
+            f"{where}: class_names must be a 1-D array of strings, one per class id; received "
+            f"dtype {names.dtype}, shape {names.shape}."
+        )
+    return [str(n) for n in names]
 
 
 def _check_finite(array: np.ndarray, name: str, where: str) -> None:
@@ -478,30 +559,63 @@ def _split_validation(
     x: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int, where: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Move a seeded, stratified-if-possible fraction of the training data to validation."""
-    if not (isinstance(val_fraction, int | float) and 0 < val_fraction < 1):
+    (x_train, y_train), (x_val, y_val) = split_off(
+        x, y, fraction=val_fraction, seed=seed, key="data.val_fraction", where=where
+    )
+    return x_train, y_train, x_val, y_val
+
+
+def split_off(
+    x: np.ndarray, y: np.ndarray, *, fraction: float, seed: int, key: str, where: str
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    """Split a seeded, stratified-if-possible fraction of the samples off, in input order.
+
+    Stratified when the targets are integer labels and every class can give a sample to both
+    sides; otherwise a seeded random split. The same samples and seed give the same split.
+
+    Args:
+        x: Inputs (arrays, or an array of file paths), one row per sample.
+        y: Targets, one row per sample.
+        fraction: Fraction of the samples split off, in (0, 1); ``round(fraction * n)`` samples.
+        seed: Seed of the split.
+        key: The config key of ``fraction``: ``data.val_fraction`` (the split off is the
+            validation split) or ``data.test_fraction`` (the test split).
+        where: The data's config key and value, for messages.
+
+    Returns:
+        ``((x_kept, y_kept), (x_split_off, y_split_off))``.
+
+    Raises:
+        DataError: ``fraction`` is not in (0, 1), or either side would be empty.
+    """
+    if not (isinstance(fraction, int | float) and 0 < fraction < 1):
         raise DataError(
-            f"data.val_fraction must be a number between 0 and 1 (exclusive). "
-            f"Received: data.val_fraction={val_fraction}"
+            f"{key} must be a number between 0 and 1 (exclusive). Received: {key}={fraction}"
         )
+    validation = key == "data.val_fraction"
     n = len(x)
-    n_val = round(val_fraction * n)
-    if n_val == 0 or n_val == n:
-        side = "validation" if n_val == 0 else "training"
+    n_off = round(fraction * n)
+    if n_off == 0 or n_off == n:
+        if validation:
+            side = "validation" if n_off == 0 else "training"
+        else:
+            side = "test" if n_off == 0 else "training"
+        samples = "training samples" if validation else "samples"
         raise DataError(
-            f"{where}: the {side} split would be empty: data.val_fraction={val_fraction} of "
-            f"{n} training samples is {val_fraction * n:.2f} samples, rounded to {n_val}. "
-            "Add training samples or change data.val_fraction."
+            f"{where}: the {side} split would be empty: {key}={fraction} of "
+            f"{n} {samples} is {fraction * n:.2f} samples, rounded to {n_off}. "
+            f"Add {samples} or change {key}."
         )
     rng = np.random.default_rng(seed)
-    val_index = None
+    off_index = None
     if is_label_array(y) and (y.ndim == 1 or (y.ndim == 2 and y.shape[1] == 1)):
-        val_index = _stratified_index(y.reshape(-1), n_val, rng)
-    if val_index is None:
-        logger.info("Validation split is random (not stratified): labels are not integer classes")
-        val_index = np.sort(rng.permutation(n)[:n_val])
-    is_val = np.zeros(n, dtype=bool)
-    is_val[val_index] = True
-    return x[~is_val], y[~is_val], x[is_val], y[is_val]
+        off_index = _stratified_index(y.reshape(-1), n_off, rng)
+    if off_index is None:
+        logger.info("%s split is random (not stratified)", "Validation" if validation else "Test")
+        off_index = np.sort(rng.permutation(n)[:n_off])
+    is_off = np.zeros(n, dtype=bool)
+    is_off[off_index] = True
+    return (x[~is_off], y[~is_off]), (x[is_off], y[is_off])
 
 
 def _stratified_index(y: np.ndarray, n_val: int, rng: np.random.Generator) -> np.ndarray | None:
@@ -537,7 +651,7 @@ def _stratified_index(y: np.ndarray, n_val: int, rng: np.random.Generator) -> np
     return np.sort(np.concatenate(chosen))
 
 
-def _class_counts(y: np.ndarray) -> dict[str, int]:
+def class_counts(y: np.ndarray) -> dict[str, int]:
     """Label -> number of samples, with string keys so the dict is JSON-ready."""
     labels, counts = np.unique(y, return_counts=True)
     return {str(int(label)): int(count) for label, count in zip(labels, counts, strict=True)}
@@ -546,9 +660,14 @@ def _class_counts(y: np.ndarray) -> dict[str, int]:
 __all__ = [
     "REQUIRED_KEYS",
     "ArrayDataset",
+    "IndexedDataset",
     "Splits",
     "file_hash",
     "load_npz",
+    "class_counts",
     "make_dataset",
+    "sample_order",
     "save_npz",
+    "shard_by_data",
+    "split_off",
 ]

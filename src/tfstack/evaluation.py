@@ -13,6 +13,7 @@ plot templates read.
 from __future__ import annotations
 
 import logging
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -72,7 +73,9 @@ def evaluate(
         model: A Keras model whose outputs fit ``task``: ``(n, classes)`` probabilities for
             ``classification``, ``(n, 1)`` probabilities for ``binary``, targets for
             ``regression``.
-        x: Inputs, as ``model.evaluate`` takes them (usually a NumPy array).
+        x: Inputs, as ``model.evaluate`` takes them (usually a NumPy array), or a batched
+            ``tf.data.Dataset`` of ``(x, y)`` (e.g. `tfstack.images.ImageDataset.batches`, so
+            test images stream from disk) whose targets, in order, are ``y``.
         y: Integer class ids for classification and binary, target values for regression.
         task: ``"classification"``, ``"binary"`` or ``"regression"``.
         batch_size: Samples per batch of ``model.evaluate`` and ``model.predict``.
@@ -108,8 +111,13 @@ def evaluate(
                 "loss=... (and metrics=[...]), e.g. the loss it was trained with, or compile it."
             )
         model.compile(loss=loss, metrics=list(metrics))
-    scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-    outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    if _is_dataset(x):
+        # Batches of (x, y) streamed from disk: Keras takes the batches as they come.
+        scores = model.evaluate(x, verbose=0, return_dict=True)
+        outputs = model.predict(x, verbose=0)
+    else:
+        scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+        outputs = model.predict(x, batch_size=batch_size, verbose=0)
     measured = {name: float(value) for name, value in scores.items()}
     measured.update(task_metrics(y, outputs, task))
     if task == "regression":
@@ -289,3 +297,9 @@ def confusion_rows(
         return [{"actual": int(a), "predicted": int(p)} for a, p in pairs]
     names = [str(name) for name in class_names]
     return [{"actual": names[a], "predicted": names[p]} for a, p in pairs]
+
+
+def _is_dataset(x) -> bool:
+    """Whether ``x`` is a ``tf.data.Dataset`` (checked without importing TensorFlow first)."""
+    tf = sys.modules.get("tensorflow")
+    return tf is not None and isinstance(x, tf.data.Dataset)

@@ -15,8 +15,8 @@ per split, in inference mode, `frozen_outputs`) and a ``trainable`` model that s
 stacked model's layers and variables, so fitting it trains the stacked model's head in place.
 The trainable part is compiled like the stacked model (`compiled_like`: same loss, metrics and
 fresh optimizer, discriminative rates included) and fitted on the cached outputs in the batches
-and order the uncached phase would use (`tfstack.data.ArrayDataset`), so history, metric names
-and per-epoch logs are the same.
+and order the uncached phase would use (`tfstack.data.IndexedDataset`: arrays or image files),
+so history, metric names and per-epoch logs are the same.
 """
 
 from __future__ import annotations
@@ -26,10 +26,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import keras
-import tensorflow as tf
 
 from tfstack import _keras_compat
-from tfstack.data import ArrayDataset
+from tfstack.data import IndexedDataset
 from tfstack.errors import TrainingError
 from tfstack.freezing import get_component
 
@@ -306,17 +305,18 @@ def plan_cache(
     Args:
         model: the stacked model, with the phase's freeze policy applied.
         feature_extractors: names of the feature-extractor components.
-        train_data: the phase's training data (caching needs an `ArrayDataset`).
+        train_data: the phase's training data (caching needs an `IndexedDataset`, such as an
+            `ArrayDataset` or a `tfstack.images.ImageDataset`).
         val_data: the phase's validation data, or None.
 
     Returns:
         ``(split, note)`` as `split_frozen` gives them, or ``(None, reason)``.
     """
     for name, data in (("train_data", train_data), ("val_data", val_data)):
-        if data is not None and not isinstance(data, ArrayDataset):
+        if data is not None and not isinstance(data, IndexedDataset):
             return None, (
                 f"{name} is a {type(data).__name__}, whose batch order cannot be replayed on "
-                "cached outputs; pass a tfstack.data.ArrayDataset"
+                "cached outputs; pass a tfstack.data.ArrayDataset or tfstack.images.ImageDataset"
             )
     return split_frozen(model, feature_extractors)
 
@@ -332,11 +332,14 @@ def compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> k
     return other
 
 
-def frozen_outputs(frozen: keras.Model, data: ArrayDataset):
-    """The frozen part's outputs for every sample of ``data``, in input order."""
+def frozen_outputs(frozen: keras.Model, data: IndexedDataset):
+    """The frozen part's outputs for every sample of ``data``, in input order.
+
+    The inputs stream through `IndexedDataset.input_batches` (image files are decoded batch by
+    batch), so only the outputs are held in memory.
+    """
     # Inference mode, the training batch size: the frozen part is deterministic and its
     # BatchNormalization runs in inference mode under fit too, so the outputs are what the
     # uncached phase computes batch by batch. Batches of unknown size: one trace serves the
     # last, smaller batch and the other split.
-    inputs = tf.data.Dataset.from_tensor_slices(data.x).batch(data.batch_size)
-    return frozen.predict(inputs, verbose=0)
+    return frozen.predict(data.input_batches(), verbose=0)

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tfstack import checkpoints, frozen_features
 from tfstack.checkpoints import TrainingState
-from tfstack.data import ArrayDataset
+from tfstack.data import IndexedDataset
 from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
@@ -113,16 +113,16 @@ def history_rows(results: Sequence[PhaseResult]) -> list[dict[str, Any]]:
 
 
 def _batches(data):
-    return data.batches() if isinstance(data, ArrayDataset) else data
+    return data.batches() if isinstance(data, IndexedDataset) else data
 
 
 class EpochOrder(keras.callbacks.Callback):
-    """Tell an `ArrayDataset` which epoch starts, so an epoch-seeded one gives that epoch's order.
+    """Tell an `IndexedDataset` which epoch starts, so an epoch-seeded one gives that epoch's order.
 
-    (`ArrayDataset.set_epoch` does nothing for a dataset that is not epoch-seeded.)
+    (`IndexedDataset.set_epoch` does nothing for a dataset that is not epoch-seeded.)
     """
 
-    def __init__(self, dataset: ArrayDataset):
+    def __init__(self, dataset: IndexedDataset):
         super().__init__()
         self.dataset = dataset
 
@@ -362,7 +362,7 @@ def fit_phase(
             "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
         )
     # Also in a cached phase: its batches are drawn from the same index order.
-    order = [EpochOrder(train_data)] if isinstance(train_data, ArrayDataset) else []
+    order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
     history = fit_model.fit(
         fit_train,
         validation_data=fit_val,

@@ -100,6 +100,25 @@ PREPROCESS_OPTIONS: Mapping[str, tuple[str, ...]] = {
 }
 """The ``preprocess.*`` options each kind uses besides ``resize`` (which all use)."""
 
+DATA_FORMATS = ("npz", "images", "csv")
+"""How a dataset is stored (``data.format``): an ``.npz`` of arrays, a folder of class
+subfolders of images, or a CSV of image paths and labels."""
+
+COLOR_MODES = ("grayscale", "rgb", "rgba")
+"""Channels of decoded images (``data.color_mode``): 1, 3 or 4."""
+
+INTERPOLATIONS = (
+    "bilinear",
+    "nearest",
+    "bicubic",
+    "area",
+    "lanczos3",
+    "lanczos5",
+    "gaussian",
+    "mitchellcubic",
+)
+"""Resize methods of ``tf.image.resize`` (``data.interpolation``), as Keras offers them."""
+
 STRATEGY_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "sequential": (),
     "adapter": ("adapter",),
@@ -113,6 +132,22 @@ SCHEDULE_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "gradual": ("stages", "unfreeze_step", "lr_decay"),
 }
 """The ``schedule.*`` options each preset uses besides ``lr_multipliers`` (which all use)."""
+
+_IMAGE_OPTIONS = (
+    "test_fraction",
+    "image_size",
+    "color_mode",
+    "interpolation",
+    "crop_to_aspect_ratio",
+)
+DATA_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "npz": (),
+    "images": _IMAGE_OPTIONS,
+    "csv": (*_IMAGE_OPTIONS, "path_column", "label_column"),
+}
+"""The ``data.*`` options each format uses besides ``path`` and ``val_fraction`` (which all use).
+
+``image_size`` may be null (the base's input size) and is then "not set" for every format."""
 
 FREEZE_OPTIONS: Mapping[str, tuple[str, ...]] = {
     # bn and components matter under frozen when a schedule unfreezes later (two_phase,

@@ -25,9 +25,13 @@ from tfstack.vocabulary import (
     APPLICATIONS_PREFIX,
     BN_MODES,
     CACHE_MODES,
+    COLOR_MODES,
+    DATA_FORMATS,
+    DATA_OPTIONS,
     DISTRIBUTE_KINDS,
     FREEZE_OPTIONS,
     FREEZE_POLICIES,
+    INTERPOLATIONS,
     MERGES,
     PREPROCESS_KINDS,
     PREPROCESS_OPTIONS,
@@ -83,12 +87,28 @@ class ComponentsConfig:
 
 @dataclass
 class DataConfig:
-    """A dataset: an ``.npz`` holding x_train, y_train, x_test, y_test."""
+    """A dataset: an ``.npz`` of arrays, a folder of class folders of images, or a CSV of images.
+
+    ``format`` says which (``vocabulary.DATA_FORMATS``). The image options are set by
+    ``conf/data/images.yaml`` and ``csv.yaml`` and null in the ``npz`` options; a format that
+    does not use one refuses it when set (``vocabulary.DATA_OPTIONS``).
+    """
 
     name: str = MISSING
+    format: str = MISSING
     # Mandatory: merging a YAML "???" onto a default would silently keep the default.
     path: str = "???"
     val_fraction: float = 0.2
+    # The image options: set by each option of conf/data/ (null where its format does not use
+    # them), so MISSING here.
+    test_fraction: float | None = MISSING
+    # null: the stacked model's input size.
+    image_size: list[int] | None = None
+    color_mode: str | None = MISSING
+    interpolation: str | None = MISSING
+    crop_to_aspect_ratio: bool | None = MISSING
+    path_column: str | None = MISSING
+    label_column: str | None = MISSING
 
 
 @dataclass
@@ -397,6 +417,24 @@ def _check_numbers(config: Config) -> None:
     fraction = config.data.val_fraction
     if not (math.isfinite(fraction) and 0 < fraction < 1):
         raise ConfigError(f"data.val_fraction={fraction} must be between 0 and 1 (exclusive).")
+    test_fraction = config.data.test_fraction
+    if test_fraction is not None:
+        if not (math.isfinite(test_fraction) and 0 <= test_fraction < 1):
+            raise ConfigError(
+                f"data.test_fraction={test_fraction} must be at least 0 and below 1 (0: the "
+                "data has its own test split)."
+            )
+        if fraction + test_fraction >= 1:
+            raise ConfigError(
+                f"data.val_fraction={fraction} and data.test_fraction={test_fraction} leave no "
+                "training samples: make their sum below 1."
+            )
+    size = config.data.image_size
+    if size is not None and (len(size) != 2 or any(d < 1 for d in size)):
+        raise ConfigError(
+            f"data.image_size={list(size)} is not an image size: give [height, width] as two "
+            "positive integers, e.g. [224, 224], or null for the base's input size."
+        )
     if config.train.verbose not in (0, 1, 2):
         raise ConfigError(
             f"train.verbose={config.train.verbose} is not a Keras verbosity: use 0 (silent), "
@@ -429,6 +467,8 @@ def _check_no_ops(config: Config) -> None:
         "tracking.run_name": config.tracking.run_name,
         "tracking.experiment": config.tracking.experiment,
         "data.path": config.data.path,
+        "data.path_column": config.data.path_column,
+        "data.label_column": config.data.label_column,
     }
     components = {"base": config.components.base, "head": config.components.head}
     components.update({f"extra.{k}": c for k, c in config.components.extra.items()})
@@ -490,6 +530,7 @@ def _check_unused_options(config: Config) -> None:
         ("stacking", config.stacking.strategy, STRATEGY_OPTIONS),
         ("freeze", config.freeze.policy, FREEZE_OPTIONS),
         ("schedule", config.schedule.name, SCHEDULE_OPTIONS),
+        ("data", config.data.format, DATA_OPTIONS),
     )
     for group, choice, uses in groups:
         section = getattr(config, group)
@@ -590,6 +631,11 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     _check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
     _check_choice(config.train.resume, RESUME_MODES, "train.resume")
     _check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")
+    _check_choice(config.data.format, DATA_FORMATS, "data.format", "data")
+    if config.data.color_mode is not None:
+        _check_choice(config.data.color_mode, COLOR_MODES, "data.color_mode")
+    if config.data.interpolation is not None:
+        _check_choice(config.data.interpolation, INTERPOLATIONS, "data.interpolation")
     if config.freeze.bn is not None:
         _check_choice(config.freeze.bn, BN_MODES, "freeze.bn")
     adapter = config.stacking.adapter

@@ -214,13 +214,104 @@ def load_model(path: Path, config: Config, *, stage: str, compile: bool = False)
 
 
 def load_splits(config: Config, paths: Paths):
+    """The data's splits: `tfstack.data.Splits` (arrays) or `tfstack.images.FileSplits`."""
+    data = config.data
+    where = paths.resolve(data.path)
+    if data.format in ("images", "csv"):
+        from tfstack.images import find_image_folder, load_csv
+
+        split = {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
+        if data.format == "images":
+            return find_image_folder(where, **split, seed=config.seed)
+        columns = {"path_column": data.path_column, "label_column": data.label_column}
+        return load_csv(where, **columns, **split, seed=config.seed)
     from tfstack.data import load_npz
 
-    return load_npz(
-        paths.resolve(config.data.path),
-        val_fraction=config.data.val_fraction,
-        seed=config.seed,
+    return load_npz(where, val_fraction=data.val_fraction, seed=config.seed)
+
+
+def data_hash(config: Config, paths: Paths) -> str | None:
+    """The hash runs record for the data (``data_hash`` tag, checkpoints, reproduce), or None.
+
+    An ``.npz`` hashes as DVC does (md5 of its bytes); image folders and CSVs hash their file
+    list (`tfstack.images.FileSplits.content_hash`: relative paths, sizes, bytes). None when
+    the data is missing or cannot be read (the stage that reads it says why).
+    """
+    path = paths.resolve(config.data.path)
+    if config.data.format == "npz":
+        from tfstack.data import file_hash
+
+        return file_hash(path) if path.is_file() else None
+    if not path.exists():
+        return None
+    try:
+        return load_splits(config, paths).content_hash()
+    except DataError:
+        return None
+
+
+def image_options(config: Config, model):
+    """How the data's images decode, the size defaulting to the stacked model's input size."""
+    from tfstack.images import ImageOptions
+
+    size = config.data.image_size
+    if size is None:
+        shape = tuple(model.inputs[0].shape[1:]) if len(model.inputs) == 1 else ()
+        if len(shape) != 3 or None in shape[:2]:
+            raise DataError(
+                f"data.image_size is null, so images take the stacked model's input size, but "
+                f"it takes {shape}. Set data.image_size=[HEIGHT, WIDTH]."
+            )
+        size = shape[:2]
+    return ImageOptions(
+        tuple(int(d) for d in size),
+        color_mode=config.data.color_mode,
+        interpolation=config.data.interpolation,
+        crop_to_aspect_ratio=bool(config.data.crop_to_aspect_ratio),
     )
+
+
+def make_dataset(config: Config, model, splits, split: str, *, shuffle: bool):
+    """One split as a dataset in the shared seeded order (an `IndexedDataset`).
+
+    Training (``shuffle``) is epoch-seeded: epoch k's order depends on (seed, k) only, so a
+    resumed run sees the same; a cached frozen phase replays that order on its cached outputs.
+    """
+    batch = config.train.batch_size
+    seed = config.seed if shuffle else 0
+    y = getattr(splits, f"y_{split}")
+    if _is_files(splits):
+        from tfstack.images import ImageDataset
+
+        options = image_options(config, model)
+        files = splits.files(split)
+        return ImageDataset(
+            files, y, options, batch_size=batch, shuffle=shuffle, seed=seed, epoch_seeded=shuffle
+        )
+    from tfstack.data import ArrayDataset
+
+    x = getattr(splits, f"x_{split}")
+    return ArrayDataset(x, y, batch_size=batch, shuffle=shuffle, seed=seed, epoch_seeded=shuffle)
+
+
+# Images whose range `tfstack.input_range` judges: enough to see the scale, read in seconds.
+INPUT_RANGE_SAMPLES = 512
+
+
+def input_sample(dataset, limit: int | None = None):
+    """Inputs of a dataset as one array: an array dataset's (first ``limit``) samples, or the
+    first ``limit`` (default `INPUT_RANGE_SAMPLES`) decoded images of a file dataset."""
+    from tfstack.data import ArrayDataset
+
+    if isinstance(dataset, ArrayDataset):
+        return dataset.x if limit is None else dataset.x[:limit]
+    return dataset.sample(INPUT_RANGE_SAMPLES if limit is None else limit)
+
+
+def _is_files(splits) -> bool:
+    from tfstack.images import FileSplits
+
+    return isinstance(splits, FileSplits)
 
 
 def check_targets(config: Config, model, splits) -> None:
@@ -250,6 +341,12 @@ def _check_inputs(config: Config, model, splits) -> None:
     if len(model.inputs) != 1:
         return
     expected = tuple(model.inputs[0].shape[1:])
+    if _is_files(splits):
+        from tfstack.images import check_fits
+
+        base = f"the stacked model (components.base.path={config.components.base.path})"
+        check_fits(image_options(config, model), expected, model=base)
+        return
     for name in ("x_train", "x_val", "x_test"):
         x = getattr(splits, name)
         if x.dtype.kind not in "biuf":

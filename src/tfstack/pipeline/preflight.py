@@ -68,7 +68,7 @@ def check_inputs(
     for item in STAGE_READS.get(stage, ()):
         if item == "data":
             if "data.path" not in skip:
-                check_data_path(config.data.path, paths)
+                check_data_path(config.data.path, paths, data_format=config.data.format)
         elif item == "components":
             for key, component in components(config).items():
                 if f"{key}.path" not in skip:
@@ -106,25 +106,34 @@ def made_by_demo(config: Config) -> frozenset[str]:
     return frozenset(keys)
 
 
-def check_data_path(value: str, paths: Paths) -> None:
-    """``data.path`` names an existing file (not a directory or a device).
+def check_data_path(value: str, paths: Paths, *, data_format: str = "npz") -> None:
+    """``data.path`` names what ``data.format`` reads: an existing file, or a folder of images.
 
     Raises:
         DataError: naming what is there instead, and what is expected.
     """
     path = paths.resolve(value)
+    expected = {
+        "npz": f"an .npz file holding {DATA_KEYS}",
+        "images": "a folder of class subfolders of images (FOLDER/<class>/*.png or "
+        "FOLDER/train/<class>/)",
+        "csv": "a CSV file of image paths and labels",
+    }[data_format]
     if not path.exists():
+        made = " Check the path, or run the stage that writes it (dvc repro prepare)."
         raise DataError(
-            f"data.path={value} does not exist (looked for {path}). Expected an .npz file "
-            f"holding {DATA_KEYS}. Check the path, or run the stage that writes it "
-            "(dvc repro prepare)."
+            f"data.path={value} does not exist (looked for {path}). Expected {expected}."
+            + (made if data_format == "npz" else " Check the path.")
         )
     kind = kind_of(path)
-    if kind != "a file":
-        raise DataError(
-            f"data.path={value} is {kind}, not a file. Expected an .npz file holding "
-            f"{DATA_KEYS} (np.savez(path, x_train=..., ...)); point data.path at that file."
-        )
+    wanted = "a directory" if data_format == "images" else "a file"
+    if kind != wanted:
+        how = {
+            "npz": " (np.savez(path, x_train=..., ...)); point data.path at that file.",
+            "images": "; point data.path at that folder (data=npz or data=csv read files).",
+            "csv": "; point data.path at the CSV (data=images reads a folder).",
+        }[data_format]
+        raise DataError(f"data.path={value} is {kind}, not {wanted}. Expected {expected}{how}")
 
 
 def check_component(key: str, component: ComponentConfig, paths: Paths) -> None:

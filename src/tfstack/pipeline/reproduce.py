@@ -153,14 +153,15 @@ def check_inputs(config: Config, root: Path, run: Mapping) -> list[str]:
         ReproduceError: the data file hashes differently from the run's ``data_hash`` tag.
         DataError: the data file is missing.
     """
-    from tfstack.data import file_hash
+    from tfstack.pipeline.inputs import data_hash
+    from tfstack.pipeline.paths import Paths
     from tfstack.pipeline.run_log import git_commit
 
     warnings = []
     tags = run["tags"]
     data_path = Path(config.data.path)
     data_path = data_path if data_path.is_absolute() else root / data_path
-    if not data_path.is_file():
+    if not (data_path.is_file() or config.data.format != "npz" and data_path.exists()):
         raise DataError(
             f"data.path={config.data.path} does not exist ({data_path}); run {run['run_id']} "
             "trained on it. Restore it (dvc pull / dvc checkout) and try again."
@@ -169,7 +170,7 @@ def check_inputs(config: Config, root: Path, run: Mapping) -> list[str]:
     if logged is None:
         warnings.append(f"run {run['run_id']} has no data_hash tag: the data cannot be checked.")
     else:
-        current = file_hash(data_path)
+        current = data_hash(config, Paths(root=root, out=root / config.output_dir))
         if current != logged:
             raise ReproduceError(
                 f"data.path={config.data.path} has hash {current}, but run {run['run_id']} "

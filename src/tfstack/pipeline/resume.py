@@ -40,7 +40,7 @@ def checkpoint_key(config: Config, paths: Paths) -> str:
     Settings that do not change what is trained (verbosity, ``train.resume``, the run's name,
     whether the model is logged) are left out.
     """
-    from tfstack.data import file_hash
+    from tfstack.pipeline.inputs import data_hash
 
     data = to_dict(config)
     for section, key in [
@@ -50,8 +50,7 @@ def checkpoint_key(config: Config, paths: Paths) -> str:
         ("tracking", "log_model"),
     ]:
         data[section].pop(key, None)
-    data_path = paths.resolve(config.data.path)
-    data["data_file_hash"] = file_hash(data_path) if data_path.is_file() else None
+    data["data_file_hash"] = data_hash(config, paths)
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -91,7 +91,8 @@ class RunLog:
         self.new = False
 
     def tags(self) -> dict:
-        data_path = self.paths.resolve(self.config.data.path)
+        from tfstack.pipeline.inputs import data_hash
+
         tags = {
             "stacking": self.config.stacking.strategy,
             "freeze": self.config.freeze.policy,
@@ -101,10 +102,9 @@ class RunLog:
         commit = git_commit(self.paths.root)
         if commit:
             tags["git_commit"] = commit
-        if data_path.is_file():
-            from tfstack.data import file_hash
-
-            tags["data_hash"] = file_hash(data_path)
+        hashed = data_hash(self.config, self.paths)
+        if hashed:
+            tags["data_hash"] = hashed
         if os.environ.get("DVC_EXP_NAME"):
             tags["dvc_exp_name"] = os.environ["DVC_EXP_NAME"]
         tags.update(self.extra_tags)

@@ -28,9 +28,11 @@ from tfstack.pipeline.inputs import (
     check_targets,
     class_names,
     feature_extractor_names,
+    input_sample,
     load_components,
     load_model,
     load_splits,
+    make_dataset,
     make_front,
     make_phases,
     safe_mode_for,
@@ -254,7 +256,8 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     epoch. ``chief=False`` writes nothing.
     """
     from tfstack import checkpoints
-    from tfstack.data import ArrayDataset
+    from tfstack.images import naming_unreadable_files
+    from tfstack.input_range import check_input_range
     from tfstack.pipeline import resume
     from tfstack.training import history_rows, run_schedule
 
@@ -264,28 +267,17 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
     class_names(config, paths, splits, model)  # bad names fail now, not after training
-    from tfstack.input_range import check_input_range
-
+    # IndexedDatasets, not bare tf.data pipelines: a cached frozen phase replays their order.
+    train_ds = make_dataset(config, model, splits, "train", shuffle=True)
+    val_ds = make_dataset(config, model, splits, "val", shuffle=False)
     # A warning, not an error: the data is the user's to fix (and stays as given).
     key = f"data.path={config.data.path} x_train"
-    for warning in check_input_range(splits.x_train, model, key=key) if chief else []:
+    for warning in check_input_range(input_sample(train_ds), model, key=key) if chief else []:
         print(f"tfstack: warning: {warning.message}", file=sys.stderr)
         if run.run_id:
             from tfstack.tracking import log_tags
 
             log_tags(run.run_id, {"input_range_warning": warning.summary})
-    batch = config.train.batch_size
-    # ArrayDataset, not a bare tf.data pipeline: a cached frozen phase replays its batch order.
-    # Epoch-seeded: epoch k's order depends on (seed, k) only, so a resumed run sees the same.
-    train_ds = ArrayDataset(
-        splits.x_train,
-        splits.y_train,
-        batch_size=batch,
-        shuffle=True,
-        seed=config.seed,
-        epoch_seeded=True,
-    )
-    val_ds = ArrayDataset(splits.x_val, splits.y_val, batch_size=batch, shuffle=False, seed=0)
     phases = make_phases(config)
     resumable = config.train.resume == "auto" and config.distribute.kind != "multi_worker"
     state = resume.resumable_checkpoint(config, paths, run) if resumable else None
@@ -300,22 +292,24 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         return [EpochLogger(run.run_id, phase.name, phase_index=index, **EPOCH_LOGGING)]
 
     directory = resume.checkpoint_dir(paths)
-    results = run_schedule(
-        model,
-        phases,
-        train_ds,
-        val_ds,
-        loss=config.train.loss,
-        metrics=list(config.train.metrics),
-        feature_extractors=feature_extractor_names(config),
-        callbacks_for_phase=per_phase,
-        verbose=config.train.verbose,
-        cache_frozen=config.train.cache_frozen == "auto",
-        checkpoint_dir=directory if resumable else None,
-        resume_from=state,
-        checkpoint_key=resume.checkpoint_key(config, paths),
-        run_id=run.run_id,
-    )
+    # A damaged image fails inside tf.data without its name: find it and name it.
+    with naming_unreadable_files(train_ds, val_ds):
+        results = run_schedule(
+            model,
+            phases,
+            train_ds,
+            val_ds,
+            loss=config.train.loss,
+            metrics=list(config.train.metrics),
+            feature_extractors=feature_extractor_names(config),
+            callbacks_for_phase=per_phase,
+            verbose=config.train.verbose,
+            cache_frozen=config.train.cache_frozen == "auto",
+            checkpoint_dir=directory if resumable else None,
+            resume_from=state,
+            checkpoint_key=resume.checkpoint_key(config, paths),
+            run_id=run.run_id,
+        )
     if run.run_id:
         from tfstack.tracking import log_tags
 
@@ -388,19 +382,26 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         model = load_model(
             paths.stage("train") / "model.keras", config, stage="train", compile=True
         )
+    from tfstack.data import ArrayDataset
+    from tfstack.images import naming_unreadable_files
+
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
     names = class_names(config, paths, splits, model)
-    result = evaluation.evaluate(
-        model,
-        splits.x_test,
-        splits.y_test,
-        task=config.train.task,
-        batch_size=config.train.batch_size,
-        loss=config.train.loss,
-        metrics=config.train.metrics,
-        class_names=names,
-    )
+    test_ds = make_dataset(config, model, splits, "test", shuffle=False)
+    # Arrays are evaluated as they are; image files stream through their batches.
+    x_test = test_ds.x if isinstance(test_ds, ArrayDataset) else test_ds.batches()
+    with naming_unreadable_files(test_ds):
+        result = evaluation.evaluate(
+            model,
+            x_test,
+            splits.y_test,
+            task=config.train.task,
+            batch_size=config.train.batch_size,
+            loss=config.train.loss,
+            metrics=config.train.metrics,
+            class_names=names,
+        )
     metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
     plots = out / "plots"
@@ -426,7 +427,8 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     if run.run_id and config.tracking.log_model:
         from tfstack import tracking
 
-        uri = tracking.log_keras_model(run.run_id, model, splits.x_test[:5], name="model")
+        example = input_sample(test_ds, limit=5)
+        uri = tracking.log_keras_model(run.run_id, model, example, name="model")
         logger.info("Logged the trained model as %s", uri)
         if names is not None:
             trained = paths.stage("train") / "model.keras"
@@ -435,7 +437,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
             uri = tracking.log_classifier_model(
                 run.run_id,
                 model,
-                splits.x_test[:5],
+                example,
                 names,
                 name="classifier",
                 safe_mode=safe_mode_for(trained, config, stage="train"),
