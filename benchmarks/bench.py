@@ -291,7 +291,7 @@ class Workload:
         sets each epoch's order); the pipeline's per-epoch checkpoints and tracking are not
         included (see (c) and (d)).
         """
-        from tfstack.data import ArrayDataset
+        from tfstack.datasets import ArrayDataset
         from tfstack.freezing import FreezePolicy
         from tfstack.schedules import Phase
         from tfstack.training import fit_phase
@@ -583,7 +583,7 @@ def _iterate_epoch_seeded(data, epochs: int):
 
 def input_pipeline_section(workloads: list[Workload], repeats: int, epochs: int = 20) -> dict:
     """Seconds to iterate one training epoch: shuffled samples (before) vs gathered indices."""
-    from tfstack.data import ArrayDataset, make_dataset
+    from tfstack.datasets import ArrayDataset, make_dataset
 
     out = {}
     for w in workloads:

@@ -78,7 +78,7 @@ def _demo_model_and_data(seed: int = 0):
 def bench_nan_check(repeats: int, epochs: int) -> None:
     import keras
 
-    from tfstack.data import ArrayDataset
+    from tfstack.datasets import ArrayDataset
 
     checks = _nan_checks()
     times: dict[str, list[float]] = {name: [] for name in checks}

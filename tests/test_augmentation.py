@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 
 from tfstack import cli
 from tfstack.augmentation import build_augmentation
-from tfstack.data import ArrayDataset
+from tfstack.datasets import ArrayDataset
 from tfstack.errors import ConfigError, ShapeError
 from tfstack.freezing import FreezePolicy
 from tfstack.pipeline.compose import compose

@@ -8,13 +8,8 @@ import pytest
 import tensorflow as tf
 from dvc_data.hashfile.hash import file_md5
 
-from tfstack.data import (
-    ArrayDataset,
-    file_hash,
-    load_npz,
-    make_dataset,
-    save_npz,
-)
+from tfstack.data import file_hash, load_npz, save_npz
+from tfstack.datasets import ArrayDataset, make_dataset
 from tfstack.errors import DataError
 from tfstack.labels import check_labels
 

@@ -13,16 +13,10 @@ import tensorflow as tf
 from PIL import Image
 from project_copy import tfstack
 
-from tfstack.data import ArrayDataset
+from tfstack.datasets import ArrayDataset
 from tfstack.errors import DataError
-from tfstack.images import (
-    ImageDataset,
-    ImageOptions,
-    check_fits,
-    find_image_folder,
-    load_csv,
-    naming_unreadable_files,
-)
+from tfstack.image_files import ImageOptions, find_image_folder, load_csv
+from tfstack.images import ImageDataset, check_fits, naming_unreadable_files
 
 
 def _write(path, seed=0, size=(6, 10), mode="RGB", fmt=None):

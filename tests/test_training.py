@@ -15,7 +15,7 @@ from conftest import make_base, make_data, make_head
 from mlflow import MlflowClient
 
 from tfstack import tracking
-from tfstack.data import ArrayDataset
+from tfstack.datasets import ArrayDataset
 from tfstack.freezing import FreezePolicy
 from tfstack.frozen_features import split_frozen
 from tfstack.schedules import Phase, make_schedule

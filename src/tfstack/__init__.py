@@ -44,7 +44,7 @@ _API = {
     "Phase": "tfstack.schedules",
     "make_schedule": "tfstack.schedules",
     "run_schedule": "tfstack.training",
-    "ArrayDataset": "tfstack.data",
+    "ArrayDataset": "tfstack.datasets",
     "load_npz": "tfstack.data",
     "evaluate": "tfstack.evaluation",
     "TfstackError": "tfstack.errors",
@@ -66,7 +66,8 @@ __all__ = [
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time the names load lazily
     from tfstack.components import load_component
-    from tfstack.data import ArrayDataset, load_npz
+    from tfstack.data import load_npz
+    from tfstack.datasets import ArrayDataset
     from tfstack.errors import TfstackError
     from tfstack.evaluation import evaluate
     from tfstack.freezing import FreezePolicy

@@ -15,7 +15,7 @@ per split, in inference mode, `frozen_outputs`) and a ``trainable`` model that s
 stacked model's layers and variables, so fitting it trains the stacked model's head in place.
 The trainable part is compiled like the stacked model (`compiled_like`: same loss, metrics and
 fresh optimizer, discriminative rates included) and fitted on the cached outputs in the batches
-and order the uncached phase would use (`tfstack.data.IndexedDataset`: arrays or image files),
+and order the uncached phase would use (`tfstack.datasets.IndexedDataset`: arrays or image files),
 so history, metric names and per-epoch logs are the same.
 """
 
@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import keras
 
 from tfstack import _keras_compat
-from tfstack.data import IndexedDataset
+from tfstack.datasets import IndexedDataset
 from tfstack.errors import TrainingError
 from tfstack.freezing import get_component
 
@@ -316,7 +316,8 @@ def plan_cache(
         if data is not None and not isinstance(data, IndexedDataset):
             return None, (
                 f"{name} is a {type(data).__name__}, whose batch order cannot be replayed on "
-                "cached outputs; pass a tfstack.data.ArrayDataset or tfstack.images.ImageDataset"
+                "cached outputs; pass a tfstack.datasets.ArrayDataset or a "
+                "tfstack.images.ImageDataset"
             )
     return split_frozen(model, feature_extractors)
 

@@ -35,7 +35,7 @@ import tensorflow as tf
 
 from tfstack import checkpoints, frozen_features
 from tfstack.checkpoints import TrainingState
-from tfstack.data import IndexedDataset
+from tfstack.datasets import IndexedDataset
 from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params

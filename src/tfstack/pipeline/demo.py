@@ -262,7 +262,8 @@ def pretrain_components(
     import keras
     import tensorflow as tf
 
-    from tfstack.data import load_npz, make_dataset
+    from tfstack.data import load_npz
+    from tfstack.datasets import make_dataset
 
     if epochs < 1:
         raise DataError(f"epochs must be at least 1. Received: epochs={epochs}")

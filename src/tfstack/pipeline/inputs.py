@@ -214,11 +214,11 @@ def load_model(path: Path, config: Config, *, stage: str, compile: bool = False)
 
 
 def load_splits(config: Config, paths: Paths):
-    """The data's splits: `tfstack.data.Splits` (arrays) or `tfstack.images.FileSplits`."""
+    """The data's splits: `tfstack.data.Splits` (arrays) or `tfstack.image_files.FileSplits`."""
     data = config.data
     where = paths.resolve(data.path)
     if data.format in ("images", "csv"):
-        from tfstack.images import find_image_folder, load_csv
+        from tfstack.image_files import find_image_folder, load_csv
 
         split = {"val_fraction": data.val_fraction, "test_fraction": data.test_fraction}
         if data.format == "images":
@@ -234,7 +234,7 @@ def data_hash(config: Config, paths: Paths) -> str | None:
     """The hash runs record for the data (``data_hash`` tag, checkpoints, reproduce), or None.
 
     An ``.npz`` hashes as DVC does (md5 of its bytes); image folders and CSVs hash their file
-    list (`tfstack.images.FileSplits.content_hash`: relative paths, sizes, bytes). None when
+    list (`tfstack.image_files.FileSplits.content_hash`: relative paths, sizes, bytes). None when
     the data is missing or cannot be read (the stage that reads it says why).
     """
     path = paths.resolve(config.data.path)
@@ -252,7 +252,7 @@ def data_hash(config: Config, paths: Paths) -> str | None:
 
 def image_options(config: Config, model):
     """How the data's images decode, the size defaulting to the stacked model's input size."""
-    from tfstack.images import ImageOptions
+    from tfstack.image_files import ImageOptions
 
     size = config.data.image_size
     if size is None:
@@ -288,7 +288,7 @@ def make_dataset(config: Config, model, splits, split: str, *, shuffle: bool):
         return ImageDataset(
             files, y, options, batch_size=batch, shuffle=shuffle, seed=seed, epoch_seeded=shuffle
         )
-    from tfstack.data import ArrayDataset
+    from tfstack.datasets import ArrayDataset
 
     x = getattr(splits, f"x_{split}")
     return ArrayDataset(x, y, batch_size=batch, shuffle=shuffle, seed=seed, epoch_seeded=shuffle)
@@ -301,7 +301,7 @@ INPUT_RANGE_SAMPLES = 512
 def input_sample(dataset, limit: int | None = None):
     """Inputs of a dataset as one array: an array dataset's (first ``limit``) samples, or the
     first ``limit`` (default `INPUT_RANGE_SAMPLES`) decoded images of a file dataset."""
-    from tfstack.data import ArrayDataset
+    from tfstack.datasets import ArrayDataset
 
     if isinstance(dataset, ArrayDataset):
         return dataset.x if limit is None else dataset.x[:limit]
@@ -309,7 +309,7 @@ def input_sample(dataset, limit: int | None = None):
 
 
 def _is_files(splits) -> bool:
-    from tfstack.images import FileSplits
+    from tfstack.image_files import FileSplits
 
     return isinstance(splits, FileSplits)
 

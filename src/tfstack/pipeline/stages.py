@@ -382,7 +382,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         model = load_model(
             paths.stage("train") / "model.keras", config, stage="train", compile=True
         )
-    from tfstack.data import ArrayDataset
+    from tfstack.datasets import ArrayDataset
     from tfstack.images import naming_unreadable_files
 
     splits = load_splits(config, paths)
