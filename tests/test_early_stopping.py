@@ -1,0 +1,139 @@
+"""Phases that end early: early stopping per phase, and the bookkeeping of short phases.
+
+In-process tests train the tiny conftest models with `run_schedule`; one slow end-to-end test
+runs `tfstack run` with early stopping and reads the MLflow run back.
+"""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+from conftest import make_base, make_data, make_head
+
+from tfstack import checkpoints
+from tfstack.data import ArrayDataset
+from tfstack.early_stopping import EarlyStoppingSpec
+from tfstack.freezing import FreezePolicy
+from tfstack.schedules import make_schedule
+from tfstack.stacking import build_stacked
+from tfstack.training import history_rows, run_schedule
+
+LOSS = "sparse_categorical_crossentropy"
+
+
+@pytest.fixture(autouse=True, scope="module")
+def deterministic_ops():
+    """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
+    tf.config.experimental.enable_op_determinism()
+
+
+class StopAt(keras.callbacks.Callback):
+    """A user's callback that stops training at a global epoch (as EarlyStopping would)."""
+
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            self.model.stop_training = True
+
+
+class Killed(Exception):
+    """Stands for the process dying after an epoch was checkpointed."""
+
+
+class KillAfter(keras.callbacks.Callback):
+    def __init__(self, epoch):
+        super().__init__()
+        self.epoch = epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.epoch:
+            raise Killed
+
+
+def _model():
+    keras.utils.set_random_seed(0)
+    return build_stacked("sequential", make_base(), make_head()).model
+
+
+def _data(n=48):
+    x, y = make_data(n)
+    train = ArrayDataset(x, y, batch_size=16, shuffle=True, seed=0, epoch_seeded=True)
+    xv, yv = make_data(24, seed=1)
+    return train, ArrayDataset(xv, yv, batch_size=24, shuffle=False, seed=0)
+
+
+def _schedule(model, epochs, **options):
+    train, val = _data()
+    phases = make_schedule(
+        "two_phase", epochs=epochs, lr=0.05, optimizer="adam", freeze=FreezePolicy("frozen")
+    )
+    return run_schedule(
+        model,
+        phases,
+        train,
+        val,
+        loss=LOSS,
+        metrics=["accuracy"],
+        feature_extractors=["base"],
+        verbose=0,
+        **options,
+    )
+
+
+def test_a_callback_stopping_a_30_epoch_phase_at_epoch_1_hands_over_at_the_next_epoch(tmp_path):
+    model = _model()
+    results = _schedule(
+        model,
+        30,
+        callbacks_for_phase=lambda phase, index: [StopAt(1)] if index == 0 else [StopAt(3)],
+        checkpoint_dir=tmp_path / "checkpoint",
+    )
+    head, fine_tune = results
+    assert (head.initial_epoch, head.epochs, head.planned_epochs) == (0, 2, 30)
+    assert (fine_tune.initial_epoch, fine_tune.epochs) == (2, 2)  # epochs 2 and 3
+    rows = history_rows(results)
+    assert [(r["epoch"], r["phase"]) for r in rows] == [
+        (0, "head"),
+        (1, "head"),
+        (2, "fine_tune"),
+        (3, "fine_tune"),
+    ]
+    state = checkpoints.read_state(tmp_path / "checkpoint")
+    assert state.epochs_done == 4 and [row["epoch"] for row in state.epoch_rows] == [0, 1, 2, 3]
+    # The finished checkpoint resumes to the same results, training nothing more.
+    again = _schedule(_model(), 30, checkpoint_dir=tmp_path / "checkpoint", resume_from=state)
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
+
+
+def test_early_stopping_stops_each_phase_and_restores_its_best_weights():
+    model = _model()
+    rule = EarlyStoppingSpec(monitor="val_loss", patience=1, restore_best_weights=True)
+    # lr 0.05 over 30 epochs on random labels: val_loss rises soon in both phases.
+    results = _schedule(model, 30, early_stopping=rule)
+    for result in results:
+        assert result.stopped_epoch is not None, result.history["val_loss"]
+        assert result.epochs < 30
+        assert result.stopped_epoch == result.initial_epoch + result.epochs - 1
+        losses = result.history["val_loss"]
+        best = result.initial_epoch + int(np.argmin(losses))
+        assert result.best_epoch == result.restored_epoch == best
+    assert results[1].initial_epoch == results[0].initial_epoch + results[0].epochs
+    # The model ends on the fine-tuning phase's best weights: its val_loss is the best one.
+    _, val = _data()
+    loss = model.evaluate(val.batches(), verbose=0, return_dict=True)["loss"]
+    assert loss == pytest.approx(min(results[1].history["val_loss"]), rel=1e-5)
+
+
+def test_start_from_epoch_counts_from_the_phase_start():
+    rule = EarlyStoppingSpec(monitor="loss", mode="max", patience=0, start_from_epoch=3)
+    # mode=max on the loss: every epoch after the first monitored one "fails to improve".
+    results = _schedule(_model(), 10, early_stopping=[None, rule])
+    assert results[0].epochs == 10 and results[0].stopped_epoch is None
+    assert results[1].initial_epoch == 10
+    # Monitored from epoch 13 (best), stops at 14 (patience 0).
+    assert (results[1].best_epoch, results[1].stopped_epoch) == (13, 14)
