@@ -4,8 +4,6 @@ In-process tests train the tiny conftest models with `run_schedule`; one slow en
 runs `tfstack run` with early stopping and reads the MLflow run back.
 """
 
-import json
-
 import keras
 import numpy as np
 import pytest
@@ -137,3 +135,63 @@ def test_start_from_epoch_counts_from_the_phase_start():
     assert results[1].initial_epoch == 10
     # Monitored from epoch 13 (best), stops at 14 (patience 0).
     assert (results[1].best_epoch, results[1].stopped_epoch) == (13, 14)
+
+
+RESTORING = EarlyStoppingSpec(monitor="val_loss", patience=2, restore_best_weights=True)
+
+
+def _checkpointed(directory, *, resume_from=None, kill_after=None, cache_frozen=False):
+    model = _model()
+    results = None
+    try:
+        results = _schedule(
+            model,
+            8,
+            early_stopping=RESTORING,
+            checkpoint_dir=directory,
+            resume_from=resume_from,
+            callbacks=[] if kill_after is None else [KillAfter(kill_after)],
+            cache_frozen=cache_frozen,
+        )
+    except Killed:
+        pass
+    return model, results
+
+
+def _summary(results):
+    keys = ("name", "initial_epoch", "epochs", "history", "stopped_epoch", "best_epoch")
+    return [{k: r.to_dict()[k] for k in (*keys, "restored_epoch")} for r in results]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill", ["after_best", "at_stop"])
+def test_a_run_killed_after_its_best_epoch_resumes_to_the_uninterrupted_result(tmp_path, kill):
+    whole, whole_results = _checkpointed(tmp_path / "whole")
+    head = whole_results[0]
+    assert head.stopped_epoch is not None and head.stopped_epoch == head.best_epoch + 2
+    kill_after = head.best_epoch + 1 if kill == "after_best" else head.stopped_epoch
+    _, none = _checkpointed(tmp_path / "killed", kill_after=kill_after)
+    assert none is None  # killed
+    state = checkpoints.read_state(tmp_path / "killed")
+    assert state.epochs_done == kill_after + 1
+    resumed, results = _checkpointed(tmp_path / "killed", resume_from=state)
+    assert _summary(results) == _summary(whole_results)
+    for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.slow
+def test_a_cached_head_phase_stops_as_the_uncached_one(tmp_path):
+    cached, cached_results = _checkpointed(tmp_path / "cached", cache_frozen=True)
+    plain, plain_results = _checkpointed(tmp_path / "plain", cache_frozen=False)
+    assert cached_results[0].cached and not plain_results[0].cached
+    assert cached_results[0].stopped_epoch is not None
+    for a, b in zip(cached_results, plain_results, strict=True):
+        assert (a.stopped_epoch, a.best_epoch, a.restored_epoch, a.epochs) == (
+            b.stopped_epoch,
+            b.best_epoch,
+            b.restored_epoch,
+            b.epochs,
+        )
+    for a, b in zip(cached.get_weights(), plain.get_weights(), strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)

@@ -272,7 +272,7 @@ def write_checkpoint(
     Args:
         directory: the checkpoint directory.
         state: the state to record (its ``weights_file`` and variable lists are updated).
-        model: the stacked model, compiled (its optimizer built).
+        model: the stacked model, compiled (its optimizer built), or not compiled at all.
         layout: what this function returned for the same variables before (they do not change
             within a phase), to skip describing them again; None describes them.
         extra: more arrays to keep, by prefix (read back with `read_arrays`).
@@ -285,7 +285,9 @@ def write_checkpoint(
     """
     directory = Path(directory)
     model_variables = model.variables
-    optimizer_variables = model.optimizer.variables
+    # No optimizer: a resumed phase ended at the checkpoint, so this process did not compile.
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_variables = optimizer.variables if optimizer is not None else []
     arrays = {f"model_{i:05d}": np.asarray(v) for i, v in enumerate(model_variables)}
     arrays.update({f"optimizer_{i:05d}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
     for prefix, values in (extra or {}).items():

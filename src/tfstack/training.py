@@ -33,10 +33,16 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfstack import checkpoints, early_stopping, frozen_features
+from tfstack import checkpoints, frozen_features
 from tfstack.checkpoints import TrainingState
 from tfstack.data import ArrayDataset
-from tfstack.early_stopping import EarlyStoppingSpec, PhaseEarlyStopping
+from tfstack.early_stopping import (
+    ARRAYS,
+    STATE_KEY,
+    EarlyStoppingSpec,
+    PhaseEarlyStopping,
+    stopped_at_checkpoint,
+)
 from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
@@ -228,9 +234,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state.optimizer_phase = self.phase_index
         extra = None
         if self.early_stopping is not None:
-            self.record[early_stopping.STATE_KEY] = self.early_stopping.state()
+            self.record[STATE_KEY] = self.early_stopping.state()
             if self.early_stopping.best_weights is not None:
-                extra = {early_stopping.ARRAYS: self.early_stopping.best_weights}
+                extra = {ARRAYS: self.early_stopping.best_weights}
         self.layout = checkpoints.write_checkpoint(
             self.directory, state, self.stacked, layout=self.layout, extra=extra
         )
@@ -523,9 +529,7 @@ def run_schedule(
         stopper = None
         if rule is not None:
             stopper = _early_stopping(rule, model, record, start, checkpoint_dir, state)
-        if done_here >= phase.epochs or (
-            done_here > 0 and early_stopping.stopped_at_checkpoint(record)
-        ):
+        if done_here >= phase.epochs or (done_here > 0 and stopped_at_checkpoint(record)):
             # Its last epoch was checkpointed; the process died before the phase ended.
             result = _ended_before_the_checkpoint(record, stopper)
         else:
@@ -658,12 +662,10 @@ def _early_stopping(
     state: TrainingState,
 ) -> PhaseEarlyStopping:
     """The phase's early stopping, with the checkpoint's state when the phase is resumed."""
-    saved = record.get(early_stopping.STATE_KEY) if state.epochs_done > start else None
+    saved = record.get(STATE_KEY) if state.epochs_done > start else None
     weights = None
     if saved and saved.get("best_weights"):
-        weights = checkpoints.read_arrays(
-            state, checkpoint_dir, early_stopping.ARRAYS, int(saved["best_weights"])
-        )
+        weights = checkpoints.read_arrays(state, checkpoint_dir, ARRAYS, int(saved["best_weights"]))
     return PhaseEarlyStopping(rule, model, phase_start=start, resume=saved, best_weights=weights)
 
 
