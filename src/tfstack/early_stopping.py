@@ -25,8 +25,8 @@ import keras
 import numpy as np
 
 from tfstack.errors import ScheduleError
+from tfstack.vocabulary import EARLY_STOPPING_MODES as MODES
 
-MODES = ("auto", "min", "max")
 # Where a checkpoint's record of the current phase keeps `PhaseEarlyStopping.state`.
 STATE_KEY = "early_stopping_state"
 # The prefix of the best weights' arrays in a checkpoint's weights file.
