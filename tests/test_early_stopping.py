@@ -4,6 +4,9 @@ In-process tests train the tiny conftest models with `run_schedule`; one slow en
 runs `tfstack run` with early stopping and reads the MLflow run back.
 """
 
+import json
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -19,6 +22,7 @@ from tfstack.stacking import build_stacked
 from tfstack.training import history_rows, run_schedule
 
 LOSS = "sparse_categorical_crossentropy"
+CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -195,3 +199,152 @@ def test_a_cached_head_phase_stops_as_the_uncached_one(tmp_path):
         )
     for a, b in zip(cached.get_weights(), plain.get_weights(), strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Config
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            ["train.early_stopping.patience=1", "train.early_stopping.monitor=val_auc"],
+            "train.early_stopping.monitor='val_auc' is not in the training history. Expected "
+            "one of ['loss', 'accuracy', 'val_loss', 'val_accuracy'].",
+        ),
+        (
+            ["train.early_stopping.patience=1", "train.early_stopping.mode=up"],
+            "train.early_stopping.mode='up' is not valid. Expected one of ['auto', 'min', 'max']",
+        ),
+        (["train.early_stopping.patience=-1"], "train.early_stopping.patience=-1 must be at"),
+        (
+            ["train.early_stopping.patience=1", "train.early_stopping.min_delta=-0.1"],
+            "train.early_stopping.min_delta=-0.1 must be at least 0",
+        ),
+        (
+            ["train.early_stopping.restore_best_weights=true"],
+            "train.early_stopping.restore_best_weights=true would be ignored: early stopping is "
+            "off while train.early_stopping.patience is null.",
+        ),
+        (
+            ["schedule=two_phase", "+schedule.early_stopping.finetune={patience: 2}"],
+            "schedule.early_stopping.finetune: schedule=two_phase has no phase 'finetune'. Its "
+            "phases: ['head', 'fine_tune'].",
+        ),
+        (
+            ["schedule=two_phase", "+schedule.early_stopping.head={patiense: 2}"],
+            "schedule.early_stopping.head.patiense is not a config key.",
+        ),
+        (
+            ["schedule=two_phase", "+schedule.early_stopping.head={patience: 2, mode: up}"],
+            "schedule.early_stopping.head.mode='up' is not valid.",
+        ),
+        (
+            ["schedule=two_phase", "schedule.early_stopping.head.patience=2"],
+            "needs Hydra's '+' prefix: +schedule.early_stopping.head.patience=2",
+        ),
+    ],
+)
+def test_a_bad_early_stopping_setting_is_one_line_naming_the_key(overrides, message):
+    from tfstack.errors import ConfigError
+    from tfstack.pipeline.compose import compose
+
+    with pytest.raises(ConfigError) as caught:
+        compose(overrides, config_dir=CONF)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+def test_a_phase_overrides_the_common_setting_or_turns_it_off():
+    from tfstack.pipeline.compose import compose
+    from tfstack.pipeline.inputs import early_stopping_rules, make_phases
+
+    config = compose(
+        [
+            "schedule=gradual",
+            "train.early_stopping.patience=3",
+            "+schedule.early_stopping.head={patience: 1, restore_best_weights: true}",
+            "+schedule.early_stopping.unfreeze_2=null",
+        ],
+        config_dir=CONF,
+    )
+    rules = early_stopping_rules(config, make_phases(config))
+    assert rules == [
+        EarlyStoppingSpec(patience=1, restore_best_weights=True),
+        EarlyStoppingSpec(patience=3),
+        None,
+    ]
+    off = compose(
+        ["schedule=two_phase", "+schedule.early_stopping.fine_tune={patience: 2}"], config_dir=CONF
+    )
+    assert early_stopping_rules(off, make_phases(off)) == [None, EarlyStoppingSpec(patience=2)]
+
+
+@pytest.mark.parametrize(
+    ("name", "options"),
+    [
+        ("single", {}),
+        ("two_phase", {}),
+        ("two_phase", {"fine_tune_epochs": 0}),
+        ("gradual", {}),
+        ("gradual", {"stages": 4}),
+    ],
+)
+def test_the_vocabularys_phase_names_are_the_schedules(name, options):
+    from tfstack.vocabulary import phase_names
+
+    phases = make_schedule(
+        name, epochs=1, lr=0.1, optimizer="adam", freeze=FreezePolicy("frozen"), **options
+    )
+    assert phase_names(name, **options) == [p.name for p in phases]
+
+
+# ---------------------------------------------------------------------------------------------
+# The pipeline
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tfstack_run_with_early_stopping_finishes_with_contiguous_steps_and_the_tags(project):
+    from mlflow.tracking import MlflowClient
+    from project_copy import tfstack
+
+    result = tfstack(
+        project,
+        "run",
+        "schedule=two_phase",
+        "train.epochs=30",
+        "train.early_stopping.patience=1",
+        "train.early_stopping.monitor=val_accuracy",
+        "train.early_stopping.restore_best_weights=true",
+        "tracking.log_model=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    phases = json.loads((project / "outputs/train/phases.json").read_text())
+    head, fine_tune = phases
+    assert head["planned_epochs"] == 30 and head["epochs"] < 30, head
+    assert head["stopped_epoch"] == head["epochs"] - 1
+    assert fine_tune["initial_epoch"] == head["epochs"]  # handed over at the next epoch
+    total = head["epochs"] + fine_tune["epochs"]
+    history = json.loads((project / "outputs/train/history.json").read_text())
+    assert [row["epoch"] for row in history] == list(range(total))
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
+    assert run.info.status == "FINISHED"
+    for key in ("val_accuracy", "loss", "phase_index", "lr"):
+        steps = sorted(m.step for m in client.get_metric_history(run.info.run_id, key))
+        assert steps == list(range(total)), key
+    counts = client.get_metric_history(run.info.run_id, "params_trainable")
+    assert sorted(m.step for m in counts) == [0, head["epochs"]]
+    tags = run.data.tags
+    assert tags["phase.0.epochs"] == f"0-{head['epochs'] - 1}"
+    assert tags["phase.1.epochs"] == f"{head['epochs']}-{total - 1}"
+    assert tags["phase.0.stopped_epoch"] == str(head["stopped_epoch"])
+    assert tags["phase.0.best_epoch"] == str(head["best_epoch"])
+    assert tags["weights_from_epoch"] == str(fine_tune["restored_epoch"])
+    assert run.data.metrics["phase.0.best_epoch"] == head["best_epoch"]
+    assert "test_accuracy" in run.data.metrics
+    assert not (project / "outputs/train/checkpoint").exists()

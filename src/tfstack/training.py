@@ -17,6 +17,9 @@ sequence across phases.
   the next epoch. With epoch-seeded data the continuation is the uninterrupted run, to the bit.
 - Frozen-feature caching and inference mode for frozen feature extractors
   (``cache_frozen``, see `tfstack.frozen_features`).
+- Early stopping per phase (``early_stopping``, see `tfstack.early_stopping`). A phase that
+  stops early, by it or by any callback, hands over to the next phase at the next global epoch;
+  its result has the epochs it ran (``epochs``) and those planned (``planned_epochs``).
 """
 
 from __future__ import annotations
