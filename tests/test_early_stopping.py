@@ -144,9 +144,17 @@ def test_start_from_epoch_counts_from_the_phase_start():
 RESTORING = EarlyStoppingSpec(monitor="val_loss", patience=2, restore_best_weights=True)
 
 
+class KillAtStart(keras.callbacks.Callback):
+    def on_train_begin(self, logs=None):
+        raise Killed
+
+
 def _checkpointed(directory, *, resume_from=None, kill_after=None, cache_frozen=False):
+    """The two-phase schedule (8 + 8 epochs, early stopping that restores), checkpointed;
+    ``kill_after``: an epoch, or "next_phase" (killed as the fine-tuning phase begins)."""
     model = _model()
     results = None
+    kill = [] if kill_after in (None, "next_phase") else [KillAfter(kill_after)]
     try:
         results = _schedule(
             model,
@@ -154,7 +162,10 @@ def _checkpointed(directory, *, resume_from=None, kill_after=None, cache_frozen=
             early_stopping=RESTORING,
             checkpoint_dir=directory,
             resume_from=resume_from,
-            callbacks=[] if kill_after is None else [KillAfter(kill_after)],
+            callbacks=kill,
+            callbacks_for_phase=lambda phase, index: (
+                [KillAtStart()] if kill_after == "next_phase" and index == 1 else []
+            ),
             cache_frozen=cache_frozen,
         )
     except Killed:
@@ -168,16 +179,20 @@ def _summary(results):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kill", ["after_best", "at_stop"])
+@pytest.mark.parametrize("kill", ["after_best", "at_stop", "next_phase"])
 def test_a_run_killed_after_its_best_epoch_resumes_to_the_uninterrupted_result(tmp_path, kill):
     whole, whole_results = _checkpointed(tmp_path / "whole")
     head = whole_results[0]
     assert head.stopped_epoch is not None and head.stopped_epoch == head.best_epoch + 2
-    kill_after = head.best_epoch + 1 if kill == "after_best" else head.stopped_epoch
+    kill_after = {
+        "after_best": head.best_epoch + 1,  # the wait count and best weights are checkpointed
+        "at_stop": head.stopped_epoch,  # stopped, killed before the phase ended
+        "next_phase": "next_phase",  # ended on the best weights, killed before epoch 1 of 2
+    }[kill]
     _, none = _checkpointed(tmp_path / "killed", kill_after=kill_after)
     assert none is None  # killed
     state = checkpoints.read_state(tmp_path / "killed")
-    assert state.epochs_done == kill_after + 1
+    assert state.epochs_done == head.stopped_epoch + 1 if kill != "after_best" else kill_after + 1
     resumed, results = _checkpointed(tmp_path / "killed", resume_from=state)
     assert _summary(results) == _summary(whole_results)
     for a, b in zip(whole.get_weights(), resumed.get_weights(), strict=True):
@@ -185,6 +200,25 @@ def test_a_run_killed_after_its_best_epoch_resumes_to_the_uninterrupted_result(t
 
 
 @pytest.mark.slow
+def test_a_phase_that_ran_no_epoch_has_no_rows_and_the_curve_still_draws():
+    from tfstack import evaluation
+    from tfstack.freezing import ParamCounts
+    from tfstack.training import PhaseResult
+
+    common = {"lr": 0.1, "freeze": "frozen", "counts": ParamCounts(3, 4)}
+    results = [
+        PhaseResult("head", 0, 0, 2, history={"loss": [1.0, 0.5]}, planned_epochs=30, **common),
+        PhaseResult("fine_tune", 1, 2, 0, history={}, planned_epochs=30, **common),
+        PhaseResult("last", 2, 2, 1, history={"loss": [0.4]}, **common),
+    ]
+    rows = history_rows(results)
+    assert [(r["epoch"], r["phase"]) for r in rows] == [(0, "head"), (1, "head"), (2, "last")]
+    assert evaluation.phase_starts_of(rows) == [(0, "head"), (2, "last")]
+    evaluation.learning_curve_figure(rows, evaluation.phase_starts_of(rows))
+    again = [PhaseResult.from_dict(r.to_dict()) for r in results]
+    assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
+
+
 def test_a_cached_head_phase_stops_as_the_uncached_one(tmp_path):
     cached, cached_results = _checkpointed(tmp_path / "cached", cache_frozen=True)
     plain, plain_results = _checkpointed(tmp_path / "plain", cache_frozen=False)
