@@ -83,7 +83,8 @@ def test_the_schema_fields_are_the_freeze_and_schedule_options():
     freeze_options = {k for keys in vocabulary.FREEZE_OPTIONS.values() for k in keys}
     assert freeze_options == set(schema.freeze) - {"policy"}
     schedule_options = {k for keys in vocabulary.SCHEDULE_OPTIONS.values() for k in keys}
-    assert schedule_options == set(schema.schedule) - {"name", "lr_multipliers"}
+    # lr_multipliers and early_stopping (per phase) apply to every preset.
+    assert schedule_options == set(schema.schedule) - {"name", "lr_multipliers", "early_stopping"}
 
 
 def _leaves(node, prefix=""):

@@ -8,7 +8,8 @@
   its optimizer (step count, learning rate, moments). Numbers only: written with ``np.savez`` and
   read back with ``allow_pickle=False``. Epochs alternate between the two files.
 - ``state.json``: how many epochs are done, the finished phases' results, the current phase's
-  history so far, the metrics logged per epoch, the MLflow run id, the key (config and data) the
+  history so far (and its early-stopping state, whose best weights are the ``best_*`` arrays of
+  the weights file), the metrics logged per epoch, the MLflow run id, the key (config and data) the
   checkpoint belongs to, and which weights file is current. An epoch writes the other weights
   file, then replaces ``state.json`` (written beside it, then renamed), so a process killed at any
   moment leaves the previous complete checkpoint or the new one, never a mixture. Files are not
@@ -176,8 +177,18 @@ def restore_model(model: keras.Model, state: TrainingState, directory: Path) -> 
 
 
 def _arrays(state: TrainingState, directory: Path, prefix: str) -> list[np.ndarray]:
-    path = Path(directory) / state.weights_file
     count = len(state.variables if prefix == "model" else state.optimizer_variables)
+    return read_arrays(state, directory, prefix, count)
+
+
+def read_arrays(state: TrainingState, directory: Path, prefix: str, count: int) -> list[np.ndarray]:
+    """The arrays ``<prefix>_00000`` ... of the current weights file (``best`` for the
+    early-stopping best weights, given to `write_checkpoint` as ``extra``).
+
+    Raises:
+        TrainingError: the file or an array is missing or damaged.
+    """
+    path = Path(directory) / state.weights_file
     try:
         with np.load(path, allow_pickle=False) as arrays:
             return [arrays[f"{prefix}_{i:05d}"] for i in range(count)]
@@ -246,7 +257,12 @@ Layout = tuple[list[list[Any]], list[list[Any]]]
 
 
 def write_checkpoint(
-    directory: Path, state: TrainingState, model: keras.Model, *, layout: Layout | None = None
+    directory: Path,
+    state: TrainingState,
+    model: keras.Model,
+    *,
+    layout: Layout | None = None,
+    extra: dict[str, list[np.ndarray]] | None = None,
 ) -> Layout:
     """Write the variables of ``model`` and its optimizer, then commit ``state``.
 
@@ -256,9 +272,10 @@ def write_checkpoint(
     Args:
         directory: the checkpoint directory.
         state: the state to record (its ``weights_file`` and variable lists are updated).
-        model: the stacked model, compiled (its optimizer built).
+        model: the stacked model, compiled (its optimizer built), or not compiled at all.
         layout: what this function returned for the same variables before (they do not change
             within a phase), to skip describing them again; None describes them.
+        extra: more arrays to keep, by prefix (read back with `read_arrays`).
 
     Returns:
         The variables' layout, to pass back for the next epoch of the same phase.
@@ -268,9 +285,13 @@ def write_checkpoint(
     """
     directory = Path(directory)
     model_variables = model.variables
-    optimizer_variables = model.optimizer.variables
+    # No optimizer: a resumed phase ended at the checkpoint, so this process did not compile.
+    optimizer = getattr(model, "optimizer", None)
+    optimizer_variables = optimizer.variables if optimizer is not None else []
     arrays = {f"model_{i:05d}": np.asarray(v) for i, v in enumerate(model_variables)}
     arrays.update({f"optimizer_{i:05d}": np.asarray(v) for i, v in enumerate(optimizer_variables)})
+    for prefix, values in (extra or {}).items():
+        arrays.update({f"{prefix}_{i:05d}": np.asarray(v) for i, v in enumerate(values)})
     # Two slots: write the one state.json does not name, then commit by replacing state.json.
     # No unlink or fsync per epoch (each cost ~3 ms on the demo's disk).
     slot = WEIGHT_SLOTS[1] if state.weights_file == WEIGHT_SLOTS[0] else WEIGHT_SLOTS[0]

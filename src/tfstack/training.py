@@ -17,6 +17,9 @@ sequence across phases.
   the next epoch. With epoch-seeded data the continuation is the uninterrupted run, to the bit.
 - Frozen-feature caching and inference mode for frozen feature extractors
   (``cache_frozen``, see `tfstack.frozen_features`).
+- Early stopping per phase (``early_stopping``, see `tfstack.early_stopping`). A phase that
+  stops early, by it or by any callback, hands over to the next phase at the next global epoch;
+  its result has the epochs it ran (``epochs``) and those planned (``planned_epochs``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,13 @@ import tensorflow as tf
 from tfstack import checkpoints, frozen_features
 from tfstack.checkpoints import TrainingState
 from tfstack.datasets import IndexedDataset
+from tfstack.early_stopping import (
+    ARRAYS,
+    STATE_KEY,
+    EarlyStoppingSpec,
+    PhaseEarlyStopping,
+    stopped_at_checkpoint,
+)
 from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
 from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
@@ -46,7 +56,14 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class PhaseResult:
-    """What one phase did."""
+    """What one phase did.
+
+    ``epochs`` counts the epochs the phase ran, which is fewer than ``planned_epochs`` when a
+    callback (early stopping) stopped it; the next phase starts at the next global epoch.
+    ``stopped_epoch``, ``best_epoch`` and ``restored_epoch`` (global epochs, or None) say what
+    the phase's early stopping did: where it stopped, its best epoch, and whose weights it
+    ended on (with ``restore_best_weights``).
+    """
 
     name: str
     index: int
@@ -60,6 +77,15 @@ class PhaseResult:
     cached: bool = False
     cache_note: str = ""
     inference_mode: list[str] = field(default_factory=list)
+    planned_epochs: int | None = None
+    early_stopping: dict[str, Any] | None = None
+    stopped_epoch: int | None = None
+    best_epoch: int | None = None
+    restored_epoch: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.planned_epochs is None:
+            self.planned_epochs = self.epochs
 
     def to_dict(self) -> dict:
         """JSON-ready summary."""
@@ -68,6 +94,7 @@ class PhaseResult:
             "index": self.index,
             "initial_epoch": self.initial_epoch,
             "epochs": self.epochs,
+            "planned_epochs": self.planned_epochs,
             "lr": self.lr,
             "freeze": self.freeze,
             "counts": self.counts.to_dict(),
@@ -76,38 +103,54 @@ class PhaseResult:
             "cached": self.cached,
             "cache_note": self.cache_note,
             "inference_mode": self.inference_mode,
+            "early_stopping": self.early_stopping,
+            "stopped_epoch": self.stopped_epoch,
+            "best_epoch": self.best_epoch,
+            "restored_epoch": self.restored_epoch,
         }
 
     @classmethod
     def from_dict(cls, record: dict[str, Any]) -> PhaseResult:
         """The result `to_dict` gave (as a checkpoint keeps the phases finished before a kill)."""
         counts = record["counts"]
+        history = {k: list(v) for k, v in record["history"].items()}
         return cls(
             name=record["name"],
             index=record["index"],
             initial_epoch=record["initial_epoch"],
-            epochs=record["epochs"],
+            epochs=epochs_in(history) if "planned_epochs" not in record else record["epochs"],
             lr=record["lr"],
             freeze=record["freeze"],
             counts=ParamCounts(counts["trainable"], counts["non_trainable"]),
-            history={k: list(v) for k, v in record["history"].items()},
+            history=history,
             seconds=record.get("seconds", 0.0),
             cached=record.get("cached", False),
             cache_note=record.get("cache_note", ""),
             inference_mode=list(record.get("inference_mode", [])),
+            planned_epochs=record.get("planned_epochs", record["epochs"]),
+            early_stopping=record.get("early_stopping"),
+            stopped_epoch=record.get("stopped_epoch"),
+            best_epoch=record.get("best_epoch"),
+            restored_epoch=record.get("restored_epoch"),
         )
+
+
+def epochs_in(history: dict[str, list[float]]) -> int:
+    """How many epochs a Keras history holds (every key has one value per epoch that ended)."""
+    return max((len(values) for values in history.values()), default=0)
 
 
 def history_rows(results: Sequence[PhaseResult]) -> list[dict[str, Any]]:
     """One row per epoch over all phases: ``{"epoch", "phase", <metric>: value, ...}``.
 
-    What the pipeline writes as ``history.json`` and draws as the learning curve.
+    What the pipeline writes as ``history.json`` and draws as the learning curve. A phase that
+    stopped early has rows for the epochs it ran only; one that ran none has none.
     """
     rows = []
     for result in results:
-        for i in range(result.epochs):
+        for i in range(epochs_in(result.history)):
             row: dict[str, Any] = {"epoch": result.initial_epoch + i, "phase": result.name}
-            row.update({key: values[i] for key, values in result.history.items()})
+            row.update({k: values[i] for k, values in result.history.items() if i < len(values)})
             rows.append(row)
     return rows
 
@@ -145,6 +188,8 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state: the state to update and write; shared by the phases of one schedule.
         phase_index: the phase's position in the schedule.
         phase_record: the phase's record in ``state.phases`` (its history grows per epoch).
+        early_stopping: the phase's early stopping, whose state (and best weights) each
+            checkpoint keeps; it must run before this callback.
     """
 
     def __init__(
@@ -155,6 +200,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         *,
         phase_index: int,
         phase_record: dict[str, Any],
+        early_stopping: PhaseEarlyStopping | None = None,
     ):
         super().__init__()
         self.directory = Path(directory)
@@ -166,6 +212,7 @@ class EpochCheckpoint(keras.callbacks.Callback):
         self.started = time.perf_counter()
         self.write_seconds: list[float] = []
         self.layout: checkpoints.Layout | None = None
+        self.early_stopping = early_stopping
 
     def on_train_begin(self, logs=None):
         self.started = time.perf_counter()
@@ -188,8 +235,13 @@ class EpochCheckpoint(keras.callbacks.Callback):
         state.epoch_rows.append({"epoch": int(epoch), "metrics": metrics})
         state.epochs_done = int(epoch) + 1
         state.optimizer_phase = self.phase_index
+        extra = None
+        if self.early_stopping is not None:
+            self.record[STATE_KEY] = self.early_stopping.state()
+            if self.early_stopping.best_weights is not None:
+                extra = {ARRAYS: self.early_stopping.best_weights}
         self.layout = checkpoints.write_checkpoint(
-            self.directory, state, self.stacked, layout=self.layout
+            self.directory, state, self.stacked, layout=self.layout, extra=extra
         )
         self.write_seconds.append(time.perf_counter() - start)
 
@@ -402,8 +454,13 @@ def run_schedule(
     resume_from: TrainingState | None = None,
     checkpoint_key: str = "",
     run_id: str | None = None,
+    early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None = None,
 ) -> list[PhaseResult]:
     """Run every phase in order, continuing the global epoch count; checkpoint and resume.
+
+    A phase that stops early (its early stopping, or any callback setting
+    ``model.stop_training``) hands over to the next phase at the next global epoch; its result
+    has the epochs it ran.
 
     Args:
         model: the stacked model.
@@ -427,6 +484,9 @@ def run_schedule(
             to continue from; the caller has checked it belongs to this run (its key and run id).
         checkpoint_key: what the checkpoint belongs to (config and data), recorded in it.
         run_id: an opaque id recorded in the checkpoint (the pipeline's MLflow run).
+        early_stopping: one rule for every phase, or one per phase (None: that phase runs all
+            its epochs); see `tfstack.early_stopping`. Its state is part of every checkpoint, so
+            a resumed phase stops (and restores its best weights) as the uninterrupted one.
 
     Returns:
         One PhaseResult per phase, including the phases and epochs a resumed run had done.
@@ -456,8 +516,8 @@ def run_schedule(
     """
     if resume_from is not None and checkpoint_dir is None:
         raise ValueError("resume_from needs the checkpoint_dir it was read from")
-    starts = [sum(p.epochs for p in phases[:i]) for i in range(len(phases))]
-    total = sum(p.epochs for p in phases)
+    rules = _early_stopping_per_phase(early_stopping, phases)
+    total = sum(p.epochs for p in phases)  # planned: phases that stop early end sooner
     state = resume_from
     if state is None:
         state = TrainingState(key=checkpoint_key, run_id=run_id, total_epochs=total)
@@ -466,62 +526,163 @@ def run_schedule(
         if state.weights_file:
             checkpoints.restore_model(model, state, checkpoint_dir)
             logger.info(
-                "Resuming training at epoch %d of %d from %s",
+                "Resuming training at epoch %d (of %d planned) from %s",
                 state.epochs_done,
                 total,
                 checkpoint_dir,
             )
     results = []
     for index, phase in enumerate(phases):
-        start, end = starts[index], starts[index] + phase.epochs
-        if state.epochs_done >= end:  # finished before the checkpoint
-            results.append(PhaseResult.from_dict(state.phases[index]))
+        earlier = state.phases[index] if index < len(state.phases) else None
+        if earlier is not None and earlier.get("finished"):  # finished before the checkpoint
+            results.append(PhaseResult.from_dict(earlier))
             continue
+        # A phase starts at the next global epoch: after the epochs the phases before it ran.
+        start = earlier["initial_epoch"] if earlier is not None else state.epochs_done
         done_here = state.epochs_done - start  # > 0: the checkpoint falls inside this phase
         record = _phase_record(state, phase, index, start, resumed=done_here > 0)
-        seconds_before = float(record.get("seconds", 0.0))
-        phase_callbacks: list = []
-        if done_here > 0:
-            phase_callbacks.append(
-                checkpoints.RestoreOptimizer(model, state, checkpoint_dir, phase_index=index)
+        rule = rules[index]
+        stopper = None
+        if rule is not None:
+            stopper = _early_stopping(rule, model, record, start, checkpoint_dir, state)
+        if done_here >= phase.epochs or (done_here > 0 and stopped_at_checkpoint(record)):
+            # Its last epoch was checkpointed; the process died before the phase ended.
+            result = _ended_before_the_checkpoint(record, stopper)
+        else:
+            result = _fit_scheduled_phase(
+                model,
+                phase,
+                index,
+                train_data,
+                val_data,
+                state=state,
+                record=record,
+                start=start,
+                stopper=stopper,
+                checkpoint_dir=checkpoint_dir,
+                callbacks=list(callbacks)
+                + (callbacks_for_phase(phase, index) if callbacks_for_phase else []),
+                loss=loss,
+                metrics=metrics,
+                feature_extractors=feature_extractors,
+                verbose=verbose,
+                cache_frozen=cache_frozen,
             )
-        if checkpoint_dir is not None:
-            phase_callbacks.append(
-                EpochCheckpoint(
-                    checkpoint_dir, model, state, phase_index=index, phase_record=record
-                )
-            )
-        phase_callbacks += callbacks
-        if callbacks_for_phase:
-            phase_callbacks += callbacks_for_phase(phase, index)
-        result = fit_phase(
-            model,
-            dataclasses.replace(phase, epochs=end - state.epochs_done),
-            train_data,
-            val_data,
-            loss=loss,
-            metrics=metrics,
-            feature_extractors=feature_extractors,
-            index=index,
-            initial_epoch=state.epochs_done,
-            callbacks=phase_callbacks,
-            verbose=verbose,
-            cache_frozen=cache_frozen,
-        )
-        if done_here > 0:  # the whole phase: the epochs before the checkpoint, then these
-            earlier = record.get("history", {})
-            result.history = {
-                k: list(earlier.get(k, []))[:done_here] + v for k, v in result.history.items()
-            }
-            result.seconds += seconds_before
-        result.epochs = phase.epochs
-        result.initial_epoch = start
+        result.planned_epochs = phase.epochs
+        result.early_stopping = None if rule is None else rule.to_dict()
+        if stopper is not None:
+            for key, value in stopper.summary().items():
+                setattr(result, key, value)
         results.append(result)
-        state.phases[index] = result.to_dict()
-        state.epochs_done = end
+        state.phases[index] = {**result.to_dict(), "finished": True}
+        state.epochs_done = start + result.epochs
         if checkpoint_dir is not None:
-            checkpoints.write_state(checkpoint_dir, state)
+            if result.restored_epoch is not None:
+                # The model now holds the best epoch's weights, not the last checkpoint's.
+                checkpoints.write_checkpoint(checkpoint_dir, state, model)
+            else:
+                checkpoints.write_state(checkpoint_dir, state)
     return results
+
+
+def _fit_scheduled_phase(
+    model: keras.Model,
+    phase: Phase,
+    index: int,
+    train_data,
+    val_data,
+    *,
+    state: TrainingState,
+    record: dict[str, Any],
+    start: int,
+    stopper: PhaseEarlyStopping | None,
+    checkpoint_dir: Path | None,
+    callbacks: list,
+    **fit_options,
+) -> PhaseResult:
+    """Fit a phase of `run_schedule` from the state's next epoch: the phase's whole result."""
+    done_here = state.epochs_done - start
+    seconds_before = float(record.get("seconds", 0.0))
+    phase_callbacks: list = []
+    if done_here > 0:
+        phase_callbacks.append(
+            checkpoints.RestoreOptimizer(model, state, checkpoint_dir, phase_index=index)
+        )
+    if stopper is not None:  # before the checkpoint, which records its decision
+        phase_callbacks.append(stopper)
+    if checkpoint_dir is not None:
+        phase_callbacks.append(
+            EpochCheckpoint(
+                checkpoint_dir,
+                model,
+                state,
+                phase_index=index,
+                phase_record=record,
+                early_stopping=stopper,
+            )
+        )
+    result = fit_phase(
+        model,
+        dataclasses.replace(phase, epochs=phase.epochs - done_here),
+        train_data,
+        val_data,
+        index=index,
+        initial_epoch=state.epochs_done,
+        callbacks=phase_callbacks + callbacks,
+        **fit_options,
+    )
+    if done_here > 0:  # the whole phase: the epochs before the checkpoint, then these
+        earlier = record.get("history", {})
+        result.history = {
+            k: list(earlier.get(k, []))[:done_here] + v for k, v in result.history.items()
+        }
+        result.seconds += seconds_before
+    result.epochs = epochs_in(result.history)
+    result.initial_epoch = start
+    return result
+
+
+def _ended_before_the_checkpoint(
+    record: dict[str, Any], stopper: PhaseEarlyStopping | None
+) -> PhaseResult:
+    """The result of a phase whose last epoch is in the checkpoint, ended as fit would end it."""
+    if stopper is not None:
+        stopper.on_train_begin()  # loads its state from the checkpoint
+        stopper.restore()
+    logger.info("Phase %d %r had ended at the checkpoint", record["index"], record["name"])
+    result = PhaseResult.from_dict({**record, "planned_epochs": record["epochs"]})
+    result.epochs = epochs_in(result.history)
+    return result
+
+
+def _early_stopping_per_phase(
+    early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None,
+    phases: Sequence[Phase],
+) -> list[EarlyStoppingSpec | None]:
+    if early_stopping is None or isinstance(early_stopping, EarlyStoppingSpec):
+        return [early_stopping] * len(phases)
+    rules = list(early_stopping)
+    if len(rules) != len(phases):
+        raise ValueError(
+            f"early_stopping has {len(rules)} entries for a schedule of {len(phases)} phases"
+        )
+    return rules
+
+
+def _early_stopping(
+    rule: EarlyStoppingSpec,
+    model: keras.Model,
+    record: dict[str, Any],
+    start: int,
+    checkpoint_dir: Path | None,
+    state: TrainingState,
+) -> PhaseEarlyStopping:
+    """The phase's early stopping, with the checkpoint's state when the phase is resumed."""
+    saved = record.get(STATE_KEY) if state.epochs_done > start else None
+    weights = None
+    if saved and saved.get("best_weights"):
+        weights = checkpoints.read_arrays(state, checkpoint_dir, ARRAYS, int(saved["best_weights"]))
+    return PhaseEarlyStopping(rule, model, phase_start=start, resume=saved, best_weights=weights)
 
 
 def _phase_record(

@@ -119,6 +119,9 @@ INTERPOLATIONS = (
 )
 """Resize methods of ``tf.image.resize`` (``data.interpolation``), as Keras offers them."""
 
+EARLY_STOPPING_MODES = ("auto", "min", "max")
+"""How early stopping reads its monitored value (``train.early_stopping.mode``), as Keras's."""
+
 STRATEGY_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "sequential": (),
     "adapter": ("adapter",),
@@ -157,6 +160,20 @@ FREEZE_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "partial": ("unfreeze_last", "unfreeze_pattern", "bn", "components"),
 }
 """The ``freeze.*`` options each policy uses."""
+
+
+def phase_names(
+    schedule: str, *, stages: int | None = None, fine_tune_epochs: int | None = None
+) -> list[str]:
+    """The names of a preset's phases (``schedules.make_schedule``'s; a test checks they agree).
+
+    For the keys of ``schedule.early_stopping``, checked before TensorFlow is imported.
+    """
+    if schedule == "single":
+        return ["train"]
+    if schedule == "two_phase":
+        return ["head"] if fine_tune_epochs == 0 else ["head", "fine_tune"]
+    return ["head", *(f"unfreeze_{k}" for k in range(1, 3 if stages is None else stages))]
 
 
 def is_set(value: Any) -> bool:

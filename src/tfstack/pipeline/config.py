@@ -29,6 +29,7 @@ from tfstack.vocabulary import (
     DATA_FORMATS,
     DATA_OPTIONS,
     DISTRIBUTE_KINDS,
+    EARLY_STOPPING_MODES,
     FREEZE_OPTIONS,
     FREEZE_POLICIES,
     INTERPOLATIONS,
@@ -42,6 +43,7 @@ from tfstack.vocabulary import (
     STRATEGY_OPTIONS,
     TASKS,
     augment_layer_problem,
+    phase_names,
     unused_across_groups,
     unused_option,
 )
@@ -175,6 +177,25 @@ class ScheduleConfig:
     unfreeze_step: int | None = None
     lr_decay: float | None = None
     lr_multipliers: dict[str, float] = MISSING
+    # Phase name -> null (no early stopping in that phase) or keys of train.early_stopping that
+    # the phase sets otherwise, e.g. {fine_tune: {patience: 5}}.
+    early_stopping: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Early stopping in every phase (Keras's EarlyStopping); off while ``patience`` is null.
+
+    ``monitor`` is a key of the training history (loss, val_loss, a metric, val_<metric>);
+    ``start_from_epoch`` counts from each phase's first epoch.
+    """
+
+    monitor: str = "val_loss"
+    mode: str = "auto"
+    patience: int | None = None
+    min_delta: float = 0.0
+    restore_best_weights: bool = False
+    start_from_epoch: int = 0
 
 
 @dataclass
@@ -193,6 +214,8 @@ class TrainConfig:
     verbose: int = 1
     # auto: checkpoint every epoch and resume a killed run of the same config; off: neither.
     resume: str = "auto"
+    # null, or patience null: every phase runs all its epochs (schedule.early_stopping aside).
+    early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
 
 
 @dataclass
@@ -570,6 +593,91 @@ def _check_preprocess_and_augment(config: Config) -> None:
         raise ConfigError(problem)
 
 
+def history_keys(train: TrainConfig) -> list[str]:
+    """The keys of the Keras history this config's training produces (loss, metrics, val_*)."""
+    names = ["loss", *(str(m) for m in train.metrics)]
+    return names + [f"val_{name}" for name in names]
+
+
+def early_stopping_per_phase(config: Config, phases: list[str]) -> list[dict[str, Any] | None]:
+    """The early-stopping settings of each phase (None: off), ``train.early_stopping`` with the
+    phase's ``schedule.early_stopping`` entry over it; checked, naming the key.
+
+    Args:
+        config: the config.
+        phases: the schedule's phase names, in order.
+
+    Raises:
+        ConfigError: an unknown phase or key, or a value out of range.
+    """
+    fields = list(EarlyStoppingConfig.__dataclass_fields__)
+    default = vars(EarlyStoppingConfig())
+    base = config.train.early_stopping
+    common = None if base is None else vars(base)
+    overrides = config.schedule.early_stopping
+    for name, override in overrides.items():
+        key = f"schedule.early_stopping.{name}"
+        if name not in phases:
+            raise ConfigError(
+                f"{key}: schedule={config.schedule.name} has no phase {name!r}. Its phases: "
+                f"{phases}."
+            )
+        if override is not None and not isinstance(override, dict):
+            raise ConfigError(
+                f"{key}={override!r} is not valid. Use null (no early stopping in that phase) or "
+                f"a mapping of {fields}, e.g. {key}={{patience: 3}}."
+            )
+        unknown = sorted(set(override or {}) - set(fields))
+        if unknown:
+            raise ConfigError(f"{key}.{unknown[0]} is not a config key. Valid keys here: {fields}.")
+    rules = []
+    for name in phases:
+        if name in overrides:
+            override = overrides[name]
+            rule = None if override is None else {**(common or default), **override}
+            where = f"schedule.early_stopping.{name}"
+        else:
+            rule, where = common, "train.early_stopping"
+        if rule is not None:
+            _check_early_stopping(rule, where, config.train)
+        rules.append(rule if rule is not None and rule["patience"] is not None else None)
+    if common is not None and common["patience"] is None and not any(rules):
+        changed = [k for k in fields if common[k] != default[k]]
+        if changed:
+            value = common[changed[0]]
+            shown = str(value).lower() if isinstance(value, bool) else repr(value)
+            raise ConfigError(
+                f"train.early_stopping.{changed[0]}={shown} would be ignored: "
+                "early stopping is off while train.early_stopping.patience is null. Set "
+                "train.early_stopping.patience=N to stop after N epochs without improvement."
+            )
+    return rules
+
+
+def _check_early_stopping(rule: dict[str, Any], where: str, train: TrainConfig) -> None:
+    known = history_keys(train)
+    if rule["monitor"] not in known:
+        raise ConfigError(
+            f"{where}.monitor={rule['monitor']!r} is not in the training history. Expected one "
+            f"of {known}."
+        )
+    _check_choice(rule["mode"], EARLY_STOPPING_MODES, f"{where}.mode")
+    for field_name, value in rule.items():
+        key = f"{where}.{field_name}"
+        if field_name == "restore_best_weights":
+            if not isinstance(value, bool):
+                raise ConfigError(f"{key}={value!r} must be true or false.")
+        elif field_name in ("patience", "start_from_epoch"):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{key}={value!r} must be a whole number of epochs.")
+            if value is not None:
+                _check_number(key, value, _Bound(0, True, "epochs"))
+        elif field_name == "min_delta":
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ConfigError(f"{key}={value!r} must be a number.")
+            _check_number(key, value, _Bound(0, True, "the smallest change that improves"))
+
+
 def _check_keras_names(train: TrainConfig) -> None:
     """Optimizer, loss and metric names Keras accepts, checked without importing Keras."""
     if train.optimizer not in keras_names.SUPPORTED_OPTIMIZERS:
@@ -652,6 +760,11 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
             )
     _check_numbers(config)
     _check_no_ops(config)
+    schedule = config.schedule
+    phases = phase_names(
+        schedule.name, stages=schedule.stages, fine_tune_epochs=schedule.fine_tune_epochs
+    )
+    early_stopping_per_phase(config, phases)
     _check_keras_names(config.train)
     names = {f"components.{k}.name": getattr(config.components, k).name for k in ("base", "head")}
     for key, component in config.components.extra.items():

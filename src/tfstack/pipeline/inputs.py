@@ -396,6 +396,15 @@ def make_phases(config: Config):
     )
 
 
+def early_stopping_rules(config: Config, phases) -> list:
+    """Each phase's early stopping (`tfstack.early_stopping.EarlyStoppingSpec`, or None: off)."""
+    from tfstack.early_stopping import EarlyStoppingSpec
+    from tfstack.pipeline.config import early_stopping_per_phase
+
+    rules = early_stopping_per_phase(config, [phase.name for phase in phases])
+    return [None if rule is None else EarlyStoppingSpec(**rule) for rule in rules]
+
+
 def feature_extractor_names(config: Config) -> list[str]:
     names = [config.components.base.name or "base"]
     names += [c.name or f"extra.{k}" for k, c in config.components.extra.items()]

@@ -27,6 +27,7 @@ from tfstack.pipeline.config import Config
 from tfstack.pipeline.inputs import (
     check_targets,
     class_names,
+    early_stopping_rules,
     feature_extractor_names,
     input_sample,
     load_components,
@@ -309,23 +310,14 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             resume_from=state,
             checkpoint_key=resume.checkpoint_key(config, paths),
             run_id=run.run_id,
+            early_stopping=early_stopping_rules(config, phases),
         )
     if run.run_id:
-        from tfstack.tracking import log_tags
-
-        log_tags(run.run_id, {f"phase.{r.index}.cached": str(r.cached).lower() for r in results})
-        log_tags(run.run_id, _inference_mode_tags(model, results))
-        # The whole phase, also when this process ran only its last epochs.
-        log_tags(
-            run.run_id,
-            {
-                f"phase.{r.index}.epochs": f"{r.initial_epoch}-{r.initial_epoch + r.epochs - 1}"
-                for r in results
-            },
-        )
+        log_phases(run, results, model)
     counted = resume.logged_steps(run, "params_trainable") if state and run.run_id else set()
     for result in results:
-        if result.initial_epoch not in counted:
+        # A phase that ran no epoch has no step of its own (the next phase starts there).
+        if result.epochs and result.initial_epoch not in counted:
             run.metrics(
                 {
                     "params_trainable": result.counts.trainable,
@@ -352,6 +344,39 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     if resumable and not keep_checkpoint:
         checkpoints.remove(directory)
     return model, results
+
+
+def log_phases(run: RunLog, results, model) -> None:
+    """Tag each phase: cached or not, its epochs (``first-last``, or ``none``) and, with early
+    stopping, its ``stopped_epoch`` and ``best_epoch`` (also metrics), and the epoch whose
+    weights the trained model holds (``weights_from_epoch``); and the frozen components whose
+    random layers ran in inference mode (``phase.<i>.inference_mode``)."""
+    from tfstack.tracking import log_tags
+
+    tags = {}
+    stopping = {}
+    for r in results:
+        tags[f"phase.{r.index}.cached"] = str(r.cached).lower()
+        # The whole phase, also when this process ran only its last epochs.
+        last = r.initial_epoch + r.epochs - 1
+        tags[f"phase.{r.index}.epochs"] = f"{r.initial_epoch}-{last}" if r.epochs else "none"
+        if r.early_stopping is not None:
+            for key in ("stopped_epoch", "best_epoch"):
+                value = getattr(r, key)
+                tags[f"phase.{r.index}.{key}"] = "none" if value is None else str(value)
+                if value is not None:
+                    stopping[f"phase.{r.index}.{key}"] = value
+    ran = [r for r in results if r.epochs]
+    if ran and any(r.early_stopping is not None for r in results):
+        last = ran[-1]
+        restored = last.restored_epoch
+        weights_from = restored if restored is not None else last.initial_epoch + last.epochs - 1
+        tags["weights_from_epoch"] = str(weights_from)
+        stopping["weights_from_epoch"] = weights_from
+    tags.update(_inference_mode_tags(model, results))
+    log_tags(run.run_id, tags)
+    if stopping:
+        run.metrics(stopping)
 
 
 def _inference_mode_tags(model, results) -> dict:

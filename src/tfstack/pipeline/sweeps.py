@@ -44,7 +44,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfstack.errors import ConfigError, TfstackError
 from tfstack.files import write_json
-from tfstack.pipeline.config import Config, validate
+from tfstack.pipeline.config import Config, history_keys, validate
 
 logger = logging.getLogger(__name__)
 
@@ -94,8 +94,7 @@ def job_config(cfg: DictConfig) -> Config:
 
 def check_objective_metric(config: Config, metric: str) -> None:
     """The objective must be a key of the Keras history this config produces."""
-    names = ["loss", *(str(m) for m in config.train.metrics)]
-    known = names + [f"val_{name}" for name in names]
+    known = history_keys(config.train)
     if metric not in known:
         raise ConfigError(
             f"objective.metric={metric} is not in the training history. Expected one of {known}."
