@@ -7,7 +7,7 @@ Sections:
       keras.callbacks.TerminateOnNaN does), after every batch on Keras's callback thread
       (``async_safe``, what tfstack's StopOnNonFiniteLoss does); joint training of the demo's
       stacked model on the source task (1,300 images, batch 16: 80 steps per epoch);
-  (b) the per-epoch checkpoint (tfstack.training.EpochCheckpoint): time per write and as a
+  (b) the per-epoch checkpoint (tfstack.epoch_callbacks.EpochCheckpoint): time per write and as a
       share of the epoch, for the demo model and a MobileNetV2 base (weights=None, 96x96);
   (c) how long ``tfstack run tracking.uri=http://127.0.0.1:9`` (nothing listening) takes to fail.
 
@@ -48,7 +48,7 @@ def _nan_checks():
     class PerBatchAsync(PerBatchSync):
         async_safe = True
 
-    from tfstack.training import StopOnNonFiniteLoss
+    from tfstack.epoch_callbacks import StopOnNonFiniteLoss
 
     return {
         "none": lambda: [],
@@ -103,7 +103,7 @@ def bench_checkpoint(repeats: int) -> None:
     import numpy as np
 
     from tfstack import checkpoints
-    from tfstack.training import EpochCheckpoint
+    from tfstack.epoch_callbacks import EpochCheckpoint
 
     def mobilenet():
         base = keras.applications.MobileNetV2(

@@ -30,7 +30,7 @@ from tfstack.errors import ComponentError, ConfigError
 from tfstack.file_hashes import sha256_of
 from tfstack.pipeline import stages
 from tfstack.pipeline.compose import compose
-from tfstack.pipeline.config import ComponentConfig
+from tfstack.pipeline.schema import ComponentConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

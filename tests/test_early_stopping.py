@@ -17,9 +17,10 @@ from tfstack import checkpoints
 from tfstack.datasets import ArrayDataset
 from tfstack.early_stopping import EarlyStoppingSpec
 from tfstack.freezing import FreezePolicy
+from tfstack.phase_results import history_rows
 from tfstack.schedules import make_schedule
 from tfstack.stacking import build_stacked
-from tfstack.training import history_rows, run_schedule
+from tfstack.training import run_schedule
 
 LOSS = "sparse_categorical_crossentropy"
 CONF = Path(__file__).resolve().parents[1] / "conf"
@@ -203,7 +204,7 @@ def test_a_run_killed_after_its_best_epoch_resumes_to_the_uninterrupted_result(t
 def test_a_phase_that_ran_no_epoch_has_no_rows_and_the_curve_still_draws():
     from tfstack import evaluation
     from tfstack.freezing import ParamCounts
-    from tfstack.training import PhaseResult
+    from tfstack.phase_results import PhaseResult
 
     common = {"lr": 0.1, "freeze": "frozen", "counts": ParamCounts(3, 4)}
     results = [

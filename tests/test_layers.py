@@ -146,3 +146,15 @@ def test_tracking_never_imports_the_pipeline() -> None:
     for path in (PACKAGE / "tracking").glob("*.py"):
         found = _tfstack_imports(path.read_text(encoding="utf-8"))
         assert not [name for name in found if name.startswith("tfstack.pipeline")], path.name
+
+
+MAX_LINES = 600  # a file that grows past this has grown a second job: split it by concept
+
+
+def test_no_source_file_is_over_600_lines() -> None:
+    long = {
+        str(path.relative_to(ROOT)): lines
+        for path in (ROOT / "src").rglob("*.py")
+        if (lines := len(path.read_text(encoding="utf-8").splitlines())) > MAX_LINES
+    }
+    assert not long, long

@@ -303,7 +303,7 @@ def test_a_failed_write_leaves_the_previous_file_and_no_temporary_file(tmp_path)
 def test_checkpoints_hold_numbers_only(tmp_path):
     """A checkpoint loads with pickles refused, and its state is plain JSON."""
     from tfstack import checkpoints
-    from tfstack.training import EpochCheckpoint
+    from tfstack.epoch_callbacks import EpochCheckpoint
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(2)])
     model.compile(keras.optimizers.Adam(), "mse")
@@ -370,7 +370,7 @@ def test_gpu_ops_without_deterministic_kernels_are_reported_too(error, op):
 def test_a_phase_record_in_a_checkpoint_reads_back_as_the_same_result():
     """What a resumed run reports for phases finished before the kill (phases.json, MLflow)."""
     from tfstack.freezing import ParamCounts
-    from tfstack.training import PhaseResult
+    from tfstack.phase_results import PhaseResult
 
     result = PhaseResult(
         name="head",

@@ -16,7 +16,7 @@ from tfstack.errors import ConfigError, FreezeError, ScheduleError, ShapeError
 from tfstack.freezing import FreezePolicy
 from tfstack.pipeline import config as config_module
 from tfstack.pipeline.compose import compose
-from tfstack.pipeline.config import Config
+from tfstack.pipeline.schema import Config
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 # The groups that fill one section of the schema each (experiment/ and hparams_search/ are

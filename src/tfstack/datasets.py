@@ -37,9 +37,9 @@ class IndexedDataset:
 
     With ``epoch_seeded``, each epoch's order is instead a function of ``(seed, epoch)`` only,
     where ``epoch`` is what `set_epoch` last set (at the start of every epoch, by the callback
-    `tfstack.training.EpochOrder` that the phase loop attaches): a run resumed at epoch ``k`` sees
-    exactly the order an uninterrupted run saw at epoch ``k``, however many epochs (or
-    iterators) came before.
+    `tfstack.epoch_callbacks.EpochOrder` that the phase loop attaches): a run resumed at epoch
+    ``k`` sees exactly the order an uninterrupted run saw at epoch ``k``, however many epochs
+    (or iterators) came before.
 
     Args:
         n: Number of samples.

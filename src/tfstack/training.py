@@ -26,10 +26,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,239 +44,12 @@ from tfstack.early_stopping import (
     PhaseEarlyStopping,
     stopped_at_checkpoint,
 )
-from tfstack.epoch_metrics import epoch_metrics_row, numeric_logs
-from tfstack.errors import TrainingError
-from tfstack.freezing import FreezeReport, ParamCounts, apply_freeze_policy, count_params
+from tfstack.epoch_callbacks import EpochCheckpoint, EpochOrder, StopOnNonFiniteLoss, batches_of
+from tfstack.freezing import FreezeReport, apply_freeze_policy
+from tfstack.phase_results import PhaseResult, epochs_in
 from tfstack.schedules import Phase, make_optimizer
 
 logger = logging.getLogger(__name__)
-
-
-@dataclass
-class PhaseResult:
-    """What one phase did.
-
-    ``epochs`` counts the epochs the phase ran, which is fewer than ``planned_epochs`` when a
-    callback (early stopping) stopped it; the next phase starts at the next global epoch.
-    ``stopped_epoch``, ``best_epoch`` and ``restored_epoch`` (global epochs, or None) say what
-    the phase's early stopping did: where it stopped, its best epoch, and whose weights it
-    ended on (with ``restore_best_weights``).
-    """
-
-    name: str
-    index: int
-    initial_epoch: int
-    epochs: int
-    lr: float
-    freeze: str
-    counts: ParamCounts
-    history: dict[str, list[float]] = field(default_factory=dict)
-    seconds: float = 0.0
-    cached: bool = False
-    cache_note: str = ""
-    inference_mode: list[str] = field(default_factory=list)
-    planned_epochs: int | None = None
-    early_stopping: dict[str, Any] | None = None
-    stopped_epoch: int | None = None
-    best_epoch: int | None = None
-    restored_epoch: int | None = None
-
-    def __post_init__(self) -> None:
-        if self.planned_epochs is None:
-            self.planned_epochs = self.epochs
-
-    def to_dict(self) -> dict:
-        """JSON-ready summary."""
-        return {
-            "name": self.name,
-            "index": self.index,
-            "initial_epoch": self.initial_epoch,
-            "epochs": self.epochs,
-            "planned_epochs": self.planned_epochs,
-            "lr": self.lr,
-            "freeze": self.freeze,
-            "counts": self.counts.to_dict(),
-            "history": self.history,
-            "seconds": self.seconds,
-            "cached": self.cached,
-            "cache_note": self.cache_note,
-            "inference_mode": self.inference_mode,
-            "early_stopping": self.early_stopping,
-            "stopped_epoch": self.stopped_epoch,
-            "best_epoch": self.best_epoch,
-            "restored_epoch": self.restored_epoch,
-        }
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> PhaseResult:
-        """The result `to_dict` gave (as a checkpoint keeps the phases finished before a kill)."""
-        counts = record["counts"]
-        history = {k: list(v) for k, v in record["history"].items()}
-        return cls(
-            name=record["name"],
-            index=record["index"],
-            initial_epoch=record["initial_epoch"],
-            epochs=epochs_in(history) if "planned_epochs" not in record else record["epochs"],
-            lr=record["lr"],
-            freeze=record["freeze"],
-            counts=ParamCounts(counts["trainable"], counts["non_trainable"]),
-            history=history,
-            seconds=record.get("seconds", 0.0),
-            cached=record.get("cached", False),
-            cache_note=record.get("cache_note", ""),
-            inference_mode=list(record.get("inference_mode", [])),
-            planned_epochs=record.get("planned_epochs", record["epochs"]),
-            early_stopping=record.get("early_stopping"),
-            stopped_epoch=record.get("stopped_epoch"),
-            best_epoch=record.get("best_epoch"),
-            restored_epoch=record.get("restored_epoch"),
-        )
-
-
-def epochs_in(history: dict[str, list[float]]) -> int:
-    """How many epochs a Keras history holds (every key has one value per epoch that ended)."""
-    return max((len(values) for values in history.values()), default=0)
-
-
-def history_rows(results: Sequence[PhaseResult]) -> list[dict[str, Any]]:
-    """One row per epoch over all phases: ``{"epoch", "phase", <metric>: value, ...}``.
-
-    What the pipeline writes as ``history.json`` and draws as the learning curve. A phase that
-    stopped early has rows for the epochs it ran only; one that ran none has none.
-    """
-    rows = []
-    for result in results:
-        for i in range(epochs_in(result.history)):
-            row: dict[str, Any] = {"epoch": result.initial_epoch + i, "phase": result.name}
-            row.update({k: values[i] for k, values in result.history.items() if i < len(values)})
-            rows.append(row)
-    return rows
-
-
-def _batches(data):
-    return data.batches() if isinstance(data, IndexedDataset) else data
-
-
-class EpochOrder(keras.callbacks.Callback):
-    """Tell an `IndexedDataset` which epoch starts, so an epoch-seeded one gives that epoch's order.
-
-    (`IndexedDataset.set_epoch` does nothing for a dataset that is not epoch-seeded.)
-    """
-
-    def __init__(self, dataset: IndexedDataset):
-        super().__init__()
-        self.dataset = dataset
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.dataset.set_epoch(epoch)
-
-
-class EpochCheckpoint(keras.callbacks.Callback):
-    """After every epoch, record it in the state and write a checkpoint (`tfstack.checkpoints`).
-
-    The loop's, not the format's: it decides what a checkpoint says about the epoch (its
-    metrics row, the phase's history so far, the time spent). Put it before any callback that
-    logs the epoch elsewhere: an epoch is logged only once it is checkpointed, so a resumed run
-    never logs an epoch twice (gaps are filled from ``state.epoch_rows`` instead).
-
-    Args:
-        directory: the checkpoint directory.
-        stacked: the stacked model (whose variables and optimizer are saved, whichever model the
-            phase fits: a cached phase fits a part that shares them).
-        state: the state to update and write; shared by the phases of one schedule.
-        phase_index: the phase's position in the schedule.
-        phase_record: the phase's record in ``state.phases`` (its history grows per epoch).
-        early_stopping: the phase's early stopping, whose state (and best weights) each
-            checkpoint keeps; it must run before this callback.
-    """
-
-    def __init__(
-        self,
-        directory: Path,
-        stacked: keras.Model,
-        state: TrainingState,
-        *,
-        phase_index: int,
-        phase_record: dict[str, Any],
-        early_stopping: PhaseEarlyStopping | None = None,
-    ):
-        super().__init__()
-        self.directory = Path(directory)
-        self.stacked = stacked
-        self.state = state
-        self.phase_index = phase_index
-        self.record = phase_record
-        self.seconds_before = float(phase_record.get("seconds", 0.0))
-        self.started = time.perf_counter()
-        self.write_seconds: list[float] = []
-        self.layout: checkpoints.Layout | None = None
-        self.early_stopping = early_stopping
-
-    def on_train_begin(self, logs=None):
-        self.started = time.perf_counter()
-        # What the phase's result will say, in case the process dies after its last epoch's
-        # checkpoint but before the result is recorded (the cache note is not known here).
-        self.record["counts"] = count_params(self.stacked).to_dict()
-        self.layout = None  # the optimizer is built by the first step, not yet
-        self.record.setdefault("cached", self.model is not self.stacked)
-        self.record.setdefault("cache_note", "")
-
-    def on_epoch_end(self, epoch, logs=None):
-        start = time.perf_counter()
-        numbers = numeric_logs(logs)
-        history = self.record.setdefault("history", {})
-        for key, value in numbers.items():
-            history.setdefault(key, []).append(value)
-        metrics = epoch_metrics_row(numbers, self.stacked.optimizer, self.phase_index)
-        self.record["seconds"] = self.seconds_before + (start - self.started)
-        state = self.state
-        state.epoch_rows.append({"epoch": int(epoch), "metrics": metrics})
-        state.epochs_done = int(epoch) + 1
-        state.optimizer_phase = self.phase_index
-        extra = None
-        if self.early_stopping is not None:
-            self.record[STATE_KEY] = self.early_stopping.state()
-            if self.early_stopping.best_weights is not None:
-                extra = {ARRAYS: self.early_stopping.best_weights}
-        self.layout = checkpoints.write_checkpoint(
-            self.directory, state, self.stacked, layout=self.layout, extra=extra
-        )
-        self.write_seconds.append(time.perf_counter() - start)
-
-
-class StopOnNonFiniteLoss(keras.callbacks.Callback):
-    """Raise a TrainingError naming the phase, epoch and batch when the loss is NaN or infinite.
-
-    The loss is checked after every batch, on Keras's callback thread (``async_safe``): reading it
-    does not hold up the next step, and the error surfaces in ``fit`` one batch later at most,
-    and always before the epoch's ``on_epoch_end`` callbacks (so no checkpoint records a diverged
-    epoch). Measured: no cost over an epoch-end check, within the run-to-run noise of about 10%
-    (benchmarks/reliability.py, section (a)).
-    """
-
-    async_safe = True
-
-    def __init__(self, phase: str):
-        super().__init__()
-        self.phase = phase
-        self.epoch = 0
-
-    def on_epoch_begin(self, epoch, logs=None):
-        self.epoch = epoch
-
-    def on_train_batch_end(self, batch, logs=None):
-        self._check((logs or {}).get("loss"), f"epoch {self.epoch + 1}, batch {batch + 1}")
-
-    def on_epoch_end(self, epoch, logs=None):
-        self._check((logs or {}).get("loss"), f"epoch {epoch + 1}")
-
-    def _check(self, loss, where: str) -> None:
-        if loss is not None and not math.isfinite(float(loss)):
-            raise TrainingError(
-                f"The loss became {float(loss)} in phase {self.phase!r} at {where}. "
-                "Lower train.lr, check the data for extreme values, or check train.loss fits "
-                "the head's output."
-            )
 
 
 def compile_phase(
@@ -379,7 +150,7 @@ def fit_phase(
     split, note = None, "cache_frozen is off"
     if cache_frozen:
         split, note = frozen_features.plan_cache(model, feature_extractors, train_data, val_data)
-    fit_model, fit_train, fit_val = model, _batches(train_data), _batches(val_data)
+    fit_model, fit_train, fit_val = model, batches_of(train_data), batches_of(val_data)
     if split is not None:
         fit_model = frozen_features.compiled_like(
             model, split.trainable, loss=loss, metrics=metrics

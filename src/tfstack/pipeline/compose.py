@@ -17,14 +17,8 @@ from omegaconf.errors import OmegaConfBaseException
 
 import hydra_plugins.tfstack_resolvers  # noqa: F401  (registers conf/'s tfstack_dep resolver)
 from tfstack.errors import ConfigError
-from tfstack.pipeline.config import (
-    Config,
-    adds_to_mapping,
-    first_unknown,
-    in_schema,
-    known_keys,
-    validate,
-)
+from tfstack.pipeline.config import validate
+from tfstack.pipeline.schema import Config, adds_to_mapping, first_unknown, in_schema, known_keys
 
 
 def load_params(path: str | Path) -> Config:

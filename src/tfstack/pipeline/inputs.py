@@ -12,8 +12,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from tfstack.errors import ConfigError, DataError, describe_error
-from tfstack.pipeline.config import Config
 from tfstack.pipeline.paths import Paths
+from tfstack.pipeline.schema import Config
 from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tfstack.errors import ConfigError, OutputError
-from tfstack.pipeline.config import Config
+from tfstack.pipeline.schema import Config
 
 DVC_EXPS_DIR = "/.dvc/tmp/exps/"
 

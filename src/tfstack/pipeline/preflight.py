@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfstack.errors import ComponentError, DataError
-from tfstack.pipeline.config import ComponentConfig, Config
+from tfstack.pipeline.schema import ComponentConfig, Config
 from tfstack.vocabulary import APPLICATIONS_PREFIX, NAMED_WEIGHTS
 
 if TYPE_CHECKING:

@@ -22,7 +22,8 @@ from pathlib import Path
 from omegaconf import OmegaConf
 
 from tfstack.errors import DataError, TfstackError
-from tfstack.pipeline.config import Config, validate
+from tfstack.pipeline.config import validate
+from tfstack.pipeline.schema import Config
 
 logger = logging.getLogger(__name__)
 

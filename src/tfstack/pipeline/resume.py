@@ -19,7 +19,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from tfstack.errors import TfstackError
-from tfstack.pipeline.config import Config, to_dict
+from tfstack.pipeline.config import to_dict
+from tfstack.pipeline.schema import Config
 
 if TYPE_CHECKING:
     from tfstack.checkpoints import TrainingState

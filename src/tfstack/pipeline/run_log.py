@@ -18,8 +18,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from tfstack.pipeline.config import Config, to_dict
+from tfstack.pipeline.config import to_dict
 from tfstack.pipeline.paths import Paths, main_project_root
+from tfstack.pipeline.schema import Config
 
 CONFIG_ARTIFACT = "config.yaml"
 

@@ -23,7 +23,6 @@ from pathlib import Path
 
 from tfstack.errors import DataError, TfstackError
 from tfstack.files import atomic_path, write_json
-from tfstack.pipeline.config import Config
 from tfstack.pipeline.inputs import (
     check_targets,
     class_names,
@@ -41,6 +40,7 @@ from tfstack.pipeline.inputs import (
 )
 from tfstack.pipeline.paths import Paths
 from tfstack.pipeline.run_log import RunLog
+from tfstack.pipeline.schema import Config
 
 logger = logging.getLogger(__name__)
 
@@ -259,8 +259,9 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     from tfstack import checkpoints
     from tfstack.images import naming_unreadable_files
     from tfstack.input_range import check_input_range
+    from tfstack.phase_results import history_rows
     from tfstack.pipeline import resume
-    from tfstack.training import history_rows, run_schedule
+    from tfstack.training import run_schedule
 
     seed_everything(config.seed, config.train.deterministic)
     if model is None:
