@@ -77,6 +77,7 @@ def cached_mobilenet(keras_home: Path) -> keras.Model:
 # ---------------------------------------------------------------- weights=imagenet
 
 
+@pytest.mark.slow
 def test_imagenet_weights_load_from_the_keras_cache(keras_home, offline):
     reference = cached_mobilenet(keras_home)
 
@@ -124,6 +125,7 @@ def test_missing_weights_offline_fail_in_seconds_naming_file_and_folder(keras_ho
     assert list(folder.iterdir()) == []  # nothing half-downloaded
 
 
+@pytest.mark.slow
 def test_a_cached_file_that_fails_kerass_hash_check_is_named(keras_home, offline):
     # MobileNetV3 passes Keras a hash of its weights file. The first message names the file;
     # a file of other bytes put there fails the hash check.

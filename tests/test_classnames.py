@@ -131,6 +131,7 @@ def _model_dir(client: MlflowClient, model_uri: str) -> Path:
     return Path(urllib.parse.urlparse(logged.artifact_location).path)
 
 
+@pytest.mark.slow
 def test_pyfunc_classifier_answers_raw_images_with_names_and_probabilities(uri):
     model, x = uint8_classifier(), uint8_images()
     run_id = tracking.start_run(uri, "classes")

@@ -88,6 +88,7 @@ def _schedule(model, epochs, **options):
     )
 
 
+@pytest.mark.slow
 def test_a_callback_stopping_a_30_epoch_phase_at_epoch_1_hands_over_at_the_next_epoch(tmp_path):
     model = _model()
     results = _schedule(
@@ -113,6 +114,7 @@ def test_a_callback_stopping_a_30_epoch_phase_at_epoch_1_hands_over_at_the_next_
     assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
 
 
+@pytest.mark.slow
 def test_early_stopping_stops_each_phase_and_restores_its_best_weights():
     model = _model()
     rule = EarlyStoppingSpec(monitor="val_loss", patience=1, restore_best_weights=True)
@@ -132,6 +134,7 @@ def test_early_stopping_stops_each_phase_and_restores_its_best_weights():
     assert loss == pytest.approx(min(results[1].history["val_loss"]), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_start_from_epoch_counts_from_the_phase_start():
     rule = EarlyStoppingSpec(monitor="loss", mode="max", patience=0, start_from_epoch=3)
     # mode=max on the loss: every epoch after the first monitored one "fails to improve".
@@ -220,6 +223,7 @@ def test_a_phase_that_ran_no_epoch_has_no_rows_and_the_curve_still_draws():
     assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
 
 
+@pytest.mark.slow
 def test_a_cached_head_phase_stops_as_the_uncached_one(tmp_path):
     cached, cached_results = _checkpointed(tmp_path / "cached", cache_frozen=True)
     plain, plain_results = _checkpointed(tmp_path / "plain", cache_frozen=False)
