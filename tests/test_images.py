@@ -445,12 +445,13 @@ def _digit_folder(root, project):
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         for split in ("train", "test"):
             x, y = data[f"x_{split}"], data[f"y_{split}"]
+            # All five classes: one class folder per output of the demo head (a class name
+            # for each; fewer folders than the head's classes is refused, naming both).
             for i, (image, label) in enumerate(zip(x, y, strict=True)):
-                if label < 3:  # three classes of the demo head's five
-                    pixels = np.clip(image[..., 0] * 16, 0, 255).astype(np.uint8)
-                    path = root / split / f"digit{label}" / f"{i:03d}.png"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    Image.fromarray(pixels, "L").save(path)
+                pixels = np.clip(image[..., 0] * 16, 0, 255).astype(np.uint8)
+                path = root / split / f"digit{label}" / f"{i:03d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                Image.fromarray(pixels, "L").save(path)
     return root
 
 
