@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from conftest import make_base, make_data, make_head
+from stop_callbacks import KillAfter, Killed, StopAt
 
 from tfstack import checkpoints
 from tfstack.datasets import ArrayDataset
@@ -30,32 +31,6 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 def deterministic_ops():
     """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
     tf.config.experimental.enable_op_determinism()
-
-
-class StopAt(keras.callbacks.Callback):
-    """A user's callback that stops training at a global epoch (as EarlyStopping would)."""
-
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            self.model.stop_training = True
-
-
-class Killed(Exception):
-    """Stands for the process dying after an epoch was checkpointed."""
-
-
-class KillAfter(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise Killed
 
 
 def _model():

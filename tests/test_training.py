@@ -13,6 +13,7 @@ import pytest
 import tensorflow as tf
 from conftest import make_base, make_data, make_head
 from mlflow import MlflowClient
+from stop_callbacks import KillAfter, Killed
 
 from tfstack import tracking
 from tfstack.datasets import ArrayDataset
@@ -453,20 +454,6 @@ class _RecordingDataset(ArrayDataset):
         return [self.served[i : i + n] for i in range(0, len(self.served), n)]
 
 
-class _Killed(Exception):
-    """Stands for the process dying after an epoch was checkpointed."""
-
-
-class _KillAfter(keras.callbacks.Callback):
-    def __init__(self, epoch):
-        super().__init__()
-        self.epoch = epoch
-
-    def on_epoch_end(self, epoch, logs=None):
-        if epoch == self.epoch:
-            raise _Killed
-
-
 def _checkpointed_schedule(directory, *, resume_from=None, kill_after=None):
     """The two-phase schedule (2 + 2 epochs) on the sequential case, checkpointing into
     ``directory``; returns the model, the results and the dataset's per-epoch orders."""
@@ -488,14 +475,14 @@ def _checkpointed_schedule(directory, *, resume_from=None, kill_after=None):
             loss=LOSS,
             metrics=["accuracy"],
             feature_extractors=["base"],
-            callbacks=[] if kill_after is None else [_KillAfter(kill_after)],
+            callbacks=[] if kill_after is None else [KillAfter(kill_after)],
             verbose=0,
             checkpoint_dir=directory,
             resume_from=resume_from,
             checkpoint_key="key",
             run_id="run-1",
         )
-    except _Killed:
+    except Killed:
         pass
     return stack.model, results, train_ds.epochs()
 
