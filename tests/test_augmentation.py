@@ -73,6 +73,7 @@ def test_each_layer_is_seeded_from_the_run_seed_and_its_position():
     ]
 
 
+@pytest.mark.slow
 def test_active_in_training_only_and_identity_in_predict():
     block = build_augmentation(FLIP_ROTATE, SPEC, seed=42)
     x = _images()
@@ -110,6 +111,7 @@ def test_a_frozen_phase_with_augmentation_is_not_cached_and_says_why():
     assert with_augment.history["loss"] != without.history["loss"]
 
 
+@pytest.mark.slow
 def test_preprocessing_alone_is_deterministic_so_the_frozen_phase_is_cached():
     preprocess = build_preprocessing("rescale", make_base(), scale=0.5)
     result = _fit(_stacked(layers=None, preprocess=preprocess).model)
@@ -125,6 +127,7 @@ def _base_with_flip(name="base"):
     return keras.Model(inputs, x, name=name)
 
 
+@pytest.mark.slow
 def test_random_layers_inside_a_frozen_base_are_off_but_named_in_a_warning_and_a_tag(caplog):
     keras.utils.set_random_seed(0)
     model = build_stacked("sequential", _base_with_flip(), make_head()).model
@@ -171,6 +174,7 @@ def test_bad_layers_are_refused_naming_the_entry_and_the_valid_names(layers, mes
     assert "\n" not in str(raised.value)
 
 
+@pytest.mark.slow
 def test_the_config_refuses_a_bad_layer_before_anything_runs():
     with pytest.raises(ConfigError, match=r"augment.layers\[0\]: 'RandomZom' is not"):
         compose(["augment.layers=[{class_name: RandomZom}]"], config_dir=CONF)

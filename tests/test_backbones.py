@@ -101,6 +101,7 @@ def test_imagenet_weights_load_from_the_keras_cache(keras_home, offline):
     }
 
 
+@pytest.mark.slow
 def test_missing_weights_offline_fail_in_seconds_naming_file_and_folder(keras_home, offline):
     start = time.perf_counter()
     with pytest.raises(ComponentError) as error:
@@ -189,6 +190,7 @@ def test_builder_arguments_on_a_file_are_refused(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_kwargs_compose_as_a_mapping_or_one_entry_with_plus():
     application = ["components.base.path=keras_applications:EfficientNetB0"]
     config = compose(
@@ -237,6 +239,7 @@ def test_every_documented_component_key_composes_without_plus():
 # ---------------------------------------------------------------- sha256 of component files
 
 
+@pytest.mark.slow
 def test_sha256_of_a_file_and_of_a_savedmodel_directory(tmp_path):
     file = tmp_path / "head.keras"
     make_head().save(file)

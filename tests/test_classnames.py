@@ -83,6 +83,7 @@ def _npz(path: Path, **extra) -> Path:
     return path
 
 
+@pytest.mark.slow
 def test_class_names_come_from_the_data_or_are_the_class_ids(tmp_path):
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(3, activation="softmax")])
     named = _npz(tmp_path / "named.npz", class_names=np.array(["zebra", "ant", "moth"]))
@@ -160,6 +161,7 @@ def test_pyfunc_classifier_answers_raw_images_with_names_and_probabilities(uri):
     assert not [name for name in files if PICKLE.search(name)]
 
 
+@pytest.mark.slow
 def test_pyfunc_classifier_of_a_binary_head_gives_both_probabilities(uri):
     model, x = uint8_classifier(classes=1, activation="sigmoid"), uint8_images()
     run_id = tracking.start_run(uri, "classes")

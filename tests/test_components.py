@@ -87,6 +87,7 @@ def test_keras3_file_loads_renamed_with_same_predictions(tmp_path, extension):
     assert not is_opaque(model)
 
 
+@pytest.mark.slow
 def test_tf_keras_h5_loads(tmp_path):
     path = str(tmp_path / "keras2.h5")
     expected = write_tf_keras_model(path)
@@ -98,6 +99,7 @@ def test_tf_keras_h5_loads(tmp_path):
     np.testing.assert_allclose(model.predict(X, verbose=0), expected, rtol=1e-6)
 
 
+@pytest.mark.slow
 def test_keras_application_mobilenetv2_without_download():
     model = load_component(
         "keras_applications:MobileNetV2",
@@ -128,6 +130,7 @@ def test_keras_application_loads_local_weights_file(tmp_path):
         np.testing.assert_array_equal(loaded, saved)
 
 
+@pytest.mark.slow
 def test_savedmodel_is_wrapped_frozen_and_opaque(tmp_path):
     original = tiny_model()
     export_dir = str(tmp_path / "exported")

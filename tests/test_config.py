@@ -132,6 +132,7 @@ def test_missing_params_file_says_how_to_make_it(tmp_path):
         load_params(tmp_path / "params.yaml")
 
 
+@pytest.mark.slow
 def test_validation_imports_no_tensorflow():
     import subprocess
     import sys

@@ -271,6 +271,7 @@ def test_a_bad_early_stopping_setting_is_one_line_naming_the_key(overrides, mess
     assert "\n" not in str(caught.value)
 
 
+@pytest.mark.slow
 def test_a_phase_overrides_the_common_setting_or_turns_it_off():
     from tfstack.pipeline.compose import compose
     from tfstack.pipeline.inputs import early_stopping_rules, make_phases

@@ -135,6 +135,7 @@ def test_h5_that_is_not_a_model(project, capsys):
     assert_left_clean(project)
 
 
+@pytest.mark.slow
 def test_directory_that_is_not_a_savedmodel(project, capsys):
     (project / "exported").mkdir()
     (project / "exported" / "notes.txt").write_text("not a model")
@@ -195,6 +196,7 @@ def test_incompatible_components_with_stacking_sequential(project, capsys, overr
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("override", "expected"),
     [
@@ -216,6 +218,7 @@ def test_bad_config(project, capsys, override, expected):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_debug_and_hydra_full_error_show_the_traceback(project, capsys, monkeypatch):
     from tfstack.errors import ConfigError
 
@@ -320,6 +323,7 @@ def test_non_finite_loss_stops_at_once_and_names_the_epoch(project, capsys):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_unreachable_tracking_server_fails_within_seconds(project, capsys):
     start = time.perf_counter()
     line = fail(capsys, "run", "tracking.uri=http://127.0.0.1:9")
@@ -330,6 +334,7 @@ def test_unreachable_tracking_server_fails_within_seconds(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_tracking_store_in_a_missing_directory(project, capsys):
     line = fail(capsys, "run", "tracking.uri=sqlite:////no/such/dir/mlflow.db")
     assert "tracking.uri=sqlite:////no/such/dir/mlflow.db: directory /no/such/dir does not" in line
@@ -338,6 +343,7 @@ def test_tracking_store_in_a_missing_directory(project, capsys):
     assert not Path("/no/such/dir").exists()
 
 
+@pytest.mark.slow
 def test_output_dir_below_a_regular_file(project, capsys):
     (project / "notes.txt").write_text("a file, not a directory")
     line = fail(capsys, "run", f"output_dir={project / 'notes.txt' / 'out'}")
@@ -346,6 +352,7 @@ def test_output_dir_below_a_regular_file(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_output_dir_without_permission(project, capsys):
     # Tests run as root, for whom chmod does not block writes; sysfs refuses even root.
     target = Path("/sys/tfstack-outputs")
@@ -361,6 +368,7 @@ def test_output_dir_without_permission(project, capsys):
     assert_left_clean(project, run=False)
 
 
+@pytest.mark.slow
 def test_an_output_dir_in_use_by_another_process(project, capsys):
     from tfstack.pipeline.output_lock import exclusive
 

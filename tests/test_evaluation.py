@@ -13,6 +13,7 @@ from tfstack import evaluation
 from tfstack.errors import ConfigError, DataError
 
 
+@pytest.mark.slow
 def test_importing_tfstack_keeps_the_users_matplotlib_backend():
     code = (
         "import matplotlib; matplotlib.use('svg'); "
@@ -22,6 +23,7 @@ def test_importing_tfstack_keeps_the_users_matplotlib_backend():
     assert out.stdout.strip() == "svg"
 
 
+@pytest.mark.slow
 def test_figures_save_as_pngs_that_open(tmp_path):
     matrix = evaluation.confusion_matrix(np.array([0, 1, 2, 2]), np.array([0, 2, 2, 2]), 3)
     history = [
@@ -78,6 +80,7 @@ def _recall_mean(truth, predicted):
     return np.mean([np.mean(predicted[truth == c] == c) for c in np.unique(truth)])
 
 
+@pytest.mark.slow
 def test_evaluate_classification_matches_keras_and_hand_counts(tmp_path):
     model, x, y = _trained("classification", 3, "sparse_categorical_crossentropy", ["accuracy"])
     keras_scores = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
@@ -132,6 +135,7 @@ def test_evaluate_binary_thresholds_at_one_half_and_keeps_compiled_auc(tmp_path)
     _assert_png_opens(result.figures["confusion_matrix.png"], tmp_path / "binary.png")
 
 
+@pytest.mark.slow
 def test_evaluate_regression_gives_mse_mae_and_prediction_rows(tmp_path):
     model, x, y = _trained("regression", 2, "mse", ["mae"])
     keras_scores = model.evaluate(x, y, batch_size=8, verbose=0, return_dict=True)
@@ -196,6 +200,7 @@ def test_phase_starts_of_a_history_are_the_first_epoch_of_each_phase():
     assert evaluation.phase_starts_of([]) == []
 
 
+@pytest.mark.slow
 def test_the_docstring_example_of_evaluate_runs(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     finder = doctest.DocTestFinder()

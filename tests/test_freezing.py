@@ -100,6 +100,7 @@ def _nested_base():
     return keras.Model(inputs, x, name="base")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sequential", "functional"])
 def test_frozen_phase_leaves_nested_bn_statistics_and_weights_bit_identical(strategy):
     keras.utils.set_random_seed(0)
@@ -121,6 +122,7 @@ def test_frozen_phase_leaves_nested_bn_statistics_and_weights_bit_identical(stra
     )
 
 
+@pytest.mark.slow
 def test_joint_updates_bn_statistics():
     keras.utils.set_random_seed(0)
     model = build_stacked("sequential", _nested_base(), make_head(in_features=4)).model

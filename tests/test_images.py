@@ -195,6 +195,7 @@ def test_with_inputs_gathers_the_rows_of_the_same_samples(tmp_path):
         np.testing.assert_array_equal(y, y_gathered)
 
 
+@pytest.mark.slow
 def test_evaluate_streams_batches_with_the_arrays_result(tmp_path):
     from tfstack.evaluation import evaluate
 
@@ -310,6 +311,7 @@ def test_file_that_is_not_an_image_is_named_up_front(tmp_path):
         find_image_folder(tmp_path)
 
 
+@pytest.mark.slow
 def test_truncated_png_is_named_when_its_batch_is_decoded(tmp_path):
     _folder(tmp_path, per_class=3)
     bad = tmp_path / "dog" / "01.png"
@@ -369,6 +371,7 @@ def test_content_hash_follows_the_bytes_not_the_folder(tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_config_composes_images_and_refuses_image_options_for_npz():
     from pathlib import Path
 

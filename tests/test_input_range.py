@@ -115,6 +115,7 @@ def test_first_layers_that_take_ids_or_normalize_by_their_own_statistics_do_not_
     assert kinds(uint8_images(), stacked(keras.layers.LayerNormalization(name="ln0"))) == []
 
 
+@pytest.mark.slow
 def test_keras_applications_with_their_own_preprocessing():
     """MobileNetV3 rescales 0..255 to [-1, 1] itself: raw pixels fit, pre-scaled pixels do not."""
     images = uint8_images(8, (32, 32, 3))

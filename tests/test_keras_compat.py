@@ -6,6 +6,7 @@ before it can fail somewhere deep in training.
 
 import keras
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from tfstack import _keras_compat
@@ -91,6 +92,7 @@ def test_file_matches_hash_is_kerass_md5_and_sha256_check(tmp_path):
         assert not _keras_compat.file_matches_hash(str(file), digest[::-1])
 
 
+@pytest.mark.slow
 def test_answering_get_file_reaches_the_applications_builders():
     from keras.src.utils import file_utils
 

@@ -4,6 +4,7 @@ import inspect
 
 import keras
 import numpy as np
+import pytest
 from keras.src.losses import ALL_OBJECTS_DICT as LOSS_OBJECTS
 from keras.src.metrics import ALL_OBJECTS_DICT as METRIC_OBJECTS
 from keras.src.optimizers import ALL_OBJECTS_DICT as OPTIMIZER_OBJECTS
@@ -58,6 +59,7 @@ def _compiles(loss: str, metric: str) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_compile_aliases_are_what_compile_resolves():
     for alias in keras_names.COMPILE_METRIC_ALIASES:
         assert _compiles("sparse_categorical_crossentropy", alias.upper())

@@ -56,6 +56,7 @@ def keras_with_config(saved, tmp_path, config: bytes | str, name: str = "bad.ker
     return rewrite_archive(saved[0], tmp_path / name, replace={"config.json": raw})
 
 
+@pytest.mark.slow
 def test_a_real_model_still_loads_and_predicts_the_same(saved):
     keras_path, h5_path, inputs, expected = saved
     for path in (keras_path, h5_path):

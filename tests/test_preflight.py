@@ -133,6 +133,7 @@ def test_each_stage_checks_what_it_reads(paths):
         preflight.check_inputs(config, paths, stage=stage)
 
 
+@pytest.mark.slow
 def test_the_demos_inputs_are_left_to_the_demo():
     config = compose([], config_dir=CONF)
     assert preflight.made_by_demo(config) == {
@@ -180,6 +181,7 @@ def _runs(db: Path) -> list:
     return client.search_runs([e.experiment_id for e in client.search_experiments()])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

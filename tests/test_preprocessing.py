@@ -103,6 +103,7 @@ def test_resize_lets_the_model_take_images_of_any_size():
     assert tuple(output_specs(block)[0].shape) == (None, 8, 8, 3)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", ["sequential", "adapter", "functional"])
 def test_the_saved_model_takes_raw_pixels_and_reloads_in_safe_mode(strategy, tmp_path):
     keras.utils.set_random_seed(0)

@@ -73,6 +73,7 @@ def test_reproduce_gives_identical_metrics_and_refuses_other_data(project, monke
     assert len(_runs(project)[1]) == 2
 
 
+@pytest.mark.slow
 def test_reproduce_needs_the_logged_config(tmp_path, monkeypatch, capsys):
     uri = tracking.default_tracking_uri(tmp_path)
     run_id = tracking.start_run(uri, "tfstack", tags={"freeze": "joint"})

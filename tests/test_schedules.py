@@ -205,6 +205,7 @@ def test_zero_fine_tune_epochs_means_no_fine_tuning_phase(caplog):
     assert [(p.name, p.epochs) for p in unset] == [("head", 3), ("fine_tune", 3)]
 
 
+@pytest.mark.slow
 def test_zero_fine_tune_epochs_trains_the_head_only():
     model = _model()
     phases = make_schedule(

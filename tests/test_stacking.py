@@ -15,6 +15,7 @@ def _flags(model):
     return [(row["name"], row["trainable"]) for row in layer_table(model)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_round_trip_keeps_predictions_names_and_trainable_flags(strategy, tmp_path):
     keras.utils.set_random_seed(0)
@@ -100,6 +101,7 @@ def test_explicit_adapter_that_does_not_fit_is_refused():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("merge", "head_in"), [("concatenate", 16), ("average", 8)])
 def test_functional_merges_several_feature_extractors(merge, head_in):
     result = build_stacked(

@@ -72,6 +72,7 @@ def test_default_tracking_uri_is_absolute_sqlite(tmp_path, monkeypatch):
     assert uri.startswith("sqlite:////")
 
 
+@pytest.mark.slow
 def test_start_log_end_lands_in_one_finished_run(uri, tmp_path):
     run_id = tracking.start_run(uri, EXPERIMENT, run_name="unit", tags={"stage": "build"})
     tracking.log_params_flat(run_id, {"train": {"lr": 0.001, "sizes": [1, 2]}, "seed": 0})
@@ -205,6 +206,7 @@ def test_many_params_are_batched(uri):
     tracking.end_run(run_id)
 
 
+@pytest.mark.slow
 def test_params_are_write_once(uri):
     run_id = tracking.start_run(uri, EXPERIMENT)
     tracking.log_params_flat(run_id, {"train": {"lr": 0.001}, "long": "y" * 7000})
@@ -227,11 +229,13 @@ def test_logging_needs_a_started_run(uri):
         tracking.log_metrics("0123456789abcdef", {"loss": 1.0})
 
 
+@pytest.mark.slow
 def test_resuming_an_unknown_run_fails_clearly(uri):
     with pytest.raises(TrackingError, match="run_id=deadbeef does not exist"):
         tracking.start_run(uri, EXPERIMENT, run_id="deadbeef")
 
 
+@pytest.mark.slow
 def test_non_numeric_metric_names_the_key(uri):
     run_id = tracking.start_run(uri, EXPERIMENT)
     with pytest.raises(TrackingError, match="metric 'report' must be a single number"):

@@ -186,6 +186,7 @@ def test_cached_phase_sees_the_same_batches_in_the_same_order():
     assert _max_weight_difference(plain, stack.model) > 1e-4
 
 
+@pytest.mark.slow
 def test_a_cached_phase_leaves_the_frozen_base_and_its_statistics_untouched():
     keras.utils.set_random_seed(0)
     stack = CASES["sequential"][0]()
@@ -295,6 +296,7 @@ RANDOM_LAYERS = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("make_layer", RANDOM_LAYERS, ids=["Dropout", "Noise", "RandomFlip"])
 @pytest.mark.parametrize("strategy", ["sequential", "functional"])
 def test_a_frozen_base_runs_in_inference_mode_so_its_random_layers_are_off(
@@ -379,6 +381,7 @@ def test_caching_needs_an_array_dataset_and_the_flag():
     assert not result.cached and result.cache_note == "cache_frozen is off"
 
 
+@pytest.mark.slow
 def test_split_frozen_shares_the_stacked_models_layers():
     keras.utils.set_random_seed(0)
     stack = CASES["adapter_pooling"][0]()

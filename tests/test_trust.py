@@ -180,6 +180,7 @@ def test_lambda_in_keras2_h5_needs_trust(fresh_files):
 # ---------------------------------------------------------------- custom classes and modules
 
 
+@pytest.mark.slow
 def test_custom_class_needs_trust_and_its_module(fresh_files, monkeypatch):
     module, path, marker = fresh_files["keras"]
     monkeypatch.chdir(path.parent)  # the module is found from the working directory
@@ -211,6 +212,7 @@ def test_custom_class_needs_trust_and_its_module(fresh_files, monkeypatch):
     np.testing.assert_allclose(model.predict(X, verbose=0), X * 2.0)
 
 
+@pytest.mark.slow
 def test_custom_class_in_h5_is_code_too(fresh_files, monkeypatch):
     module, path, marker = fresh_files["h5"]
     monkeypatch.chdir(path.parent)
@@ -327,6 +329,7 @@ def test_stacked_reload_keeps_per_component_trust(tmp_path):
     assert base_marker.exists() and head_marker.exists()
 
 
+@pytest.mark.slow
 def test_stacked_reload_with_code_only_in_the_trusted_component(tmp_path):
     head_marker = tmp_path / "head_pwned"
     path = save_stacked(tmp_path / "stacked.keras", None, head_marker)
@@ -345,6 +348,7 @@ def test_stacked_reload_with_code_only_in_the_trusted_component(tmp_path):
 # ---------------------------------------------------------------- tfstack inspect
 
 
+@pytest.mark.slow
 def test_inspect_names_its_own_options(fresh_files, monkeypatch, capsys):
     module, path, marker = fresh_files["inspect"]
     monkeypatch.chdir(path.parent)

@@ -173,6 +173,7 @@ def test_validation_refuses_an_option_the_choice_does_not_use(overrides, message
     assert str(err.value).startswith(message)
 
 
+@pytest.mark.slow
 def test_every_group_option_composes_with_the_defaults_of_the_others():
     for group in ("stacking", "freeze", "schedule"):
         for option in sorted((CONF / group).glob("*.yaml")):
