@@ -12,8 +12,9 @@ BIN := $(VENV)/bin
 VENV_STAMP := $(VENV)/.tfstack-installed
 # Debian packages the project needs, installed when missing and running as root (postgresql:
 # tests/test_team_tracking.py starts a real PostgreSQL server for `mlflow server`; chromium and
-# chromium-driver: tests/test_ui.py loads the MLflow UI in a real browser).
-DEB_PACKAGES ?= git postgresql chromium chromium-driver
+# chromium-driver: tests/test_ui.py loads the MLflow UI in a real browser; graphviz: the
+# architecture diagrams every run logs, tfstack.diagrams).
+DEB_PACKAGES ?= git postgresql chromium chromium-driver graphviz
 RAW_DATA := data/digits.npz
 PYTEST_ARGS ?=
 

@@ -2,7 +2,7 @@
 
 ``tfstack run [overrides]``                  the whole pipeline in one process and one MLflow run
 ``tfstack prepare|pretrain|build|train|evaluate [--params params.yaml] [overrides]``  DVC stages
-``tfstack inspect MODEL [MODEL2]``           specs, per-layer table, verdict, the adapter auto picks
+``tfstack inspect MODEL [MODEL2] [--plot F]`` specs, layer table, verdict, adapter; F: the diagram
 ``tfstack params [overrides]``               write conf/ composed as DVC does into params.yaml
 ``tfstack run -m a=x,y b=u,v`` (or ``hparams_search=optuna``)  a Hydra multirun: one MLflow parent
                                              run, one nested run per job (``pipeline.sweeps``)
@@ -72,6 +72,12 @@ def _parser() -> argparse.ArgumentParser:
         "custom Keras classes (needs --trust-code)",
     )
     inspect.add_argument("--cut-at", help="use the first model up to this layer's output")
+    inspect.add_argument(
+        "--plot",
+        metavar="FILE",
+        help="also write the architecture diagram (FILE.png or FILE.svg; no suffix: both), as a "
+        "run logs it; a second model's goes to FILE_2. Needs pydot and Graphviz",
+    )
     tracking_help = "tracking.uri=... tracking.experiment=... (as for tfstack run)"
     compare = commands.add_parser("compare", help="compare runs: table, CSV, Markdown, curves")
     compare.add_argument("overrides", nargs="*", help=tracking_help)
@@ -211,6 +217,9 @@ def _inspect(args) -> int:
         print("  inputs: ", ", ".join(str(s) for s in input_specs(model)))
         print("  outputs:", ", ".join(str(s) for s in output_specs(model)))
         print(summary_text(model))
+    for i, model in enumerate(models if args.plot else []):
+        for path in _plot(model, Path(args.plot), second=i == 1):
+            print(f"== diagram: {path}")
     if len(models) == 2:
         up, down = output_specs(models[0])[0], input_specs(models[1])[0]
         verdict = check_compatibility("model_1", up, "model_2", down)
@@ -219,6 +228,26 @@ def _inspect(args) -> int:
         plan = plan_adapter(up, down)
         print("  adapter auto would add: " + (describe_adapter(plan) if plan else "nothing"))
     return 0
+
+
+def _plot(model, target: Path, *, second: bool) -> list[Path]:
+    """`tfstack inspect --plot`: the model's diagram at ``target`` (a second model's at _2)."""
+    from tfstack.diagrams import FORMATS, draw, missing_tools
+    from tfstack.errors import ConfigError
+
+    suffix = target.suffix.lower().lstrip(".")
+    if suffix and suffix not in (*FORMATS, "pdf"):
+        raise ConfigError(
+            f"--plot {target}: cannot write .{suffix} diagrams. Give a .png, .svg or .pdf file, "
+            "or a name without a suffix for both a PNG and an SVG."
+        )
+    missing = missing_tools()
+    if missing:
+        raise ConfigError(f"--plot {target}: {missing}; install it, or leave out --plot.")
+    stem = target.with_suffix("") if suffix else target
+    if second:
+        stem = stem.with_name(f"{stem.name}_2")
+    return draw(model, stem, formats=[suffix] if suffix else FORMATS)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -178,6 +178,13 @@ class RunLog:
 
             tracking.log_figure(self.run_id, fig, artifact_file)
 
+    def files(self, paths, artifact_path: str) -> None:
+        if self.run_id:
+            from tfstack import tracking
+
+            for path in paths:
+                tracking.log_artifact_file(self.run_id, path, artifact_path)
+
     def metrics(self, metrics: dict, step: int | None = None) -> None:
         if self.run_id:
             from tfstack import tracking

@@ -139,6 +139,9 @@ def build(config: Config, paths: Paths, run: RunLog):
     with atomic_path(out / "stacked.keras") as tmp:
         result.model.save(tmp)
     write_json(out / "shapes.json", report)
+    from tfstack.diagrams import draw
+
+    draw(result.model, out / "stacked")  # the architecture as built (none without Graphviz)
     for name, text in summaries.items():
         with atomic_path(out / f"summary_{name}.txt") as tmp:
             tmp.write_text(text, encoding="utf-8")
@@ -170,6 +173,9 @@ def log_build_report(run: RunLog, build_dir: Path) -> None:
         run.metrics({"stage_seconds_build": report["seconds"]})
     for summary in sorted(build_dir.glob("summary_*.txt")):
         run.text(summary.read_text(encoding="utf-8"), f"shapes/{summary.name}")
+    run.files(
+        [p for p in (build_dir / "stacked.png", build_dir / "stacked.svg") if p.exists()], "shapes"
+    )
     if not run.run_id:
         return
     from tfstack import tracking
@@ -257,6 +263,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     epoch. ``chief=False`` writes nothing.
     """
     from tfstack import checkpoints
+    from tfstack.diagrams import draw_phases
     from tfstack.images import naming_unreadable_files
     from tfstack.input_range import check_input_range
     from tfstack.phase_results import history_rows
@@ -285,6 +292,14 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     state = resume.resumable_checkpoint(config, paths, run) if resumable else None
     if state is not None and run.run_id:
         resume.continue_run_record(run, state)
+
+    if state is None and run.run_id:
+        with tempfile.TemporaryDirectory() as directory:
+            # What each phase trains, drawn once per distinct trainable set.
+            diagrams = draw_phases(
+                model, phases, Path(directory), feature_extractors=feature_extractor_names(config)
+            )
+            run.files(diagrams, "shapes")
 
     def per_phase(phase, index):
         if not run.run_id:
