@@ -292,3 +292,24 @@ def augment_layer_problem(layers: Any, *, key: str = "augment.layers") -> str | 
 
 
 _AUGMENT_EXAMPLE = "[{class_name: RandomFlip, config: {mode: horizontal}}]"
+
+# Learning-rate schedules within a phase (train.lr_schedule, tfstack.lr_schedules).
+LR_SCHEDULE_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "constant": (),
+    "cosine": ("warmup_epochs", "warmup_steps", "final_fraction"),
+    "exponential": ("decay_rate", "decay_epochs", "staircase"),
+    "step": ("step_epochs", "factor"),
+    "reduce_on_plateau": (
+        "monitor",
+        "mode",
+        "factor",
+        "patience",
+        "min_delta",
+        "cooldown",
+        "min_lr",
+    ),
+}
+"""The ``train.lr_schedule.*`` options each schedule uses besides ``name``."""
+
+LR_SCHEDULES = tuple(LR_SCHEDULE_OPTIONS)
+"""How the rate moves within a phase (``train.lr_schedule.name``)."""
