@@ -16,7 +16,7 @@ from stop_callbacks import KillAfter, Killed
 
 from tfstack import checkpoints
 from tfstack.datasets import ArrayDataset
-from tfstack.errors import ScheduleError
+from tfstack.errors import ConfigError, ScheduleError
 from tfstack.freezing import FreezePolicy
 from tfstack.lr_schedules import LrScheduleSpec
 from tfstack.schedules import Phase, make_optimizer, make_schedule
@@ -242,9 +242,12 @@ def test_a_cached_head_phase_applies_the_same_rates():
             {"name": "cosine", "warmup_epochs": 1, "warmup_steps": 3},
             "train.lr_schedule.warmup_epochs and train.lr_schedule.warmup_steps are both set",
         ),
-        ({"name": "cosine", "factor": 0.5}, "train.lr_schedule.factor is not used by"),
+        (
+            {"name": "cosine", "factor": 0.5},
+            "train.lr_schedule.factor=0.5 applies only to train.lr_schedule.name=step",
+        ),
         ({"name": "reduce_on_plateau", "factor": 1.5}, "factor=1.5 must be below 1"),
-        ({"name": "exponential", "decay_rate": 0.0}, "decay_rate=0.0 must be above 0"),
+        ({"name": "exponential", "decay_rate": 0.0}, "decay_rate=0.0 must be above 0."),
         ({"name": "cosine", "final_fraction": 2.0}, "final_fraction=2.0 must be at most 1"),
     ],
 )
@@ -258,3 +261,113 @@ def test_a_warmup_that_fills_the_phase_is_refused_naming_the_setting():
     spec = LrScheduleSpec("cosine", warmup_epochs=3, setting="schedule.lr_schedule.fine_tune")
     with pytest.raises(ScheduleError, match=r"^schedule.lr_schedule.fine_tune: the warmup"):
         spec.build(LR, steps_per_epoch=SPE, epochs=3)
+
+
+@pytest.fixture(scope="module")
+def two_phase_config():
+    """One composed config (a compose costs about a second); tests change copies of it."""
+    from tfstack.pipeline.compose import compose
+
+    return compose(["schedule=two_phase"], config_dir=CONF)
+
+
+def _per_phase(config, train=None, per_phase=None):
+    """`lr_schedule_per_phase` of a copy of ``config`` with those settings."""
+    import copy
+
+    from tfstack.pipeline.config import lr_schedule_per_phase
+    from tfstack.pipeline.schema import LrScheduleConfig
+
+    config = copy.deepcopy(config)
+    config.train.lr_schedule = LrScheduleConfig(**(train or {}))
+    config.schedule.lr_schedule = per_phase or {}
+    return lr_schedule_per_phase(config, ["head", "fine_tune"])
+
+
+@pytest.mark.parametrize(
+    ("train", "per_phase", "message"),
+    [
+        ({"name": "linear"}, None, "train.lr_schedule.name='linear' is not a schedule"),
+        (
+            {"warmup_epochs": 2},
+            None,
+            "train.lr_schedule.warmup_epochs=2 applies only to train.lr_schedule.name=cosine, "
+            "and the name is 'constant', so it would be ignored.",
+        ),
+        (
+            {"name": "cosine", "warmup_epochs": 1, "warmup_steps": 5},
+            None,
+            "train.lr_schedule.warmup_epochs and train.lr_schedule.warmup_steps are both set",
+        ),
+        (
+            {"name": "reduce_on_plateau", "monitor": "val_acc"},
+            None,
+            "train.lr_schedule.monitor='val_acc' is not in the training history.",
+        ),
+        (
+            {"name": "step", "step_epochs": 0},
+            None,
+            "train.lr_schedule.step_epochs=0 must be at least 1.",
+        ),
+        (
+            None,
+            {"finetune": {"name": "cosine"}},
+            "schedule.lr_schedule.finetune: schedule=two_phase has no phase 'finetune'.",
+        ),
+        (
+            None,
+            {"head": {"name": "cosine", "warmup": 2}},
+            "schedule.lr_schedule.head.warmup is not a config key.",
+        ),
+        (
+            None,
+            {"head": {"name": "exponential", "staircase": 1}},
+            "schedule.lr_schedule.head.staircase=1 must be true or false.",
+        ),
+        (
+            None,
+            {"head": "cosine"},
+            "schedule.lr_schedule.head='cosine' is not valid. Use null",
+        ),
+    ],
+)
+def test_a_bad_lr_schedule_setting_is_one_line_naming_the_key(
+    two_phase_config, train, per_phase, message
+):
+    with pytest.raises(ConfigError) as caught:
+        _per_phase(two_phase_config, train, per_phase)
+    assert message in str(caught.value)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.slow
+def test_tfstack_run_refuses_a_bad_lr_schedule_before_training_naming_the_key(project):
+    from project_copy import tfstack
+
+    result = tfstack(project, "run", "train.lr_schedule.name=cosine", "train.lr_schedule.factor=2")
+    assert result.returncode == 2
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("tfstack: error: train.lr_schedule.factor=2.0 applies only to")
+    )
+    assert not (project / "outputs/train").exists()
+
+
+def test_a_phase_overrides_the_common_schedule_replaces_it_with_a_name_or_turns_it_off(
+    two_phase_config,
+):
+    common = {"name": "cosine", "final_fraction": 0.1}
+    per_phase = _per_phase(two_phase_config, common, {"head": {"warmup_epochs": 1}})
+    assert per_phase == [
+        ({**common, "warmup_epochs": 1}, "schedule.lr_schedule.head"),
+        (common, "train.lr_schedule"),
+    ]
+    replaced = _per_phase(
+        two_phase_config, common, {"head": {"name": "step", "step_epochs": 3}, "fine_tune": None}
+    )
+    assert replaced == [
+        ({"name": "step", "step_epochs": 3}, "schedule.lr_schedule.head"),
+        ({"name": "constant"}, "schedule.lr_schedule.fine_tune"),
+    ]
+    assert _per_phase(two_phase_config) == [({"name": "constant"}, "train.lr_schedule")] * 2

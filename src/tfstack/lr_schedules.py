@@ -28,7 +28,6 @@ rule's state (best value, wait and cooldown counts) is kept in the checkpoint's 
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -37,8 +36,7 @@ import tensorflow as tf
 
 from tfstack.epoch_metrics import current_learning_rate
 from tfstack.errors import ScheduleError
-from tfstack.vocabulary import EARLY_STOPPING_MODES as MODES
-from tfstack.vocabulary import LR_SCHEDULE_OPTIONS, LR_SCHEDULES
+from tfstack.vocabulary import LR_SCHEDULE_OPTIONS, lr_schedule_problem
 
 # Where a checkpoint's record of the current phase keeps `PhasePlateau.state`.
 STATE_KEY = "lr_schedule_state"
@@ -110,43 +108,10 @@ class LrScheduleSpec:
     setting: str = "train.lr_schedule"
 
     def __post_init__(self) -> None:
-        where = self.setting
-        if self.name not in LR_SCHEDULES:
-            raise ScheduleError(
-                f"{where}.name={self.name!r} is not a schedule. Expected one of {LR_SCHEDULES}."
-            )
-        uses = LR_SCHEDULE_OPTIONS[self.name]
-        for key in self._options():
-            if getattr(self, key) is not None and key not in uses:
-                raise ScheduleError(
-                    f"{where}.{key} is not used by {where}.name={self.name}: remove it (it "
-                    f"is an option of {_users(key)})."
-                )
-        if self.warmup_epochs is not None and self.warmup_steps is not None:
-            raise ScheduleError(
-                f"{where}.warmup_epochs and {where}.warmup_steps are both set: set one of them."
-            )
-        for key in ("warmup_epochs", "warmup_steps", "patience", "cooldown"):
-            _check(where, key, self.value(key), 0, inclusive=True)
-        for key in ("decay_epochs", "step_epochs"):
-            _check(where, key, self.value(key), 1, inclusive=True)
-        _check(where, "decay_rate", self.value("decay_rate"), 0, inclusive=False)
-        _check(where, "min_delta", self.value("min_delta"), 0, inclusive=True)
-        _check(where, "min_lr", self.value("min_lr"), 0, inclusive=True)
-        fraction = self.value("final_fraction")
-        _check(where, "final_fraction", fraction, 0, inclusive=True)
-        if fraction > 1:
-            raise ScheduleError(f"{where}.final_fraction={fraction} must be at most 1.")
-        factor = self.value("factor")
-        _check(where, "factor", factor, 0, inclusive=False)
-        if self.name == "reduce_on_plateau" and factor >= 1:
-            raise ScheduleError(f"{where}.factor={factor} must be below 1 (it reduces the rate).")
-        if self.value("mode") not in MODES:
-            raise ScheduleError(f"{where}.mode={self.mode!r}: expected one of {MODES}.")
-
-    @classmethod
-    def _options(cls) -> list[str]:
-        return [f.name for f in fields(cls) if f.name not in ("name", "setting")]
+        values = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "setting"}
+        problem = lr_schedule_problem(values, self.setting)
+        if problem:
+            raise ScheduleError(problem)
 
     def value(self, key: str) -> Any:
         """The option's value, its default when unset."""
@@ -162,10 +127,8 @@ class LrScheduleSpec:
         return {"name": self.name, **options}
 
     def describe(self) -> str:
-        """One line, as the run's tag shows it: ``cosine(warmup_epochs=2, final_fraction=0.0)``."""
-        values = self.to_dict()
-        name = values.pop("name")
-        return f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
+        """One line, as the run's tag shows it (see `describe`)."""
+        return describe(self.to_dict())
 
     def build(self, lr: float, *, steps_per_epoch: int | None, epochs: int):
         """What the phase's optimizer takes as ``learning_rate``: ``lr``, or a Keras schedule.
@@ -222,18 +185,16 @@ class LrScheduleSpec:
         return schedules.PiecewiseConstantDecay(boundaries, values)
 
 
-def _users(key: str) -> str:
-    return " and ".join(name for name, uses in LR_SCHEDULE_OPTIONS.items() if key in uses)
+def describe(values: dict[str, Any] | None) -> str:
+    """`LrScheduleSpec.to_dict` in one line: ``cosine(warmup_epochs=2, final_fraction=0.0)``.
 
-
-def _check(where: str, key: str, value: Any, lowest: float, *, inclusive: bool) -> None:
-    if value is None:
-        return
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ScheduleError(f"{where}.{key}={value} must be a finite number.")
-    if value < lowest or (value == lowest and not inclusive):
-        least = f"at least {lowest:g}" if inclusive else f"above {lowest:g}"
-        raise ScheduleError(f"{where}.{key}={value} must be {least}.")
+    Example:
+        >>> describe({"name": "step", "step_epochs": 10, "factor": 0.1})
+        'step(step_epochs=10, factor=0.1)'
+    """
+    values = dict(values or {"name": "constant"})
+    name = values.pop("name")
+    return f"{name}({', '.join(f'{k}={v}' for k, v in values.items())})"
 
 
 def steps_per_epoch(data) -> int | None:

@@ -306,6 +306,10 @@ def run_schedule(
         raise ValueError("resume_from needs the checkpoint_dir it was read from")
     rules = _per_phase(early_stopping, EarlyStoppingSpec, phases, "early_stopping")
     rate_schedules = _per_phase(lr_schedule, LrScheduleSpec, phases, "lr_schedule")
+    steps = lr_schedules.steps_per_epoch(train_data)
+    for phase, spec in zip(phases, rate_schedules, strict=True):  # fail before any training
+        if spec is not None:
+            spec.build(phase.lr, steps_per_epoch=steps, epochs=phase.epochs)
     total = sum(p.epochs for p in phases)  # planned: phases that stop early end sooner
     state = resume_from
     if state is None:
