@@ -6,6 +6,7 @@ on the shared machine); one slow end-to-end test
 runs `tfstack run` with a cosine schedule and reads the MLflow run back.
 """
 
+import json
 import math
 from pathlib import Path
 
@@ -46,9 +47,10 @@ def test_cosine_decays_from_the_rate_to_its_final_fraction_over_the_phase():
 
 
 @pytest.mark.parametrize("warmup", [{"warmup_epochs": 1}, {"warmup_steps": 3}])
-def test_cosine_warms_up_linearly_from_0_then_decays_over_the_rest(warmup):
+def test_cosine_warms_up_linearly_to_the_rate_then_decays_over_the_rest(warmup):
     spec = LrScheduleSpec("cosine", **warmup)
-    assert [_rate(spec, s) for s in (0, 1, 2, 3)] == pytest.approx([0, LR / 3, 2 * LR / 3, LR])
+    warming = [LR / 4, 2 * LR / 4, 3 * LR / 4, LR]  # no step at 0
+    assert [_rate(spec, s) for s in (0, 1, 2, 3)] == pytest.approx(warming)
     decay = 4 * SPE - 3
     for step in (4, 8, 12):
         expected = LR * 0.5 * (1 + math.cos(math.pi * (step - 3) / decay))
@@ -371,3 +373,36 @@ def test_a_phase_overrides_the_common_schedule_replaces_it_with_a_name_or_turns_
         ({"name": "constant"}, "schedule.lr_schedule.fine_tune"),
     ]
     assert _per_phase(two_phase_config) == [({"name": "constant"}, "train.lr_schedule")] * 2
+
+
+@pytest.mark.slow
+def test_tfstack_run_with_cosine_logs_the_rates_the_schedule_and_its_tags(project):
+    from mlflow.tracking import MlflowClient
+    from project_copy import tfstack
+
+    result = tfstack(
+        project,
+        "run",
+        "schedule=two_phase",
+        "train.epochs=3",
+        "train.lr_schedule.name=cosine",
+        "+schedule.lr_schedule.fine_tune={warmup_epochs: 1}",
+        "tracking.log_model=false",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    head, fine_tune = json.loads((project / "outputs/train/phases.json").read_text())
+    assert head["lr_schedule"] == {"name": "cosine", "warmup_epochs": 0, "final_fraction": 0.0}
+    assert fine_tune["lr_schedule"]["warmup_epochs"] == 1
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
+    assert run.info.status == "FINISHED"
+    assert run.data.params["train.lr_schedule.name"] == "cosine"
+    assert run.data.tags["phase.0.lr_schedule"] == "cosine(warmup_epochs=0, final_fraction=0.0)"
+    assert run.data.tags["phase.1.lr_schedule"] == "cosine(warmup_epochs=1, final_fraction=0.0)"
+    lr = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "lr")}
+    assert sorted(lr) == list(range(6))
+    assert lr[0] == pytest.approx(head["lr"]) and lr[0] > lr[1] > lr[2] > 0  # decays
+    assert 0 < lr[3] < lr[4] and lr[4] == pytest.approx(fine_tune["lr"])  # warms up
+    assert lr[5] == pytest.approx(fine_tune["lr"] / 2)  # half-way down the cosine
+    history = json.loads((project / "outputs/train/history.json").read_text())
+    assert [row["lr"] for row in history] == pytest.approx([lr[step] for step in range(6)])

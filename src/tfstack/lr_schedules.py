@@ -6,8 +6,9 @@ the plain rate, or a `keras.optimizers.schedules.LearningRateSchedule` over the 
 
 - ``constant``: the phase's rate throughout (the default, as without a schedule).
 - ``cosine``: `keras.optimizers.schedules.CosineDecay` from the phase's rate to
-  ``rate * final_fraction`` over the phase's steps; with ``warmup_epochs`` or ``warmup_steps``,
-  first a linear rise from 0 (the first step's rate) to the phase's rate over that many steps.
+  ``rate * final_fraction`` over the phase's steps; with ``warmup_epochs`` or ``warmup_steps``
+  (W steps), first a linear rise, ``rate * (s + 1) / (W + 1)`` at step s, to the phase's rate at
+  step W, then the decay over the remaining steps.
 - ``exponential``: `keras.optimizers.schedules.ExponentialDecay`, ``rate * decay_rate ** (step
   / (decay_epochs * steps_per_epoch))``, per step, or per ``decay_epochs`` with ``staircase``.
 - ``step``: `keras.optimizers.schedules.PiecewiseConstantDecay`, the rate times ``factor``
@@ -164,8 +165,14 @@ class LrScheduleSpec:
             alpha = self.value("final_fraction")
             if not warmup:
                 return schedules.CosineDecay(lr, total, alpha=alpha)
+            # From lr / (warmup + 1), so that step s of the warmup has lr * (s + 1) / (warmup + 1)
+            # and no step is wasted at 0: a straight line to lr at step `warmup`.
             return schedules.CosineDecay(
-                0.0, total - warmup, alpha=alpha, warmup_target=lr, warmup_steps=warmup
+                lr / (warmup + 1),
+                total - warmup,
+                alpha=alpha,
+                warmup_target=lr,
+                warmup_steps=warmup,
             )
         if self.name == "exponential":
             return schedules.ExponentialDecay(
