@@ -83,8 +83,11 @@ def test_the_schema_fields_are_the_freeze_and_schedule_options():
     freeze_options = {k for keys in vocabulary.FREEZE_OPTIONS.values() for k in keys}
     assert freeze_options == set(schema.freeze) - {"policy"}
     schedule_options = {k for keys in vocabulary.SCHEDULE_OPTIONS.values() for k in keys}
-    # lr_multipliers and early_stopping (per phase) apply to every preset.
-    assert schedule_options == set(schema.schedule) - {"name", "lr_multipliers", "early_stopping"}
+    # lr_multipliers, early_stopping and lr_schedule (per phase) apply to every preset.
+    every = {"name", "lr_multipliers", "early_stopping", "lr_schedule"}
+    assert schedule_options == set(schema.schedule) - every
+    lr_schedule_options = {k for keys in vocabulary.LR_SCHEDULE_OPTIONS.values() for k in keys}
+    assert lr_schedule_options == set(schema.train.lr_schedule) - {"name"}
 
 
 def _leaves(node, prefix=""):

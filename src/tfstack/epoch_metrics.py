@@ -1,7 +1,8 @@
 """The per-epoch metrics row: what one Keras epoch records, built in one place.
 
 The row is the epoch's numeric Keras `logs` under Keras's names (`loss`, `val_loss`,
-`accuracy`, ...), the optimizer's current learning rate as `lr`, and the phase's position in the
+`accuracy`, ...), the learning rate as `lr` (the optimizer's at the epoch's end, or, with a
+learning-rate schedule, the rate of the epoch's first step), and the phase's position in the
 schedule as `phase_index`. The tracking callback logs it to the run; the checkpoint keeps it
 (`TrainingState.epoch_rows`) so a resumed run can log the epochs a killed process had not.
 """
@@ -54,7 +55,11 @@ def epoch_metrics_row(
         {'loss': 0.5, 'phase_index': 1.0}
     """
     row = numeric_logs(logs)
-    lr = current_learning_rate(optimizer)
+    # A non-constant schedule puts the rate of the epoch's first step in the logs as `lr`
+    # (tfstack.lr_schedules.EpochStartRate); otherwise the rate is the optimizer's now.
+    lr = row.pop("lr", None)
+    if lr is None:
+        lr = current_learning_rate(optimizer)
     if lr is not None:
         row["lr"] = lr
     row["phase_index"] = float(phase_index)

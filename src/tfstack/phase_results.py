@@ -45,6 +45,8 @@ class PhaseResult:
     stopped_epoch: int | None = None
     best_epoch: int | None = None
     restored_epoch: int | None = None
+    # The phase's learning-rate schedule (`tfstack.lr_schedules.LrScheduleSpec.to_dict`).
+    lr_schedule: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.planned_epochs is None:
@@ -70,6 +72,7 @@ class PhaseResult:
             "stopped_epoch": self.stopped_epoch,
             "best_epoch": self.best_epoch,
             "restored_epoch": self.restored_epoch,
+            "lr_schedule": self.lr_schedule,
         }
 
     @classmethod
@@ -95,6 +98,7 @@ class PhaseResult:
             stopped_epoch=record.get("stopped_epoch"),
             best_epoch=record.get("best_epoch"),
             restored_epoch=record.get("restored_epoch"),
+            lr_schedule=record.get("lr_schedule"),
         )
 
 

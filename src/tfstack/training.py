@@ -20,6 +20,8 @@ sequence across phases.
 - Early stopping per phase (``early_stopping``, see `tfstack.early_stopping`). A phase that
   stops early, by it or by any callback, hands over to the next phase at the next global epoch;
   its result has the epochs it ran (``epochs``) and those planned (``planned_epochs``).
+- Learning-rate schedules per phase (``lr_schedule``, see `tfstack.lr_schedules`): relative to
+  the phase (its optimizer's step count starts with it, and is restored on resume).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from typing import Any
 import keras
 import tensorflow as tf
 
-from tfstack import checkpoints, frozen_features
+from tfstack import checkpoints, frozen_features, lr_schedules
 from tfstack.checkpoints import TrainingState
 from tfstack.datasets import IndexedDataset
 from tfstack.early_stopping import (
@@ -46,6 +48,7 @@ from tfstack.early_stopping import (
 )
 from tfstack.epoch_callbacks import EpochCheckpoint, EpochOrder, StopOnNonFiniteLoss, batches_of
 from tfstack.freezing import FreezeReport, apply_freeze_policy
+from tfstack.lr_schedules import LrScheduleSpec
 from tfstack.phase_results import PhaseResult, epochs_in
 from tfstack.schedules import Phase, make_optimizer
 
@@ -59,6 +62,7 @@ def compile_phase(
     loss,
     metrics: Sequence,
     feature_extractors: list[str],
+    learning_rate=None,
 ) -> FreezeReport:
     """Apply a phase's freeze policy, then compile with a fresh optimizer.
 
@@ -68,13 +72,16 @@ def compile_phase(
         loss: a Keras loss (name or object).
         metrics: Keras metrics (names or objects).
         feature_extractors: names of the feature-extractor components.
+        learning_rate: the optimizer's ``learning_rate`` instead of ``phase.lr``: a Keras
+            schedule over the phase's steps (`tfstack.lr_schedules`).
 
     Returns:
         The freeze report with the checked parameter counts.
     """
     report = apply_freeze_policy(model, phase.freeze, feature_extractors=feature_extractors)
+    rate = phase.lr if learning_rate is None else learning_rate
     optimizer = make_optimizer(
-        phase.optimizer, phase.lr, model=model, lr_multipliers=phase.lr_multipliers
+        phase.optimizer, rate, model=model, lr_multipliers=phase.lr_multipliers
     )
     model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
     return report
@@ -94,6 +101,7 @@ def fit_phase(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
     cache_frozen: bool = False,
+    learning_rate=None,
 ) -> PhaseResult:
     """Freeze, recompile and fit one phase.
 
@@ -126,6 +134,7 @@ def fit_phase(
         callbacks: Keras callbacks for this phase.
         verbose: Keras ``fit`` verbosity.
         cache_frozen: train on cached outputs of the frozen part when the phase allows it.
+        learning_rate: what the optimizer gets instead of ``phase.lr`` (see `compile_phase`).
 
     Returns:
         The phase result, with Keras's history for the phase.
@@ -134,7 +143,12 @@ def fit_phase(
         TrainingError: the loss became non-finite.
     """
     report = compile_phase(
-        model, phase, loss=loss, metrics=metrics, feature_extractors=feature_extractors
+        model,
+        phase,
+        loss=loss,
+        metrics=metrics,
+        feature_extractors=feature_extractors,
+        learning_rate=learning_rate,
     )
     logger.info(
         "Phase %d %r: %d epochs from epoch %d, lr=%g, freeze=%s, trainable=%d",
@@ -226,6 +240,7 @@ def run_schedule(
     checkpoint_key: str = "",
     run_id: str | None = None,
     early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None = None,
+    lr_schedule: LrScheduleSpec | Sequence[LrScheduleSpec | None] | None = None,
 ) -> list[PhaseResult]:
     """Run every phase in order, continuing the global epoch count; checkpoint and resume.
 
@@ -258,6 +273,8 @@ def run_schedule(
         early_stopping: one rule for every phase, or one per phase (None: that phase runs all
             its epochs); see `tfstack.early_stopping`. Its state is part of every checkpoint, so
             a resumed phase stops (and restores its best weights) as the uninterrupted one.
+        lr_schedule: one learning-rate schedule for every phase, or one per phase (None:
+            constant); see `tfstack.lr_schedules`. A resumed phase continues its schedule.
 
     Returns:
         One PhaseResult per phase, including the phases and epochs a resumed run had done.
@@ -287,7 +304,12 @@ def run_schedule(
     """
     if resume_from is not None and checkpoint_dir is None:
         raise ValueError("resume_from needs the checkpoint_dir it was read from")
-    rules = _early_stopping_per_phase(early_stopping, phases)
+    rules = _per_phase(early_stopping, EarlyStoppingSpec, phases, "early_stopping")
+    rate_schedules = _per_phase(lr_schedule, LrScheduleSpec, phases, "lr_schedule")
+    steps = lr_schedules.steps_per_epoch(train_data)
+    for phase, spec in zip(phases, rate_schedules, strict=True):  # fail before any training
+        if spec is not None:
+            spec.build(phase.lr, steps_per_epoch=steps, epochs=phase.epochs)
     total = sum(p.epochs for p in phases)  # planned: phases that stop early end sooner
     state = resume_from
     if state is None:
@@ -330,6 +352,7 @@ def run_schedule(
                 record=record,
                 start=start,
                 stopper=stopper,
+                lr_schedule=rate_schedules[index],
                 checkpoint_dir=checkpoint_dir,
                 callbacks=list(callbacks)
                 + (callbacks_for_phase(phase, index) if callbacks_for_phase else []),
@@ -341,6 +364,7 @@ def run_schedule(
             )
         result.planned_epochs = phase.epochs
         result.early_stopping = None if rule is None else rule.to_dict()
+        result.lr_schedule = (rate_schedules[index] or LrScheduleSpec()).to_dict()
         if stopper is not None:
             for key, value in stopper.summary().items():
                 setattr(result, key, value)
@@ -367,6 +391,7 @@ def _fit_scheduled_phase(
     record: dict[str, Any],
     start: int,
     stopper: PhaseEarlyStopping | None,
+    lr_schedule: LrScheduleSpec | None,
     checkpoint_dir: Path | None,
     callbacks: list,
     **fit_options,
@@ -379,6 +404,17 @@ def _fit_scheduled_phase(
         phase_callbacks.append(
             checkpoints.RestoreOptimizer(model, state, checkpoint_dir, phase_index=index)
         )
+    # Over the whole phase (all its planned epochs), also when it resumes: the restored step
+    # count continues the schedule. Its callbacks run before the checkpoint's.
+    learning_rate, rate_callbacks = lr_schedules.for_phase(
+        lr_schedule,
+        phase.lr,
+        steps_per_epoch=lr_schedules.steps_per_epoch(train_data),
+        epochs=phase.epochs,
+        record=record if checkpoint_dir is not None else None,
+        resumed=done_here > 0,
+    )
+    phase_callbacks.extend(rate_callbacks)
     if stopper is not None:  # before the checkpoint, which records its decision
         phase_callbacks.append(stopper)
     if checkpoint_dir is not None:
@@ -400,6 +436,7 @@ def _fit_scheduled_phase(
         index=index,
         initial_epoch=state.epochs_done,
         callbacks=phase_callbacks + callbacks,
+        learning_rate=learning_rate,
         **fit_options,
     )
     if done_here > 0:  # the whole phase: the epochs before the checkpoint, then these
@@ -426,17 +463,13 @@ def _ended_before_the_checkpoint(
     return result
 
 
-def _early_stopping_per_phase(
-    early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None,
-    phases: Sequence[Phase],
-) -> list[EarlyStoppingSpec | None]:
-    if early_stopping is None or isinstance(early_stopping, EarlyStoppingSpec):
-        return [early_stopping] * len(phases)
-    rules = list(early_stopping)
+def _per_phase(setting, kind: type, phases: Sequence[Phase], what: str) -> list:
+    """One setting (of type ``kind``) for every phase, or the list of one per phase."""
+    if setting is None or isinstance(setting, kind):
+        return [setting] * len(phases)
+    rules = list(setting)
     if len(rules) != len(phases):
-        raise ValueError(
-            f"early_stopping has {len(rules)} entries for a schedule of {len(phases)} phases"
-        )
+        raise ValueError(f"{what} has {len(rules)} entries for a schedule of {len(phases)} phases")
     return rules
 
 

@@ -14,6 +14,7 @@ This module imports neither TensorFlow nor MLflow.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -292,3 +293,103 @@ def augment_layer_problem(layers: Any, *, key: str = "augment.layers") -> str | 
 
 
 _AUGMENT_EXAMPLE = "[{class_name: RandomFlip, config: {mode: horizontal}}]"
+
+# Learning-rate schedules within a phase (train.lr_schedule, tfstack.lr_schedules).
+LR_SCHEDULE_OPTIONS: Mapping[str, tuple[str, ...]] = {
+    "constant": (),
+    "cosine": ("warmup_epochs", "warmup_steps", "final_fraction"),
+    "exponential": ("decay_rate", "decay_epochs", "staircase"),
+    "step": ("step_epochs", "factor"),
+    "reduce_on_plateau": (
+        "monitor",
+        "mode",
+        "factor",
+        "patience",
+        "min_delta",
+        "cooldown",
+        "min_lr",
+    ),
+}
+"""The ``train.lr_schedule.*`` options each schedule uses besides ``name``."""
+
+LR_SCHEDULES = tuple(LR_SCHEDULE_OPTIONS)
+"""How the rate moves within a phase (``train.lr_schedule.name``)."""
+
+# Whole numbers of epochs or steps, and the least each may be; the other numbers' ranges.
+_LR_SCHEDULE_COUNTS = {
+    "warmup_epochs": 0,
+    "warmup_steps": 0,
+    "decay_epochs": 1,
+    "step_epochs": 1,
+    "patience": 0,
+    "cooldown": 0,
+}
+_LR_SCHEDULE_NUMBERS = {  # key -> (lowest, lowest allowed, highest or None)
+    "final_fraction": (0, True, 1),
+    "decay_rate": (0, False, None),
+    "factor": (0, False, None),
+    "min_delta": (0, True, None),
+    "min_lr": (0, True, None),
+}
+
+
+def lr_schedule_problem(values: Mapping[str, Any], where: str) -> str | None:
+    """The message for the first wrong entry of a learning-rate schedule setting, or None.
+
+    Pure Python, for the config's check before TensorFlow is imported and for
+    `tfstack.lr_schedules.LrScheduleSpec` alike; options set to None are unset.
+
+    Args:
+        values: ``name`` and the options that are set (others None or absent).
+        where: the config key of the setting, e.g. ``train.lr_schedule``.
+    """
+    name = values.get("name", "constant")
+    if name not in LR_SCHEDULE_OPTIONS:
+        return f"{where}.name={name!r} is not a schedule. Expected one of {list(LR_SCHEDULES)}."
+    known = {key for keys in LR_SCHEDULE_OPTIONS.values() for key in keys}
+    for key, value in values.items():
+        if key == "name" or value is None:
+            continue
+        if key not in known:
+            return f"{where}.{key} is not a config key. Valid keys here: {['name', *known]}."
+        if key not in LR_SCHEDULE_OPTIONS[name]:
+            users = " and ".join(n for n, keys in LR_SCHEDULE_OPTIONS.items() if key in keys)
+            return (
+                f"{where}.{key}={_shown(value)} applies only to {where}.name={users}, and the "
+                f"name is {name!r}, so it would be ignored. Remove it, or set the name."
+            )
+        problem = _lr_schedule_value_problem(key, value, f"{where}.{key}", name)
+        if problem:
+            return problem
+    if values.get("warmup_epochs") is not None and values.get("warmup_steps") is not None:
+        return f"{where}.warmup_epochs and {where}.warmup_steps are both set: set one of them."
+    return None
+
+
+def _lr_schedule_value_problem(key: str, value: Any, setting: str, name: str) -> str | None:
+    if key == "staircase":
+        return None if isinstance(value, bool) else f"{setting}={value!r} must be true or false."
+    if key == "mode":
+        ok = value in EARLY_STOPPING_MODES
+        return (
+            None
+            if ok
+            else f"{setting}={value!r} is not valid. Expected one of {list(EARLY_STOPPING_MODES)}."
+        )
+    if key == "monitor":
+        return None if isinstance(value, str) else f"{setting}={value!r} must be a metric name."
+    if key in _LR_SCHEDULE_COUNTS:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return f"{setting}={value!r} must be a whole number."
+        least = _LR_SCHEDULE_COUNTS[key]
+        return None if value >= least else f"{setting}={value} must be at least {least}."
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return f"{setting}={value!r} must be a finite number."
+    lowest, inclusive, highest = _LR_SCHEDULE_NUMBERS[key]
+    if value < lowest or (value == lowest and not inclusive):
+        return f"{setting}={value} must be {'at least' if inclusive else 'above'} {lowest}."
+    if highest is not None and value > highest:
+        return f"{setting}={value} must be at most {highest}."
+    if key == "factor" and name == "reduce_on_plateau" and value >= 1:
+        return f"{setting}={value} must be below 1 (it reduces the rate)."
+    return None

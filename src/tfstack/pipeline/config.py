@@ -49,6 +49,7 @@ from tfstack.vocabulary import (
     STRATEGY_OPTIONS,
     TASKS,
     augment_layer_problem,
+    lr_schedule_problem,
     phase_names,
     unused_across_groups,
     unused_option,
@@ -480,6 +481,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
         schedule.name, stages=schedule.stages, fine_tune_epochs=schedule.fine_tune_epochs
     )
     early_stopping_per_phase(config, phases)
+    lr_schedule_per_phase(config, phases)
     _check_keras_names(config.train)
     names = {f"components.{k}.name": getattr(config.components, k).name for k in ("base", "head")}
     for key, component in config.components.extra.items():
@@ -497,3 +499,59 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
 def to_dict(config: Config) -> dict:
     """The config as a plain dict (for params.yaml, MLflow params and run records)."""
     return OmegaConf.to_container(OmegaConf.structured(config), resolve=True)
+
+
+# Learning-rate schedules (tfstack.lr_schedules).
+def lr_schedule_per_phase(config: Config, phases: list[str]) -> list[tuple[dict[str, Any], str]]:
+    """Each phase's learning-rate schedule: its set values and the config key they come from.
+
+    ``train.lr_schedule``, with the phase's ``schedule.lr_schedule`` entry over it; an entry
+    that sets ``name`` starts from that schedule's defaults instead, and null is constant.
+
+    Args:
+        config: the config.
+        phases: the schedule's phase names, in order.
+
+    Raises:
+        ConfigError: an unknown phase or key, an option the schedule does not use, or a value
+            out of range, naming the key.
+    """
+    base = {k: v for k, v in vars(config.train.lr_schedule).items() if v is not None}
+    _check_lr_schedule(base, "train.lr_schedule", config.train)
+    overrides = config.schedule.lr_schedule
+    for name, override in overrides.items():
+        key = f"schedule.lr_schedule.{name}"
+        if name not in phases:
+            raise ConfigError(
+                f"{key}: schedule={config.schedule.name} has no phase {name!r}. Its phases: "
+                f"{phases}."
+            )
+        if override is not None and not isinstance(override, dict):
+            raise ConfigError(
+                f"{key}={override!r} is not valid. Use null (a constant rate in that phase) or "
+                f"a mapping of train.lr_schedule's keys, e.g. {key}={{name: cosine}}."
+            )
+    per_phase = []
+    for name in phases:
+        values, where = base, "train.lr_schedule"
+        if name in overrides:
+            override, where = (
+                overrides[name] or {"name": "constant"},
+                f"schedule.lr_schedule.{name}",
+            )
+            values = dict(override) if "name" in override else {**base, **override}
+            _check_lr_schedule(values, where, config.train)
+        per_phase.append((values, where))
+    return per_phase
+
+
+def _check_lr_schedule(values: dict[str, Any], where: str, train: TrainConfig) -> None:
+    problem = lr_schedule_problem(values, where)
+    if problem:
+        raise ConfigError(problem)
+    known = history_keys(train)
+    if values.get("name") == "reduce_on_plateau" and values.get("monitor", "val_loss") not in known:
+        raise ConfigError(
+            f"{where}.monitor={values['monitor']!r} is not in the training history. Expected one "
+            f"of {known}."
+        )

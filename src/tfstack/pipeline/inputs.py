@@ -405,6 +405,16 @@ def early_stopping_rules(config: Config, phases) -> list:
     return [None if rule is None else EarlyStoppingSpec(**rule) for rule in rules]
 
 
+# Learning-rate schedules (tfstack.lr_schedules).
+def lr_schedule_specs(config: Config, phases) -> list:
+    """Each phase's learning-rate schedule (`tfstack.lr_schedules.LrScheduleSpec`)."""
+    from tfstack.lr_schedules import LrScheduleSpec
+    from tfstack.pipeline.config import lr_schedule_per_phase
+
+    per_phase = lr_schedule_per_phase(config, [phase.name for phase in phases])
+    return [LrScheduleSpec(**values, setting=where) for values, where in per_phase]
+
+
 def feature_extractor_names(config: Config) -> list[str]:
     names = [config.components.base.name or "base"]
     names += [c.name or f"extra.{k}" for k, c in config.components.extra.items()]

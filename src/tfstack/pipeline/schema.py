@@ -142,6 +142,10 @@ class ScheduleConfig:
     # Phase name -> null (no early stopping in that phase) or keys of train.early_stopping that
     # the phase sets otherwise, e.g. {fine_tune: {patience: 5}}.
     early_stopping: dict[str, Any] = field(default_factory=dict)
+    # Learning-rate schedules: phase name -> null (constant in that phase) or keys of
+    # train.lr_schedule that the phase sets otherwise (a new name starts from that name's
+    # defaults), e.g. {fine_tune: {name: cosine, warmup_epochs: 2}}.
+    lr_schedule: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -158,6 +162,34 @@ class EarlyStoppingConfig:
     min_delta: float = 0.0
     restore_best_weights: bool = False
     start_from_epoch: int = 0
+
+
+# Learning-rate schedules (tfstack.lr_schedules).
+@dataclass
+class LrScheduleConfig:
+    """How the learning rate moves within each phase; options null are the schedule's default.
+
+    ``name`` is constant, cosine (``warmup_epochs`` or ``warmup_steps``, ``final_fraction``),
+    exponential (``decay_rate``, ``decay_epochs``, ``staircase``), step (``step_epochs``,
+    ``factor``) or reduce_on_plateau (``monitor``, ``mode``, ``factor``, ``patience``,
+    ``min_delta``, ``cooldown``, ``min_lr``); an option the name does not use is refused.
+    """
+
+    name: str = "constant"
+    warmup_epochs: int | None = None
+    warmup_steps: int | None = None
+    final_fraction: float | None = None
+    decay_rate: float | None = None
+    decay_epochs: int | None = None
+    staircase: bool | None = None
+    step_epochs: int | None = None
+    factor: float | None = None
+    monitor: str | None = None
+    mode: str | None = None
+    patience: int | None = None
+    min_delta: float | None = None
+    cooldown: int | None = None
+    min_lr: float | None = None
 
 
 @dataclass
@@ -178,6 +210,8 @@ class TrainConfig:
     resume: str = "auto"
     # null, or patience null: every phase runs all its epochs (schedule.early_stopping aside).
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
+    # Learning-rate schedules: how the rate moves within every phase (constant: it does not).
+    lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
 
 
 @dataclass

@@ -32,6 +32,7 @@ from tfstack.pipeline.inputs import (
     load_components,
     load_model,
     load_splits,
+    lr_schedule_specs,
     make_dataset,
     make_front,
     make_phases,
@@ -327,6 +328,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             checkpoint_key=resume.checkpoint_key(config, paths),
             run_id=run.run_id,
             early_stopping=early_stopping_rules(config, phases),
+            lr_schedule=lr_schedule_specs(config, phases),
         )
     if run.run_id:
         log_phases(run, results, model)
@@ -366,7 +368,8 @@ def log_phases(run: RunLog, results, model) -> None:
     """Tag each phase: cached or not, its epochs (``first-last``, or ``none``) and, with early
     stopping, its ``stopped_epoch`` and ``best_epoch`` (also metrics), and the epoch whose
     weights the trained model holds (``weights_from_epoch``); and the frozen components whose
-    random layers ran in inference mode (``phase.<i>.inference_mode``)."""
+    random layers ran in inference mode (``phase.<i>.inference_mode``); and each phase's
+    learning-rate schedule (``phase.<i>.lr_schedule``)."""
     from tfstack.tracking import log_tags
 
     tags = {}
@@ -390,6 +393,10 @@ def log_phases(run: RunLog, results, model) -> None:
         tags["weights_from_epoch"] = str(weights_from)
         stopping["weights_from_epoch"] = weights_from
     tags.update(_inference_mode_tags(model, results))
+    # Learning-rate schedules: each phase's, e.g. cosine(warmup_epochs=2, final_fraction=0.0).
+    from tfstack.lr_schedules import describe
+
+    tags.update({f"phase.{r.index}.lr_schedule": describe(r.lr_schedule) for r in results})
     log_tags(run.run_id, tags)
     if stopping:
         run.metrics(stopping)
