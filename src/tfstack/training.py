@@ -94,6 +94,7 @@ def fit_phase(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
     cache_frozen: bool = False,
+    class_weight: dict[int, float] | None = None,
 ) -> PhaseResult:
     """Freeze, recompile and fit one phase.
 
@@ -126,6 +127,8 @@ def fit_phase(
         callbacks: Keras callbacks for this phase.
         verbose: Keras ``fit`` verbosity.
         cache_frozen: train on cached outputs of the frozen part when the phase allows it.
+        class_weight: ``{class index: weight}`` for Keras ``fit`` (`tfstack.class_weights`);
+            Keras weighs each sample by its label, cached phases included.
 
     Returns:
         The phase result, with Keras's history for the phase.
@@ -195,6 +198,7 @@ def fit_phase(
         verbose=verbose,
         # A tf.data pipeline shuffles itself (seeded); Keras's own shuffle applies to arrays only.
         shuffle=not isinstance(fit_train, tf.data.Dataset),
+        class_weight=class_weight,
     )
     seconds = time.perf_counter() - start
     return PhaseResult(
@@ -226,6 +230,7 @@ def run_schedule(
     checkpoint_key: str = "",
     run_id: str | None = None,
     early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None = None,
+    class_weight: dict[int, float] | None = None,
 ) -> list[PhaseResult]:
     """Run every phase in order, continuing the global epoch count; checkpoint and resume.
 
@@ -258,6 +263,7 @@ def run_schedule(
         early_stopping: one rule for every phase, or one per phase (None: that phase runs all
             its epochs); see `tfstack.early_stopping`. Its state is part of every checkpoint, so
             a resumed phase stops (and restores its best weights) as the uninterrupted one.
+        class_weight: ``{class index: weight}`` for every phase's ``fit`` (see `fit_phase`).
 
     Returns:
         One PhaseResult per phase, including the phases and epochs a resumed run had done.
@@ -338,6 +344,7 @@ def run_schedule(
                 feature_extractors=feature_extractors,
                 verbose=verbose,
                 cache_frozen=cache_frozen,
+                class_weight=class_weight,
             )
         result.planned_epochs = phase.epochs
         result.early_stopping = None if rule is None else rule.to_dict()

@@ -178,6 +178,10 @@ class TrainConfig:
     resume: str = "auto"
     # null, or patience null: every phase runs all its epochs (schedule.early_stopping aside).
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
+    # Class weights and mixed precision (issue 14). class_weight: null, balanced (from the
+    # training split) or {class name or index: weight}; precision: vocabulary.PRECISIONS.
+    class_weight: Any = None
+    precision: str = "float32"
 
 
 @dataclass
