@@ -23,6 +23,9 @@ NAMES = ["cat", "dog", "eel"]
 def test_balanced_is_sklearns_definition_on_a_known_label_vector():
     y = np.array([0, 0, 0, 1, 2, 2])  # 6 samples, 3 classes: 6 / (3 * count)
     assert balanced_class_weights(y, 3) == pytest.approx({0: 2 / 3, 1: 2.0, 2: 1.0}, abs=1e-12)
+    sklearn = pytest.importorskip("sklearn.utils.class_weight")
+    expected = sklearn.compute_class_weight("balanced", classes=np.arange(3), y=y)
+    assert list(balanced_class_weights(y, 3).values()) == pytest.approx(expected, abs=1e-12)
     # (n, 1) labels, as binary data often has, count the same.
     binary = np.array([[0.0], [1.0], [1.0], [1.0]])  # 4 / (2 * count)
     assert resolve_class_weight("balanced", binary, ["no", "yes"], task="binary") == (
@@ -122,3 +125,19 @@ def test_balanced_changes_the_loss_exactly_as_keras_class_weight(freeze, cache_f
     assert result.cached is cache_frozen  # the cached head phase is weighted the same
     assert result.history["loss"] == pytest.approx(plain, abs=1e-6)
     assert abs(result.history["loss"][0] - unweighted[0]) > 1e-3  # the weights did something
+
+
+@pytest.mark.slow
+def test_tfstack_run_with_an_unknown_class_name_fails_in_one_line(project):
+    from mlflow.tracking import MlflowClient
+    from project_copy import tfstack
+
+    result = tfstack(project, "run", "train.class_weight={cow: 2.0}", "tracking.log_model=false")
+    assert result.returncode == 2, result.stderr[-3000:]
+    (line,) = [line for line in result.stderr.splitlines() if line.startswith("tfstack: error:")]
+    assert "train.class_weight.cow is not a class of the data." in line
+    assert "Traceback" not in result.stderr
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("tfstack").experiment_id])
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert not (project / "outputs/train/model.keras").exists()

@@ -46,12 +46,11 @@ def log_class_weights(run: RunLog, weights: dict[int, float] | None, names: list
     # Tags, not params: params are write-once, and the flattened config already logs the
     # user's own train.class_weight.<key> params, possibly under the class index.
     log_tags(run.run_id, {f"class_weight.{name}": f"{w:.6g}" for name, w in by_name.items()})
-    run.json(
-        {"setting": config_setting(run.config), "weights": by_name}, "training/class_weight.json"
-    )
+    run.json({"setting": _setting(run.config), "weights": by_name}, "training/class_weight.json")
 
 
-def config_setting(config: Config):
+def _setting(config: Config):
+    """``train.class_weight`` as given (a plain dict or string), for the artifact."""
     setting = config.train.class_weight
     return dict(setting) if isinstance(setting, dict) else setting
 
