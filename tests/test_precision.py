@@ -111,7 +111,7 @@ def test_an_unknown_precision_is_one_line_naming_the_key():
 @pytest.mark.slow  # two phases of fitting
 @pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
 def test_a_cached_head_phase_and_a_discriminative_fine_tune_give_finite_losses(
-    component_files, policy
+    component_files, policy, tmp_path
 ):
     model, _ = _stacked_from_files(component_files, policy)
     x, y = make_data(48)
@@ -148,6 +148,12 @@ def test_a_cached_head_phase_and_a_discriminative_fine_tune_give_finite_losses(
     )
     if policy == "mixed_float16":
         assert type(model.optimizer.inner_optimizer).__name__ == "DiscriminativeAdam"
+    # As the evaluate stage reloads the trained model: with its (wrapped) optimizer.
+    model.save(tmp_path / "model.keras")
+    with precision_scope(policy):
+        reloaded = keras.saving.load_model(tmp_path / "model.keras", compile=True)
+    assert type(reloaded.optimizer).__name__ == optimizer
+    np.testing.assert_array_equal(reloaded(x[:4]), model(x[:4]))
 
 
 # ---------------------------------------------------------------------------------------------
