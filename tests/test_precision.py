@@ -50,6 +50,12 @@ def _stacked_from_files(component_files, policy):
     return model, kept
 
 
+@pytest.fixture(scope="module")
+def bfloat16_stacked(component_files):
+    """The components loaded and stacked under mixed_bfloat16 once, for the tests that read it."""
+    return _stacked_from_files(component_files, "mixed_bfloat16")
+
+
 def test_the_scope_restores_the_previous_policy_also_on_an_error():
     with pytest.raises(RuntimeError), precision_scope("mixed_bfloat16"):
         assert keras.config.dtype_policy().name == "mixed_bfloat16"
@@ -59,10 +65,10 @@ def test_the_scope_restores_the_previous_policy_also_on_an_error():
 
 
 def test_loaded_components_compute_in_bfloat16_with_float32_variables_and_output(
-    component_files,
+    component_files, bfloat16_stacked
 ):
     policy = "mixed_bfloat16"
-    model, kept = _stacked_from_files(component_files, policy)
+    model, kept = bfloat16_stacked
     base = model.get_layer("base")
     conv = base.get_layer("conv1")
     assert (conv.compute_dtype, conv.variable_dtype) == ("bfloat16", "float32")
@@ -77,8 +83,8 @@ def test_loaded_components_compute_in_bfloat16_with_float32_variables_and_output
     assert policy_counts(model) == {policy: 8, "float32": 1}
 
 
-def test_a_saved_stacked_model_reloads_with_its_dtypes(component_files, tmp_path):
-    model, _ = _stacked_from_files(component_files, "mixed_bfloat16")
+def test_a_saved_stacked_model_reloads_with_its_dtypes(bfloat16_stacked, tmp_path):
+    model, _ = bfloat16_stacked
     model.save(tmp_path / "stacked.keras")
     with precision_scope("mixed_bfloat16"):
         reloaded = keras.saving.load_model(tmp_path / "stacked.keras")
