@@ -102,6 +102,7 @@ def fit_phase(
     verbose: int | str = "auto",
     cache_frozen: bool = False,
     learning_rate=None,
+    class_weight: dict[int, float] | None = None,
 ) -> PhaseResult:
     """Freeze, recompile and fit one phase.
 
@@ -135,6 +136,8 @@ def fit_phase(
         verbose: Keras ``fit`` verbosity.
         cache_frozen: train on cached outputs of the frozen part when the phase allows it.
         learning_rate: what the optimizer gets instead of ``phase.lr`` (see `compile_phase`).
+        class_weight: ``{class index: weight}`` for Keras ``fit`` (`tfstack.class_weights`);
+            Keras weighs each sample by its label, cached phases included.
 
     Returns:
         The phase result, with Keras's history for the phase.
@@ -209,6 +212,7 @@ def fit_phase(
         verbose=verbose,
         # A tf.data pipeline shuffles itself (seeded); Keras's own shuffle applies to arrays only.
         shuffle=not isinstance(fit_train, tf.data.Dataset),
+        class_weight=class_weight,
     )
     seconds = time.perf_counter() - start
     return PhaseResult(
@@ -241,6 +245,7 @@ def run_schedule(
     run_id: str | None = None,
     early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None = None,
     lr_schedule: LrScheduleSpec | Sequence[LrScheduleSpec | None] | None = None,
+    class_weight: dict[int, float] | None = None,
 ) -> list[PhaseResult]:
     """Run every phase in order, continuing the global epoch count; checkpoint and resume.
 
@@ -275,6 +280,7 @@ def run_schedule(
             a resumed phase stops (and restores its best weights) as the uninterrupted one.
         lr_schedule: one learning-rate schedule for every phase, or one per phase (None:
             constant); see `tfstack.lr_schedules`. A resumed phase continues its schedule.
+        class_weight: ``{class index: weight}`` for every phase's ``fit`` (see `fit_phase`).
 
     Returns:
         One PhaseResult per phase, including the phases and epochs a resumed run had done.
@@ -361,6 +367,7 @@ def run_schedule(
                 feature_extractors=feature_extractors,
                 verbose=verbose,
                 cache_frozen=cache_frozen,
+                class_weight=class_weight,
             )
         result.planned_epochs = phase.epochs
         result.early_stopping = None if rule is None else rule.to_dict()

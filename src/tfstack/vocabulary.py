@@ -123,6 +123,10 @@ INTERPOLATIONS = (
 EARLY_STOPPING_MODES = ("auto", "min", "max")
 """How early stopping reads its monitored value (``train.early_stopping.mode``), as Keras's."""
 
+# Mixed precision (issue 14).
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+"""Keras dtype policies of the stacked model (``train.precision``)."""
+
 STRATEGY_OPTIONS: Mapping[str, tuple[str, ...]] = {
     "sequential": (),
     "adapter": ("adapter",),

@@ -19,6 +19,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 
 from tfstack import keras_names
+from tfstack.class_weights import check_setting as check_class_weight
 from tfstack.errors import ConfigError
 from tfstack.pipeline.schema import (
     Config,
@@ -40,6 +41,7 @@ from tfstack.vocabulary import (
     FREEZE_POLICIES,
     INTERPOLATIONS,
     MERGES,
+    PRECISIONS,
     PREPROCESS_KINDS,
     PREPROCESS_OPTIONS,
     RESUME_MODES,
@@ -493,6 +495,9 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
                 f"{key}={name!r} is not a valid component name: it names files and MLflow "
                 "artifacts, so use letters, digits, '_', '.' and '-' only (no '/', no leading '.')."
             )
+    # Class weights and mixed precision (issue 14); class names are checked with the data.
+    check_class_weight(config.train.class_weight, task=config.train.task, key="train.class_weight")
+    _check_choice(config.train.precision, PRECISIONS, "train.precision")
     return config
 
 

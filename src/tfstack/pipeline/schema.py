@@ -212,6 +212,10 @@ class TrainConfig:
     early_stopping: EarlyStoppingConfig | None = field(default_factory=EarlyStoppingConfig)
     # Learning-rate schedules: how the rate moves within every phase (constant: it does not).
     lr_schedule: LrScheduleConfig = field(default_factory=LrScheduleConfig)
+    # Class weights and mixed precision (issue 14). class_weight: null, balanced (from the
+    # training split) or {class name or index: weight}; precision: vocabulary.PRECISIONS.
+    class_weight: Any = None
+    precision: str = "float32"
 
 
 @dataclass

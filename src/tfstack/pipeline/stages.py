@@ -42,6 +42,14 @@ from tfstack.pipeline.inputs import (
 from tfstack.pipeline.paths import Paths
 from tfstack.pipeline.run_log import RunLog
 from tfstack.pipeline.schema import Config
+from tfstack.pipeline.train_options import (
+    apply_precision,
+    class_weights,
+    log_class_weights,
+    log_precision,
+    precision,
+    stacked_under_precision,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +120,7 @@ def build(config: Config, paths: Paths, run: RunLog):
     # Seeded here too: adapters and intermediate layers get their initial weights at build time.
     seed_everything(config.seed, config.train.deterministic)
     bases, head = load_components(config, paths)
+    apply_precision(config, bases, head)  # the files keep float32 policies (train.precision)
     front = make_front(config, paths, bases[0])
     result = build_stacked(
         config.stacking.strategy,
@@ -251,7 +260,8 @@ def train_worker(config: Config, paths: Paths) -> None:
     """
     run = RunLog(config, paths)
     run.enabled = False
-    train(config, paths, run, chief=False)
+    with precision(config):
+        train(config, paths, run, chief=False)
 
 
 def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint: bool, chief: bool):
@@ -276,7 +286,10 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         model = load_model(paths.stage("build") / "stacked.keras", config, stage="build")
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
-    class_names(config, paths, splits, model)  # bad names fail now, not after training
+    names = class_names(config, paths, splits, model)  # bad names fail now, not after training
+    weights = class_weights(config, splits, names)
+    stacked_under_precision(config, model)
+    log_precision(run, config, model, chief=chief)  # before training: it may warn
     # IndexedDatasets, not bare tf.data pipelines: a cached frozen phase replays their order.
     train_ds = make_dataset(config, model, splits, "train", shuffle=True)
     val_ds = make_dataset(config, model, splits, "val", shuffle=False)
@@ -329,9 +342,11 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             run_id=run.run_id,
             early_stopping=early_stopping_rules(config, phases),
             lr_schedule=lr_schedule_specs(config, phases),
+            class_weight=weights,
         )
     if run.run_id:
         log_phases(run, results, model)
+    log_class_weights(run, weights, names)
     counted = resume.logged_steps(run, "params_trainable") if state and run.run_id else set()
     for result in results:
         # A phase that ran no epoch has no step of its own (the next phase starts there).
@@ -531,7 +546,7 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
         # A killed execution of this config resumes into its own run (train.resume=auto).
         run.run_id = resume.run_to_resume(config, paths, run)
         resume.end_orphaned_run(run, keep=run.run_id)
-        with run.stage("run", continue_run=False), determinism_errors():
+        with run.stage("run", continue_run=False), determinism_errors(), precision(config):
             result = build(config, paths, run)  # its report logs stage_seconds_build
             start = time.perf_counter()
             model, _ = train(config, paths, run, model=result.model, keep_checkpoint=True)
@@ -569,7 +584,7 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
 def _run_stage(name: str, config: Config, paths: Paths, run: RunLog):
     from tfstack.guards import determinism_errors
 
-    with run.stage(name, continue_run=name != "build"), determinism_errors():
+    with run.stage(name, continue_run=name != "build"), determinism_errors(), precision(config):
         if name == "build":
             result = build(config, paths, run)
         elif name == "train":
