@@ -86,3 +86,12 @@ def test_dvc_exp_run_tracks_a_head_file_and_notices_it_replaced_in_place(templat
     _head_with_other_weights(head, head)  # the same path, new bytes
     status = sh(project, "dvc", "status", "build").stdout
     assert "modified:" in status and "models/head.keras" in status, status
+
+
+def test_every_config_group_the_build_bakes_into_stacked_keras_is_a_build_param():
+    # `dvc exp run -S preprocess=rescale` changes params.yaml only: a group missing here would
+    # leave a stale stacked.keras that DVC calls up to date.
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    params = set(stages["build"]["params"])
+    for group in ["components", "stacking", "preprocess", "augment", "data", "train.precision"]:
+        assert group in params, group
