@@ -119,7 +119,7 @@ def assert_complete_run(client, run, *, epochs: int, freeze: str):
     ]:
         assert expected in artifacts, f"{expected} missing from {sorted(artifacts)}"
     # What the (first) phase trains, drawn: tests/test_diagrams.py checks the pictures.
-    assert any(a.startswith("shapes/phase_0_") and a.endswith(".png") for a in artifacts)
+    assert any(a.startswith("shapes/phase_0_") and a.endswith(".svg") for a in artifacts)
     for name in ["test_accuracy", "test_loss", "params_trainable", "params_non_trainable"]:
         assert name in metrics
     for name in ["loss", "val_loss", "accuracy", "val_accuracy", "lr", "phase_index"]:
