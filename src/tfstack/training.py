@@ -48,6 +48,7 @@ from tfstack.epoch_callbacks import EpochCheckpoint, EpochOrder, StopOnNonFinite
 from tfstack.freezing import FreezeReport, apply_freeze_policy
 from tfstack.phase_results import PhaseResult, epochs_in
 from tfstack.schedules import Phase, make_optimizer
+from tfstack.user_callbacks import FullModelCallbacks
 
 logger = logging.getLogger(__name__)
 
@@ -243,7 +244,9 @@ def run_schedule(
         loss: a Keras loss.
         metrics: Keras metrics.
         feature_extractors: names of the feature-extractor components.
-        callbacks: callbacks used in every phase.
+        callbacks: callbacks used in every phase; their ``self.model`` is ``model`` even in a
+            cached or inference-mode phase (`tfstack.user_callbacks.FullModelCallbacks`), and
+            one that sets ``stop_training`` ends the phase.
         callbacks_for_phase: called with ``(phase, index)``; returns extra callbacks for that
             phase (e.g. a tracking hook that records the phase name). They run after the
             checkpoint's, so an epoch they log is already checkpointed.
@@ -288,6 +291,8 @@ def run_schedule(
     if resume_from is not None and checkpoint_dir is None:
         raise ValueError("resume_from needs the checkpoint_dir it was read from")
     rules = _early_stopping_per_phase(early_stopping, phases)
+    # User callbacks: in every phase, the stacked model as self.model (also in cached phases).
+    callbacks = [FullModelCallbacks(callbacks, model)] if callbacks else []
     total = sum(p.epochs for p in phases)  # planned: phases that stop early end sooner
     state = resume_from
     if state is None:
