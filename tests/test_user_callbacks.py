@@ -1,4 +1,4 @@
-"""train.callbacks (issue 14, point 6): the user's Keras callbacks in every phase, on the full model.
+"""train.callbacks (issue 14, point 6): the user's Keras callbacks, every phase, the full model.
 
 Unit tests use tiny models built here; the end-to-end test runs `tfstack run` in a copy of the
 shrunk demo project.
@@ -7,7 +7,6 @@ shrunk demo project.
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import keras
@@ -20,7 +19,6 @@ from stop_callbacks import StopAt
 
 from tfstack import ArrayDataset, FreezePolicy, build_stacked, run_schedule
 from tfstack.errors import ConfigError
-from tfstack.pipeline.compose import compose
 from tfstack.pipeline.config import validate
 from tfstack.schedules import Phase
 from tfstack.user_callbacks import builtin_callback
@@ -47,13 +45,17 @@ def _data():
     )
 
 
-def _config(*overrides: str):
-    return validate(compose(list(overrides), config_dir=str(CONF)))
+def _config(callbacks: list, **top):
+    """The committed params.yaml with these train.callbacks (no Hydra compose: fast)."""
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["train"]["callbacks"] = callbacks
+    params.update(top)
+    return validate(params, source="params.yaml")
 
 
-def _refusal(*overrides: str) -> str:
+def _refusal(callbacks: list, **top) -> str:
     with pytest.raises(ConfigError) as caught:
-        _config(*overrides)
+        _config(callbacks, **top)
     message = str(caught.value)
     assert "\n" not in message
     return message
@@ -69,6 +71,7 @@ def test_the_callback_names_are_those_of_the_installed_keras():
     assert set(REFUSED_CALLBACKS) <= public
 
 
+@pytest.mark.slow  # two tiny fits, with caching: seconds
 def test_a_cached_phase_runs_the_callbacks_on_the_full_stacked_model(tmp_path):
     """A ModelCheckpoint from config saves the stacked model, and a _target_-style callback
     sees it, while the phase fits the head alone on cached features."""
@@ -101,6 +104,7 @@ def test_a_cached_phase_runs_the_callbacks_on_the_full_stacked_model(tmp_path):
     )
 
 
+@pytest.mark.slow  # two tiny fits, with caching: seconds
 def test_stop_training_from_a_callback_ends_a_cached_phase():
     stack = _stacked()
     train, val = _data()
@@ -146,7 +150,7 @@ def test_a_relative_file_goes_under_the_outputs_and_csvlogger_appends(tmp_path):
 
 
 def test_an_unknown_name_suggests_the_close_ones():
-    message = _refusal("train.callbacks=[{class_name: EarlyStoping}]")
+    message = _refusal([{"class_name": "EarlyStoping"}])
     assert message.startswith("train.callbacks[0]: 'EarlyStoping' is not a Keras callback.")
     assert "Did you mean EarlyStopping?" in message
 
@@ -160,19 +164,20 @@ def test_an_unknown_name_suggests_the_close_ones():
     ],
 )
 def test_callbacks_that_break_tfstack_are_refused_with_the_reason(name, reason):
-    message = _refusal(f"train.callbacks=[{{class_name: TerminateOnNaN}}, {{class_name: {name}}}]")
+    message = _refusal([{"class_name": "TerminateOnNaN"}, {"class_name": name}])
     assert message.startswith(f"train.callbacks[1]: tfstack does not run {name}: ")
     assert reason in message
 
 
 def test_a_target_entry_needs_the_top_level_trust_code():
-    entry = "train.callbacks=[{_target_: recording_callbacks.RecordModel}]"
+    entry = [{"_target_": "recording_callbacks.RecordModel"}]
     message = _refusal(entry)
     assert message.startswith("train.callbacks[0] (_target_: recording_callbacks.RecordModel)")
     assert "trust_code=true" in message
-    assert _config(entry, "trust_code=true").train.callbacks[0]["_target_"]
+    assert _config(entry, trust_code=True).train.callbacks == entry
 
 
+@pytest.mark.slow  # a Hydra compose: about a second
 def test_dvc_exp_run_set_param_expresses_a_list(tmp_path):
     """`dvc exp run -S` composes params.yaml with DVC's compose_and_dump: the list survives."""
     from dvc.utils.hydra import compose_and_dump
@@ -214,4 +219,3 @@ def test_tfstack_run_with_callbacks_in_every_phase(template, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["callbacks"] == "TerminateOnNaN, recording_callbacks.RecordModel"
     assert "TerminateOnNaN" in run.data.params["train.callbacks"]
-    assert sys.executable  # the subprocess used the venv's tfstack (project_copy.env)
