@@ -192,7 +192,8 @@ def test_dvc_exp_run_set_param_expresses_a_list(tmp_path):
 @pytest.mark.slow
 def test_tfstack_run_with_callbacks_in_every_phase(template, tmp_path):
     """`tfstack run` with a built-in and the user's own callback (trusted) in a two-phase
-    schedule whose head phase is cached: both run, the user's sees the full model; logged."""
+    schedule whose head phase is cached: both run, the user's sees the full model; logged.
+    With tracking.tensorboard=true too: the logs of both phases are in the run's artifacts."""
     from project_copy import clone
 
     project = clone(template, tmp_path / "project")
@@ -205,6 +206,7 @@ def test_tfstack_run_with_callbacks_in_every_phase(template, tmp_path):
         "run",
         "schedule=two_phase",
         "trust_code=true",
+        "tracking.tensorboard=true",
         "train.callbacks=[{class_name: TerminateOnNaN}, "
         f"{{_target_: recording_callbacks.RecordModel, path: '{seen}'}}]",
     )
@@ -219,3 +221,14 @@ def test_tfstack_run_with_callbacks_in_every_phase(template, tmp_path):
     assert run.info.status == "FINISHED"
     assert run.data.tags["callbacks"] == "TerminateOnNaN, recording_callbacks.RecordModel"
     assert "TerminateOnNaN" in run.data.params["train.callbacks"]
+    assert run.data.params["tracking.tensorboard"] == "True"
+    logs = project / "outputs" / "train" / "tensorboard"
+    assert list((logs / "train").glob("events.out.tfevents.*"))
+    logged = {a.path for a in client.list_artifacts(run.info.run_id, "tensorboard")}
+    assert logged == {"tensorboard/train", "tensorboard/validation"}
+    events = client.list_artifacts(run.info.run_id, "tensorboard/train")
+    # One event file per phase (each fit opens its writers); TensorBoard reads them as one run.
+    assert sorted(Path(a.path).name for a in events) == sorted(
+        p.name for p in (logs / "train").iterdir()
+    )
+    assert len(events) == 2

@@ -35,9 +35,7 @@ class FullModelCallbacks(keras.callbacks.Callback):
     def __init__(self, callbacks: Sequence[keras.callbacks.Callback], model: keras.Model):
         super().__init__()
         self.callbacks = list(callbacks)
-        self.full_model = model
-        for callback in self.callbacks:
-            callback.set_model(model)
+        self.full_model = model  # given to the callbacks by each fit's set_model
 
     def set_params(self, params):
         super().set_params(params)
