@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,8 @@ def training_callbacks(config: Config, paths: Paths, *, fresh: bool, chief: bool
         paths: the project's paths.
         fresh: training starts from its first epoch (not resumed): a CSVLogger's file and the
             TensorBoard logs of an earlier run are removed, so they hold this run only.
-        chief: False on the other workers of ``distribute=multi_worker``: no TensorBoard logs.
+        chief: False on the other workers of ``distribute=multi_worker``: no TensorBoard logs,
+            and the relative files of ModelCheckpoint and CSVLogger go to a scratch directory.
 
     Raises:
         ConfigError: a callback cannot be made (naming ``train.callbacks[i]``).
@@ -52,7 +54,8 @@ def training_callbacks(config: Config, paths: Paths, *, fresh: bool, chief: bool
     from tfstack.user_callbacks import builtin_callback
 
     made = []
-    out = paths.stage("train")
+    # The other workers write nothing of the run: their relative files go to a scratch directory.
+    out = paths.stage("train") if chief else Path(tempfile.mkdtemp(prefix="tfstack-worker-"))
     for index, entry in enumerate(config.train.callbacks):
         if "_target_" in entry:
             made.append(_user_callback(dict(entry), index))
