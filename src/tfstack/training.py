@@ -51,6 +51,7 @@ from tfstack.freezing import FreezeReport, apply_freeze_policy
 from tfstack.lr_schedules import LrScheduleSpec
 from tfstack.phase_results import PhaseResult, epochs_in
 from tfstack.schedules import Phase, make_optimizer
+from tfstack.user_callbacks import FullModelCallbacks
 
 logger = logging.getLogger(__name__)
 
@@ -263,7 +264,9 @@ def run_schedule(
         loss: a Keras loss.
         metrics: Keras metrics.
         feature_extractors: names of the feature-extractor components.
-        callbacks: callbacks used in every phase.
+        callbacks: callbacks used in every phase; their ``self.model`` is ``model`` even in a
+            cached or inference-mode phase (`tfstack.user_callbacks.FullModelCallbacks`), and
+            one that sets ``stop_training`` ends the phase.
         callbacks_for_phase: called with ``(phase, index)``; returns extra callbacks for that
             phase (e.g. a tracking hook that records the phase name). They run after the
             checkpoint's, so an epoch they log is already checkpointed.
@@ -316,6 +319,8 @@ def run_schedule(
     for phase, spec in zip(phases, rate_schedules, strict=True):  # fail before any training
         if spec is not None:
             spec.build(phase.lr, steps_per_epoch=steps, epochs=phase.epochs)
+    # User callbacks: in every phase, the stacked model as self.model (also in cached phases).
+    callbacks = [FullModelCallbacks(callbacks, model)] if callbacks else []
     total = sum(p.epochs for p in phases)  # planned: phases that stop early end sooner
     state = resume_from
     if state is None:

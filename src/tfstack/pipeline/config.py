@@ -11,6 +11,7 @@ nor MLflow.
 from __future__ import annotations
 
 import difflib
+import importlib.util
 import math
 import re
 from typing import Any, NamedTuple
@@ -51,6 +52,7 @@ from tfstack.vocabulary import (
     STRATEGY_OPTIONS,
     TASKS,
     augment_layer_problem,
+    callback_entry_problem,
     lr_schedule_problem,
     phase_names,
     unused_across_groups,
@@ -498,7 +500,29 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     # Class weights and mixed precision (issue 14); class names are checked with the data.
     check_class_weight(config.train.class_weight, task=config.train.task, key="train.class_weight")
     _check_choice(config.train.precision, PRECISIONS, "train.precision")
+    _check_callbacks_and_tensorboard(config)
     return config
+
+
+def _check_callbacks_and_tensorboard(config: Config) -> None:
+    """train.callbacks entries (issue 14) and, with tracking.tensorboard, its package."""
+    problem = callback_entry_problem(list(config.train.callbacks), trust_code=config.trust_code)
+    if problem:
+        raise ConfigError(problem)
+    if config.tracking.tensorboard and not _installed("tensorboard"):
+        raise ConfigError(
+            "tracking.tensorboard=true needs the tensorboard package, which is not installed. "
+            "Install tfstack's extra (pip install 'tfstack[tensorboard]'), or set "
+            "tracking.tensorboard=false."
+        )
+
+
+def _installed(package: str) -> bool:
+    """Whether ``package`` can be imported (found, not imported: no TensorFlow here)."""
+    try:
+        return importlib.util.find_spec(package) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 def to_dict(config: Config) -> dict:

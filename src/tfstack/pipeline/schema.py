@@ -216,6 +216,9 @@ class TrainConfig:
     # training split) or {class name or index: weight}; precision: vocabulary.PRECISIONS.
     class_weight: Any = None
     precision: str = "float32"
+    # User callbacks (issue 14): {class_name: EarlyStopping, config: {...}} entries naming
+    # keras.callbacks classes, or {_target_: my.module.Class, ...} (needs trust_code=true).
+    callbacks: list[Any] = field(default_factory=list)
 
 
 @dataclass
@@ -227,6 +230,8 @@ class TrackingConfig:
     experiment: str = "tfstack"
     run_name: str | None = None
     log_model: bool = MISSING
+    # TensorBoard (issue 14): Keras TensorBoard logs under outputs/train/tensorboard/.
+    tensorboard: bool = False
 
 
 @dataclass
@@ -284,6 +289,8 @@ class Config:
     output_dir: str = "outputs"
     dvc_deps: DvcDepsConfig = field(default_factory=DvcDepsConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
+    # User code (issue 14): importing a train.callbacks _target_ class needs trust_code=true.
+    trust_code: bool = False
 
 
 def known_keys(full_key: str) -> list[str]:

@@ -279,6 +279,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     from tfstack.input_range import check_input_range
     from tfstack.phase_results import history_rows
     from tfstack.pipeline import resume
+    from tfstack.pipeline.callbacks import log_callbacks, training_callbacks
     from tfstack.training import run_schedule
 
     seed_everything(config.seed, config.train.deterministic)
@@ -333,6 +334,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             loss=config.train.loss,
             metrics=list(config.train.metrics),
             feature_extractors=feature_extractor_names(config),
+            callbacks=training_callbacks(config, paths, fresh=state is None, chief=chief),
             callbacks_for_phase=per_phase,
             verbose=config.train.verbose,
             cache_frozen=config.train.cache_frozen == "auto",
@@ -346,6 +348,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
         )
     if run.run_id:
         log_phases(run, results, model)
+        log_callbacks(run, config, paths)
     log_class_weights(run, weights, names)
     counted = resume.logged_steps(run, "params_trainable") if state and run.run_id else set()
     for result in results:
