@@ -21,7 +21,7 @@ from tfstack.datasets import ArrayDataset
 from tfstack.errors import ConfigError, ShapeError
 from tfstack.freezing import FreezePolicy
 from tfstack.pipeline.compose import compose
-from tfstack.pipeline.stages import _inference_mode_tags
+from tfstack.pipeline.records import _inference_mode_tags
 from tfstack.preprocessing import build_preprocessing
 from tfstack.schedules import Phase
 from tfstack.shapes import TensorSpec, output_specs

@@ -28,7 +28,7 @@ from project_copy import leftovers, tfstack
 from tfstack.components import component_file, load_component
 from tfstack.errors import ComponentError, ConfigError
 from tfstack.file_hashes import sha256_of
-from tfstack.pipeline import stages
+from tfstack.pipeline import records
 from tfstack.pipeline.compose import compose
 from tfstack.pipeline.schema import ComponentConfig
 
@@ -96,7 +96,7 @@ def test_imagenet_weights_load_from_the_keras_cache(keras_home, offline):
     weights = keras_home / "models" / MOBILENET_FILE
     assert component_file(model) == str(weights)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert stages.component_files({"base": model}) == {
+    assert records.component_files({"base": model}) == {
         "base": {"path": str(weights), "sha256": digest}
     }
 

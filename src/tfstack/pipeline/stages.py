@@ -40,6 +40,7 @@ from tfstack.pipeline.inputs import (
     seed_everything,
 )
 from tfstack.pipeline.paths import Paths
+from tfstack.pipeline.records import component_files, log_build_report, log_phases, shape_report
 from tfstack.pipeline.run_log import RunLog
 from tfstack.pipeline.schema import Config
 from tfstack.pipeline.train_options import (
@@ -97,20 +98,6 @@ def pretrain(config: Config, paths: Paths) -> dict:
     return result
 
 
-def shape_report(models: dict) -> dict:
-    """Specs and per-layer tables of several models, JSON-ready."""
-    from tfstack.shapes import input_specs, layer_table, output_specs
-
-    return {
-        name: {
-            "inputs": [s.to_dict() for s in input_specs(model)],
-            "outputs": [s.to_dict() for s in output_specs(model)],
-            "layers": layer_table(model),
-        }
-        for name, model in models.items()
-    }
-
-
 def build(config: Config, paths: Paths, run: RunLog):
     """Load the components, stack them by strategy and write the untrained model and report."""
     from tfstack.shapes import summary_text
@@ -157,55 +144,6 @@ def build(config: Config, paths: Paths, run: RunLog):
             tmp.write_text(text, encoding="utf-8")
     log_build_report(run, out)
     return result
-
-
-def component_files(models: dict) -> dict:
-    """Each component's file (or weights file) and its sha256, by component name.
-
-    Components without one (a Keras application with random weights) are left out.
-    """
-    from tfstack.components import component_file
-    from tfstack.file_hashes import sha256_of
-
-    files = {name: component_file(model) for name, model in models.items()}
-    return {name: {"path": path, "sha256": sha256_of(path)} for name, path in files.items() if path}
-
-
-def log_build_report(run: RunLog, build_dir: Path) -> None:
-    """Record the build's shape report and summaries in the run (from the build's files)."""
-    report = json.loads((build_dir / "shapes.json").read_text(encoding="utf-8"))
-    run.json(report["stacked"]["layers"], "shapes/stacked_layers.json")
-    for name, component in report["components"].items():
-        run.json(component["layers"], f"shapes/{name}_layers.json")
-    run.json(report, "shapes/report.json")
-    if "seconds" in report:
-        # When DVC cached the build, this run did not time it; the report did.
-        run.metrics({"stage_seconds_build": report["seconds"]})
-    for summary in sorted(build_dir.glob("summary_*.txt")):
-        run.text(summary.read_text(encoding="utf-8"), f"shapes/{summary.name}")
-    run.files(
-        [p for p in (build_dir / "stacked.png", build_dir / "stacked.svg") if p.exists()], "shapes"
-    )
-    if not run.run_id:
-        return
-    from tfstack import tracking
-
-    tags = {}
-    for name, file in report.get("component_files", {}).items():
-        # Which bytes this run loaded: a file replaced in place gets another digest.
-        tags[f"component.{name}.sha256"] = file["sha256"]
-        tags[f"component.{name}.file"] = file["path"]
-    if tags:
-        tracking.log_tags(run.run_id, tags)
-    if report.get("adapters"):
-        described = "; ".join(
-            f"{a['upstream']}->{a['downstream']}: "
-            + ", ".join(layer["class_name"] for layer in a["layers"])
-            for a in report["adapters"]
-            if a["layers"]
-        )
-        if described:
-            tracking.log_tags(run.run_id, {"adapter": described})
 
 
 def train(
@@ -380,59 +318,6 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     if resumable and not keep_checkpoint:
         checkpoints.remove(directory)
     return model, results
-
-
-def log_phases(run: RunLog, results, model) -> None:
-    """Tag each phase: cached or not, its epochs (``first-last``, or ``none``) and, with early
-    stopping, its ``stopped_epoch`` and ``best_epoch`` (also metrics), and the epoch whose
-    weights the trained model holds (``weights_from_epoch``); and the frozen components whose
-    random layers ran in inference mode (``phase.<i>.inference_mode``); and each phase's
-    learning-rate schedule (``phase.<i>.lr_schedule``)."""
-    from tfstack.tracking import log_tags
-
-    tags = {}
-    stopping = {}
-    for r in results:
-        tags[f"phase.{r.index}.cached"] = str(r.cached).lower()
-        # The whole phase, also when this process ran only its last epochs.
-        last = r.initial_epoch + r.epochs - 1
-        tags[f"phase.{r.index}.epochs"] = f"{r.initial_epoch}-{last}" if r.epochs else "none"
-        if r.early_stopping is not None:
-            for key in ("stopped_epoch", "best_epoch"):
-                value = getattr(r, key)
-                tags[f"phase.{r.index}.{key}"] = "none" if value is None else str(value)
-                if value is not None:
-                    stopping[f"phase.{r.index}.{key}"] = value
-    ran = [r for r in results if r.epochs]
-    if ran and any(r.early_stopping is not None for r in results):
-        last = ran[-1]
-        restored = last.restored_epoch
-        weights_from = restored if restored is not None else last.initial_epoch + last.epochs - 1
-        tags["weights_from_epoch"] = str(weights_from)
-        stopping["weights_from_epoch"] = weights_from
-    tags.update(_inference_mode_tags(model, results))
-    # Learning-rate schedules: each phase's, e.g. cosine(warmup_epochs=2, final_fraction=0.0).
-    from tfstack.lr_schedules import describe
-
-    tags.update({f"phase.{r.index}.lr_schedule": describe(r.lr_schedule) for r in results})
-    log_tags(run.run_id, tags)
-    if stopping:
-        run.metrics(stopping)
-
-
-def _inference_mode_tags(model, results) -> dict:
-    """``phase.<i>.inference_mode``: per phase, the frozen components whose random or
-    training-mode layers were switched off, and those layers (``base: dropout (Dropout)``)."""
-    from tfstack.frozen_features import training_mode_layers
-
-    return {
-        f"phase.{r.index}.inference_mode": "; ".join(
-            f"{name}: {', '.join(training_mode_layers(model.get_layer(name)))}"
-            for name in r.inference_mode
-        )
-        for r in results
-        if r.inference_mode
-    }
 
 
 def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
