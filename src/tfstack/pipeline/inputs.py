@@ -74,6 +74,35 @@ def load_components(config: Config, paths: Paths):
     return bases, head
 
 
+def check_pretrained_weights(config: Config, paths: Paths) -> None:
+    """Refuse ImageNet weights that cannot be had, before any run starts and before the demo.
+
+    Each ``keras_applications:NAME`` component with ``weights: imagenet`` is checked as
+    `load_components` would load it (`tfstack.components.check_pretrained_weights`: the
+    builder runs and stops at its weights request). It imports TensorFlow, so it runs only when
+    such a component is configured.
+
+    Raises:
+        ComponentError: A weights file is neither in the Keras cache nor downloadable.
+    """
+    from tfstack.pipeline.preflight import components
+
+    named = {
+        key: component
+        for key, component in components(config).items()
+        if component.path.startswith(APPLICATIONS_PREFIX) and component.weights == NAMED_WEIGHTS
+    }
+    if not named:
+        return
+    from tfstack.components import check_pretrained_weights as check
+
+    for key, component in named.items():
+        kwargs = _component_kwargs(component, paths)
+        for unused in ("cut_at", "trust_code", "modules"):
+            kwargs.pop(unused)
+        check(component.path, key=key, **kwargs)
+
+
 def make_front(config: Config, paths: Paths, base) -> list:
     """The ``preprocess`` and ``augment`` blocks for `tfstack.stacking.build_stacked`'s front.
 
