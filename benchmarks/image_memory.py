@@ -12,7 +12,12 @@ that its peak RSS (``VmHWM``) is its own:
   ``cache_frozen=True``, which runs the frozen base once over the files and trains the head on
   the cached features (N x feature_dim floats, the only part that grows with the data);
 - plain Keras: ``keras.utils.image_dataset_from_directory`` and ``fit`` of the same model with
-  ``base.trainable = False``, for the same epochs and batch size.
+  ``base.trainable = False``, for the same epochs and batch size;
+- ``tfstack run`` (the whole pipeline, as a user runs it: ``data=images``, the same components
+  as ``.keras`` files, ``preprocess=rescale``, an sqlite MLflow store): its peak RSS (the
+  child's ``ru_maxrss``, from ``os.wait4``) and the images/s of its phase (``phases.json``),
+  so that anything the pipeline adds around the library (file hashes, range checks,
+  evaluation, tracking) would show if it grew with the data.
 
 The components are a small conv base (3 conv layers, global pooling to 64 features) and a
 dense head, with a Rescaling(1/255) in front: the question is the input pipeline's memory, so
@@ -44,7 +49,7 @@ IMAGE_SIZE = (32, 32)
 CLASSES = ["apple", "bear", "car", "dog", "egg"]
 FEATURES = 64
 FACTORS = (1, 4, 16)
-WAYS = ("tfstack", "keras")
+WAYS = ("tfstack", "keras")  # in a worker process of this script; "tfstack run" is the CLI
 RUN_TIMEOUT_S = 900
 
 # ---------------------------------------------------------------------------------------------
@@ -207,6 +212,9 @@ def run_keras(folder: Path, epochs: int, batch_size: int) -> dict:
 
 def worker(way: str, folder: Path, epochs: int, batch_size: int) -> None:
     """Run one way in this process and print its measurements as one JSON line."""
+    if way == "components":
+        save_components(folder)
+        return
     run = run_tfstack if way == "tfstack" else run_keras
     row = run(folder, epochs, batch_size)
     row["peak_kb"] = _status_kb("VmHWM")
@@ -228,6 +236,70 @@ def measure(way: str, folder: Path, epochs: int, batch_size: int) -> dict:
     return row
 
 
+def save_components(project: Path) -> None:
+    """``base.keras`` and ``head.keras`` of `components` in ``project`` (the CLI loads files)."""
+    _, base, head = components()
+    base.save(project / "base.keras")
+    head.save(project / "head.keras")
+
+
+def make_project(where: Path) -> Path:
+    """A folder with the project's conf/ and the two components, for ``tfstack run``."""
+    import shutil
+
+    project = where / "project"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", project / "conf")
+    command = [sys.executable, __file__, "--worker", "components", "--folder", str(project)]
+    subprocess.run(command, check=True, timeout=RUN_TIMEOUT_S)
+    return project
+
+
+def measure_cli(project: Path, folder: Path, epochs: int, batch_size: int) -> dict:
+    """``tfstack run`` on the folder in ``project``: the child's peak RSS and its phase's speed."""
+    out = project / f"outputs-{folder.name}"
+    overrides = [
+        "data=images",
+        f"data.path={folder}",
+        f"components.base.path={project / 'base.keras'}",
+        f"components.head.path={project / 'head.keras'}",
+        "preprocess=rescale",
+        "freeze=frozen",
+        "schedule=single",
+        f"train.epochs={epochs}",
+        f"train.batch_size={batch_size}",
+        "train.verbose=0",
+        f"output_dir={out}",
+        f"tracking.uri=sqlite:///{project / 'mlflow.db'}",
+        "tracking.log_model=false",  # the model's size does not depend on the data's
+    ]
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
+    env["TFSTACK_TRACKING_URI"] = ""
+    started = time.perf_counter()
+    with open(project / f"run-{folder.name}.log", "w") as log:
+        child = subprocess.Popen(
+            [str(Path(sys.executable).parent / "tfstack"), "run", *overrides],
+            cwd=project,
+            env={**env, "DVC_NO_ANALYTICS": "1"},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        _, status, usage = os.wait4(child.pid, 0)
+        child.returncode = os.waitstatus_to_exitcode(status)
+    if child.returncode != 0:
+        text = (project / f"run-{folder.name}.log").read_text()
+        raise RuntimeError(f"tfstack run on {folder} failed ({child.returncode}):\n{text[-3000:]}")
+    (phase,) = json.loads((out / "train" / "phases.json").read_text())
+    n = sum(1 for _ in (folder / "train").rglob("*.png"))
+    return {
+        "n": n,
+        "seconds": phase["seconds"],
+        "cached": phase["cached"],
+        "peak_kb": usage.ru_maxrss,  # kB on Linux
+        "images_per_s": n * epochs / phase["seconds"],
+        "process_seconds": time.perf_counter() - started,
+    }
+
+
 # ---------------------------------------------------------------------------------------------
 # Report
 # ---------------------------------------------------------------------------------------------
@@ -245,36 +317,45 @@ def report(results: dict) -> str:
         f"{m['load_average_1min_at_start']:.2f}",
         f"frozen phase, {results['epochs']} epochs, batch {results['batch_size']}, "
         f"{IMAGE_SIZE[0]}x{IMAGE_SIZE[1]} RGB PNGs in {len(CLASSES)} classes; each run in a fresh "
-        "process; RSS in MB (peak = VmHWM; growth = peak - RSS just before the data is read)",
+        "process. RSS in MB: peak = the process's peak RSS; growth = peak - RSS just before the "
+        "data is read",
         "",
-        f"{'':>4} {'images':>7} {'decoded':>8} {'features':>8} | "
-        f"{'tfstack peak':>12} {'growth':>7} {'img/s':>7} | "
-        f"{'keras peak':>10} {'growth':>7} {'img/s':>7} | {'peak':>5} {'speed':>6}",
+        f"{'':>4} {'images':>6} {'decoded':>7} {'features':>8} | {'tfstack library':^20} | "
+        f"{'plain Keras':^20} | {'tfstack run':^12} | {'library/Keras':^13}",
+        f"{'':>4} {'':>6} {'MB':>7} {'MB':>8} | {'peak':>6} {'growth':>6} {'img/s':>6} | "
+        f"{'peak':>6} {'growth':>6} {'img/s':>6} | {'peak':>5} {'img/s':>6} | "
+        f"{'peak':>5} {'img/s':>7}",
     ]
     for size, row in results["sizes"].items():
-        t, k = row["tfstack"], row["keras"]
+        t, k, c = row["tfstack"], row["keras"], row["tfstack run"]
         lines.append(
-            f"{size:>4} {row['n']:>7} {row['decoded_mb']:>8.1f} {row['features_mb']:>8.1f} | "
-            f"{_mb(t['peak_kb']):>12.0f} {_mb(t['peak_kb'] - t['before_data_kb']):>7.0f} "
-            f"{t['images_per_s']:>7.0f} | "
-            f"{_mb(k['peak_kb']):>10.0f} {_mb(k['peak_kb'] - k['before_data_kb']):>7.0f} "
-            f"{k['images_per_s']:>7.0f} | "
-            f"{t['peak_kb'] / k['peak_kb']:>5.2f} {t['images_per_s'] / k['images_per_s']:>5.2f}x"
+            f"{size:>4} {row['n']:>6} {row['decoded_mb']:>7.1f} {row['features_mb']:>8.1f} | "
+            f"{_mb(t['peak_kb']):>6.0f} {_mb(t['peak_kb'] - t['before_data_kb']):>6.0f} "
+            f"{t['images_per_s']:>6.0f} | "
+            f"{_mb(k['peak_kb']):>6.0f} {_mb(k['peak_kb'] - k['before_data_kb']):>6.0f} "
+            f"{k['images_per_s']:>6.0f} | "
+            f"{_mb(c['peak_kb']):>5.0f} {c['images_per_s']:>6.0f} | "
+            f"{t['peak_kb'] / k['peak_kb']:>5.2f} {t['images_per_s'] / k['images_per_s']:>6.2f}x"
         )
     rows = list(results["sizes"].values())  # smallest first
     first, last = rows[0], rows[-1]
-    for way in WAYS:
+    lines.append("")
+    lines.append(
+        f"from {first['n']} to {last['n']} images the decoded images grow by "
+        f"{last['decoded_mb'] - first['decoded_mb']:.0f} MB and the cached features by "
+        f"{last['features_mb'] - first['features_mb']:.1f} MB; the peak RSS grows by:"
+    )
+    for way in (*WAYS, "tfstack run"):
         grew = _mb(last[way]["peak_kb"] - first[way]["peak_kb"])
         lines.append(
-            f"{way}: peak RSS {_mb(first[way]['peak_kb']):.0f} -> {_mb(last[way]['peak_kb']):.0f} "
-            f"MB from {first['n']} to {last['n']} images ({grew:+.0f} MB; the decoded images "
-            f"grew by {last['decoded_mb'] - first['decoded_mb']:.0f} MB, the cached features by "
-            f"{last['features_mb'] - first['features_mb']:.1f} MB)"
+            f"  {way:<12} {_mb(first[way]['peak_kb']):5.0f} -> {_mb(last[way]['peak_kb']):5.0f} "
+            f"MB ({grew:+.0f} MB, {1024 * grew / (last['n'] - first['n']):.2f} kB per image)"
         )
-    cached = {row["tfstack"]["cached"] for row in results["sizes"].values()}
+    cached = {row[way]["cached"] for row in rows for way in ("tfstack", "tfstack run")}
     lines.append(
-        "decoded = N x 32 x 32 x 3 float32; features = N x 64 float32 (the tfstack cache); "
-        "peak = tfstack / keras; speed = tfstack images/s / keras images/s"
+        "decoded = N x 32 x 32 x 3 float32 (what holding the images would take); features = "
+        "N x 64 float32 (the tfstack cache); img/s = training images x epochs / seconds of the "
+        "phase (run_schedule, fit, or the run's phases.json)"
         + ("" if cached == {True} else "   WARNING: a tfstack phase was not cached")
     )
     return "\n".join(lines)
@@ -284,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5x fewer images and 1 epoch")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--worker", choices=WAYS, help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=[*WAYS, "components"], help=argparse.SUPPRESS)
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
@@ -310,6 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         largest = max(FACTORS)
         print(f"writing {largest * per_class * len(CLASSES)} PNGs ...", flush=True)
         write_images(tmp / "written", largest * per_class)
+        project = make_project(tmp)
         for factor in FACTORS:
             folder = tmp / f"{factor}x"
             link_subset(tmp / "written", folder, factor * per_class)
@@ -322,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
             for way in WAYS:
                 print(f"{factor}x ({n} images): {way} ...", flush=True)
                 row[way] = measure(way, folder, epochs, args.batch_size)
+            print(f"{factor}x ({n} images): tfstack run ...", flush=True)
+            row["tfstack run"] = measure_cli(project, folder, epochs, args.batch_size)
             results["sizes"][f"{factor}x"] = row
     results["bench_seconds"] = time.perf_counter() - started
     print()
