@@ -448,9 +448,16 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
     is kept); otherwise the class ids ``"0"`` .. ``"K-1"``. They label the confusion matrix and
     the served classifier's columns (`tfstack.tracking.classifier`).
 
+    Args:
+        config: The validated config.
+        paths: The project's paths.
+        splits: The data as `load_splits` gives it (its ``class_names``), or None to load it.
+        model: The stacked model, whose head says how many classes there are.
+
     Raises:
         DataError: The names do not fit the head (one per class), repeat, are empty, or one is
-            ``label`` (the served model's column of predicted names).
+            ``label`` (the served model's column of predicted names); or (loading the data) a
+            ``.npz``'s ``class_names`` is not a 1-D array of strings.
     """
     from tfstack.tracking.classifier import LABEL_COLUMN
 
@@ -459,12 +466,15 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
     outputs = int(model.outputs[0].shape[-1] or 1)
     classes = 2 if config.train.task == "binary" else outputs
     where = f"data.path={config.data.path}"
-    names = getattr(splits, "class_names", None)
-    if names is None:
-        names = _npz_class_names(paths.resolve(config.data.path), where)
-        where += " class_names"
+    if splits is None:
+        splits = load_splits(config, paths)  # the loader reads and checks a .npz's names
+    names = splits.class_names
     if names is None:
         return [str(i) for i in range(classes)]
+    from tfstack.data import Splits
+
+    if isinstance(splits, Splits):  # an .npz's own class_names array, not folder names
+        where += " class_names"
     names = [str(name) for name in names]
     if len(names) != classes:
         raise DataError(
@@ -485,29 +495,3 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
             "predicted names). Rename that class."
         )
     return names
-
-
-def _npz_class_names(path: Path, where: str) -> list[str] | None:
-    """The optional ``class_names`` array of a dataset ``.npz`` (strings, one per class)."""
-    import zipfile
-
-    import numpy as np
-
-    if path.suffix != ".npz" or not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as loaded:
-            if "class_names" not in loaded.files:
-                return None
-            names = loaded["class_names"]
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"{where}: class_names cannot be read ({err}). Store them as an array of strings: "
-            "np.savez(..., class_names=np.array(['cat', 'dog']))."
-        ) from err
-    if names.ndim != 1 or names.dtype.kind not in "US":
-        raise DataError(
-            f"{where}: class_names must be a 1-D array of strings; received dtype {names.dtype} "
-            f"and shape {names.shape}. Store np.array(['cat', 'dog', ...]), one per class."
-        )
-    return [str(name) for name in names.astype(str)]
