@@ -1,6 +1,6 @@
 """Peak memory and images/s of a frozen phase on an image folder at 1x, 4x and 16x its size.
 
-    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~10 min)
+    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~6-13 min)
     .venv/bin/python benchmarks/image_memory.py --quick    # 250, 1000, 4000 images, 1 epoch
 
 It writes 32x32 RGB PNGs in 5 class folders (``train/<class>/``, in a temporary folder) and, for
@@ -250,7 +250,7 @@ def make_project(where: Path) -> Path:
     project = where / "project"
     shutil.copytree(Path(__file__).resolve().parents[1] / "conf", project / "conf")
     command = [sys.executable, __file__, "--worker", "components", "--folder", str(project)]
-    subprocess.run(command, check=True, timeout=RUN_TIMEOUT_S)
+    subprocess.run(command, check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
     return project
 
 
