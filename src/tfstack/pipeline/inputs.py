@@ -109,29 +109,45 @@ def make_front(config: Config, paths: Paths, base) -> list:
     ``preprocess=normalize`` adapts on the training split, read here batch by batch.
     """
     from tfstack.augmentation import build_augmentation
+    from tfstack.images import naming_unreadable_files
     from tfstack.preprocessing import build_preprocessing
     from tfstack.shapes import input_specs, output_specs
 
     p = config.preprocess
-    train_inputs = None
+    train_inputs, train_data = None, None
     if p.kind == "normalize":
-        import tensorflow as tf
-
-        x_train = load_splits(config, paths).x_train
-        train_inputs = tf.data.Dataset.from_tensor_slices(x_train).batch(config.train.batch_size)
-    preprocess = build_preprocessing(
-        p.kind,
-        base,
-        scale=p.scale,
-        offset=p.offset,
-        family=application_family(config) if p.kind == "applications" else None,
-        resize=p.resize,
-        force=p.force,
-        train_inputs=train_inputs,
-    )
+        train_inputs, train_data = _normalize_inputs(config, paths, base)
+    with naming_unreadable_files(train_data):  # a damaged image found while adapting
+        preprocess = build_preprocessing(
+            p.kind,
+            base,
+            scale=p.scale,
+            offset=p.offset,
+            family=application_family(config) if p.kind == "applications" else None,
+            resize=p.resize,
+            force=p.force,
+            train_inputs=train_inputs,
+        )
     spec = (output_specs if preprocess is not None else input_specs)(preprocess or base)[0]
     augment = build_augmentation(list(config.augment.layers), spec, seed=config.seed)
     return [block for block in (preprocess, augment) if block is not None]
+
+
+def _normalize_inputs(config: Config, paths: Paths, base):
+    """The training inputs ``preprocess=normalize`` adapts on, in batches; and their dataset.
+
+    Arrays are sliced into batches; image files are decoded batch by batch in tf.data, at the
+    size `make_dataset` gives them (``data.image_size``, else the base's input size), so they
+    are never all in memory (an `.npz` is in memory already).
+    """
+    splits = load_splits(config, paths)
+    if _is_files(splits):
+        images = make_dataset(config, base, splits, "train", shuffle=False)
+        return images.input_batches(), images
+    import tensorflow as tf
+
+    inputs = tf.data.Dataset.from_tensor_slices(splits.x_train).batch(config.train.batch_size)
+    return inputs, None
 
 
 def application_family(config: Config) -> str:
