@@ -26,7 +26,9 @@ run the whole benchmark in minutes (a MobileNetV2 would add the same fixed weigh
 and multiply the plain side's time by its forward pass each epoch).
 
 Printed per size: peak RSS, RSS growth from just before the data is read to the peak, images/s
-(training images x epochs / seconds of ``run_schedule`` or ``fit``), and the ratios; beside
+(training images x epochs / seconds of listing the files and training: ``find_image_folder`` +
+``run_schedule``, ``image_dataset_from_directory`` + ``fit``; for ``tfstack run``, of its
+phase), and the ratios; beside
 them the size of the cached features and of the decoded images as float32 (what a loader
 holding them would need). Nothing here asserts; it prints what it measured.
 """
@@ -354,9 +356,10 @@ def report(results: dict) -> str:
     cached = {row[way]["cached"] for row in rows for way in ("tfstack", "tfstack run")}
     lines.append(
         "decoded = N x 32 x 32 x 3 float32 (what holding the images would take); features = "
-        "N x 64 float32 (the tfstack cache); img/s = training images x epochs / seconds of the "
-        "phase (run_schedule, fit, or the run's phases.json)"
-        + ("" if cached == {True} else "   WARNING: a tfstack phase was not cached")
+        "N x 64 float32 (the tfstack cache); img/s = training images x epochs / seconds of "
+        "listing the files and training (library: find_image_folder + run_schedule; Keras: "
+        "image_dataset_from_directory + fit) or of the run's phase (phases.json, listing not "
+        "included)" + ("" if cached == {True} else "   WARNING: a tfstack phase was not cached")
     )
     return "\n".join(lines)
 
