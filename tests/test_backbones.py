@@ -25,10 +25,10 @@ from conftest import make_base, make_head
 from mlflow.tracking import MlflowClient
 from project_copy import leftovers, tfstack
 
-from tfstack.components import component_file, load_component
+from tfstack.components import check_pretrained_weights, component_file, load_component
 from tfstack.errors import ComponentError, ConfigError
 from tfstack.file_hashes import sha256_of
-from tfstack.pipeline import records
+from tfstack.pipeline import Paths, records, stages
 from tfstack.pipeline.compose import compose
 from tfstack.pipeline.schema import ComponentConfig
 
@@ -124,6 +124,67 @@ def test_missing_weights_offline_fail_in_seconds_naming_file_and_folder(keras_ho
     assert f"put it in {folder}" in message and "\n" not in message
     assert seconds < 5, seconds
     assert list(folder.iterdir()) == []  # nothing half-downloaded
+
+
+@pytest.mark.slow  # builds a real Application
+def test_the_check_finds_a_cached_file_without_loading_it(keras_home, offline):
+    # An empty file under Keras's name: loading it would fail, so finding it proves the check
+    # stopped at the request. MobileNetV2 passes no hash, so Keras would take it as it is.
+    cached = keras_home / "models" / MOBILENET_FILE
+    cached.touch()
+    found = check_pretrained_weights(
+        "keras_applications:MobileNetV2",
+        key="components.base",
+        weights="imagenet",
+        builder_kwargs={"alpha": 0.35},
+        **MOBILENET,
+    )
+    assert found == str(cached)
+    assert cached.stat().st_size == 0
+    # Nothing to check for random weights or a file component.
+    assert check_pretrained_weights("keras_applications:MobileNetV2", key="k", weights=None) is None
+    assert check_pretrained_weights("head.keras", key="k", weights=None) is None
+
+
+def _offline_imagenet_config(tmp_path: Path):
+    """The default config with an ImageNet MobileNetV2 base (not cached) and a head file."""
+    head = keras.Sequential([keras.Input((56,)), keras.layers.Dense(5, "softmax")])
+    head.save(tmp_path / "head.keras")
+    overrides = [
+        "components.base.path=keras_applications:MobileNetV2",
+        "components.base.weights=imagenet",
+        "components.base.kwargs={alpha:0.35}",
+        "components.base.input_shape=[96,96,3]",
+        "components.base.pooling=avg",
+        f"components.head.path={tmp_path / 'head.keras'}",
+    ]
+    config = compose(overrides, config_dir=CONF)
+    return config, Paths(root=tmp_path, out=tmp_path / "outputs")
+
+
+@pytest.mark.slow  # builds a real Application
+@pytest.mark.parametrize("stage", ["run", "build"])
+def test_offline_missing_weights_are_refused_before_any_run_or_output(
+    tmp_path, keras_home, offline, stage
+):
+    config, paths = _offline_imagenet_config(tmp_path)
+    start = time.perf_counter()
+    with pytest.raises(ComponentError) as error:
+        if stage == "run":
+            stages.run_all(config, paths)
+        else:
+            stages.run_stage("build", config, paths)
+    seconds = time.perf_counter() - start
+
+    assert str(error.value).startswith(
+        f"components.base.weights=imagenet needs the weights file {MOBILENET_FILE}, which is "
+        f"not in the Keras cache folder {keras_home / 'models'}"
+    ), error.value
+    # Before the store is opened (no mlflow.db, so no FAILED run) and before the demo's data
+    # and pretraining or the build wrote anything.
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["head.keras", "keras_home"]
+    assert list((keras_home / "models").iterdir()) == []
+    assert seconds < 5, seconds
 
 
 @pytest.mark.slow
@@ -299,9 +360,9 @@ def test_tfstack_run_offline_without_the_weights_says_so_in_one_line(
         f"{keras_home / 'models'} (or set KERAS_HOME to a folder whose models/ holds it), or "
         f"set components.base.weights=null."
     ], err[-3000:]
-    assert seconds < 60, seconds  # the store, TensorFlow and one build; no network wait
-    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
-    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
-    assert run.info.status == "FAILED" and "needs the weights file" in run.data.tags["error"]
-    assert not (project / "outputs" / "build" / "stacked.keras").exists()
+    assert seconds < 60, seconds  # TensorFlow and one build of the architecture; no network
+    # Refused before the run starts: no run in the store (not even FAILED), nothing written.
+    assert not (project / "mlflow.db").exists()
+    assert not (project / "outputs" / "run.json").exists()
+    assert not (project / "outputs" / "build").exists()
     assert not leftovers(project / "outputs")

@@ -56,6 +56,13 @@ def test_load_npz_reads_optional_class_names(tmp_path):
     assert named.summary()["class_names"] == ["cat", "dog", "emu"]
     with pytest.raises(DataError, match="class_names must be a 1-D array of strings"):
         load_npz(write_dataset(tmp_path / "bad.npz", class_names=np.arange(3)))
+    # Names saved as Python objects need pickle: the message says how to store them instead
+    # (it used to say "Save numeric arrays", wrong for names).
+    pickled = write_dataset(tmp_path / "pickled.npz", class_names=np.array(["a", None, "c"]))
+    with pytest.raises(DataError) as caught:
+        load_npz(pickled)
+    assert str(caught.value).startswith(f"data.path={pickled}: class_names cannot be read (")
+    assert str(caught.value).endswith("class_names=np.array(['cat', 'dog'])).")
 
 
 def test_load_npz_validation_split_is_a_seeded_partition_of_train(tmp_path):

@@ -5,6 +5,7 @@ in seconds; decoding is compared with ``keras.utils.image_dataset_from_directory
 """
 
 import json
+from pathlib import Path
 
 import keras
 import numpy as np
@@ -512,3 +513,35 @@ def test_csv_content_hash_covers_the_csv_itself(tmp_path):
     before = load_csv(path, path_column="file", label_column="target").content_hash()
     path.write_text(path.read_text().replace("img/0.png,a", "img/0.png,b"))
     assert load_csv(path, path_column="file", label_column="target").content_hash() != before
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess=normalize on image files (issue 13, point 8: adapted batch by batch)
+# ---------------------------------------------------------------------------------------------
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+
+
+def test_normalize_adapts_on_the_decoded_training_images(tmp_path):
+    # Before: 'FileSplits' object has no attribute 'x_train' (an AttributeError, no run).
+    from tfstack.pipeline.compose import compose
+    from tfstack.pipeline.inputs import make_front
+    from tfstack.pipeline.paths import Paths
+
+    _folder(tmp_path / "images" / "train", per_class=5)
+    _folder(tmp_path / "images" / "test", per_class=1)
+    config = compose(
+        ["data=images", f"data.path={tmp_path / 'images'}", "preprocess=normalize"],
+        config_dir=CONF,
+    )
+    paths = Paths(root=tmp_path, out=tmp_path / "outputs")
+    base = keras.Sequential([keras.Input((6, 10, 3)), keras.layers.Conv2D(2, 1)], name="base")
+
+    (preprocess,) = make_front(config, paths, base)
+
+    (layer,) = [lay for lay in preprocess.layers if isinstance(lay, keras.layers.Normalization)]
+    splits = find_image_folder(tmp_path / "images", val_fraction=0.2, seed=config.seed)
+    pixels = np.stack([np.asarray(Image.open(f), "float64") for f in splits.train_files])
+    assert len(splits.train_files) == 8  # the training split only, not val/ or test/
+    np.testing.assert_allclose(np.ravel(layer.mean), pixels.mean(axis=(0, 1, 2)), rtol=1e-5)
+    np.testing.assert_allclose(np.ravel(layer.variance), pixels.var(axis=(0, 1, 2)), rtol=1e-4)

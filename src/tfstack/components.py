@@ -17,7 +17,7 @@ import tensorflow as tf
 
 from tfstack.errors import ComponentError, describe_error
 from tfstack.model_files import read_h5_config, read_keras_config
-from tfstack.pretrained_weights import weights_requests
+from tfstack.pretrained_weights import WeightsAvailable, weights_requests
 from tfstack.trust import (
     TrustOptions,
     find_code,
@@ -340,8 +340,13 @@ def _load_application(
     input_shape: tuple | None,
     classes: int | None,
     builder_kwargs: dict,
-) -> tuple[keras.Model, str | None]:
-    """Build `keras.applications.NAME`; return it and the weights file it loaded, if any."""
+    check_only: bool = False,
+) -> tuple[keras.Model | None, str | None]:
+    """Build `keras.applications.NAME`; return it and the weights file it loaded, if any.
+
+    With ``check_only``, the build stops at its weights request once the file is known to be
+    available (`tfstack.pretrained_weights.WeightsAvailable`): ``(None, cached path or None)``.
+    """
     application_name = source.removeprefix(APPLICATIONS_PREFIX)
     builder = getattr(keras.applications, application_name, None)
     if builder is None or isinstance(builder, types.ModuleType) or not callable(builder):
@@ -373,8 +378,10 @@ def _load_application(
         **builder_kwargs,
     }
     try:
-        with weights_requests(key) as used:
+        with weights_requests(key, check_only=check_only) as used:
             model = builder(**application_kwargs)
+    except WeightsAvailable as available:
+        return None, available.path
     except ComponentError:
         raise
     except Exception as err:  # applications raise ValueError, OSError, ...
@@ -388,6 +395,62 @@ def _load_application(
     if used:
         return model, used[-1]
     return model, os.path.abspath(weights) if weights not in (None, NAMED_WEIGHTS) else None
+
+
+def check_pretrained_weights(
+    source: str,
+    *,
+    key: str,
+    weights: str | None,
+    include_top: bool = False,
+    pooling: str | None = None,
+    input_shape: tuple | None = None,
+    classes: int | None = None,
+    builder_kwargs: Mapping[str, object] | None = None,
+) -> str | None:
+    """Check that `load_component` will get a Keras application's ImageNet weights, quickly.
+
+    Keras names the weights file only while it builds the architecture, so the builder runs
+    with the arguments `load_component` would pass and is stopped at its weights request: the
+    file is cached (and passes Keras's hash check) or its download host answers. Nothing is
+    loaded or downloaded. Other sources and other ``weights`` need no check.
+
+    Args:
+        source: As for `load_component`; only ``keras_applications:NAME`` is checked.
+        key: Config key prefix of the component, for messages (``components.base``).
+        weights, include_top, pooling, input_shape, classes, builder_kwargs: As for
+            `load_component`.
+
+    Returns:
+        The cached weights file, or None (it will be downloaded, or there is none to get).
+
+    Raises:
+        ComponentError: The weights file is neither cached nor downloadable (one line naming
+            the file and the folder to put it in), the cached file fails Keras's hash check
+            offline, or the builder refuses its arguments.
+
+    Example:
+        >>> from tfstack.components import check_pretrained_weights
+        >>> check_pretrained_weights(
+        ...     "keras_applications:MobileNetV2", key="components.base", weights="imagenet",
+        ...     input_shape=(96, 96, 3), builder_kwargs={"alpha": 0.35},
+        ... )  # doctest: +SKIP
+        '/home/me/.keras/models/mobilenet_v2_weights_tf_dim_ordering_tf_kernels_0.35_96_no_top.h5'
+    """
+    if not source.startswith(APPLICATIONS_PREFIX) or weights != NAMED_WEIGHTS:
+        return None
+    _, path = _load_application(
+        source,
+        key=key,
+        weights=weights,
+        include_top=include_top,
+        pooling=pooling,
+        input_shape=tuple(input_shape) if input_shape is not None else None,
+        classes=classes,
+        builder_kwargs=dict(builder_kwargs or {}),
+        check_only=True,
+    )
+    return path
 
 
 def _check_builder_kwargs(

@@ -260,20 +260,28 @@ def _read_npz(path: Path, where: str) -> dict[str, np.ndarray]:
             try:
                 arrays[k] = loaded[k]
             except (ValueError, OSError, zipfile.BadZipFile) as err:
+                if k == "class_names":
+                    raise DataError(
+                        f"{where}: class_names cannot be read ({err}). Store them as an array of "
+                        "strings: np.savez(..., class_names=np.array(['cat', 'dog']))."
+                    ) from err
                 raise DataError(f"{where}: cannot read {k} ({err}). Save numeric arrays.") from err
     return arrays
 
 
 def _class_names(names: np.ndarray | None, where: str) -> list[str] | None:
-    """The optional ``class_names`` array of a dataset file (one string per class id)."""
+    """The optional ``class_names`` array of a dataset file (one string per class id).
+
+    The only reader of it: `tfstack.pipeline.inputs.class_names` takes them from `Splits`.
+    """
     if names is None:
         return None
     if names.ndim != 1 or names.dtype.kind not in "US":
         raise DataError(
-            f"{where}: class_names must be a 1-D array of strings, one per class id; received "
-            f"dtype {names.dtype}, shape {names.shape}."
+            f"{where}: class_names must be a 1-D array of strings; received dtype {names.dtype} "
+            f"and shape {names.shape}. Store np.array(['cat', 'dog', ...]), one per class."
         )
-    return [str(n) for n in names]
+    return [str(n) for n in names.astype(str)]
 
 
 def _check_finite(array: np.ndarray, name: str, where: str) -> None:

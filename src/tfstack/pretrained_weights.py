@@ -12,6 +12,10 @@ itself (`weights_requests`), without knowing any family's file names:
 - a missing file is downloaded by Keras's ``get_file`` only after the host it would connect to
   (the origin's, or the proxy's of ``$HTTPS_PROXY``) answered within `PROBE_SECONDS`;
 - otherwise the build fails at once with one line naming the file and the folder to put it in.
+
+With ``check_only``, the same answers are given but the build stops at the request
+(`WeightsAvailable`), before any file is read into the model or downloaded: the pipeline asks
+so before a run starts (`tfstack.components.check_pretrained_weights`).
 """
 
 from __future__ import annotations
@@ -44,13 +48,30 @@ def keras_cache_dir() -> str:
     return os.path.expanduser(os.environ.get("KERAS_HOME") or _keras_compat.keras_home())
 
 
+class WeightsAvailable(Exception):  # noqa: N818 - an outcome, not an error
+    """Raised inside a builder in ``check_only`` mode: its weights file is there or can be had.
+
+    Attributes:
+        path: The cached file, or None when it would be downloaded.
+    """
+
+    def __init__(self, path: str | None):
+        super().__init__(path)
+        self.path = path
+
+
 @contextlib.contextmanager
-def weights_requests(key: str, *, probe_seconds: float = PROBE_SECONDS) -> Iterator[list[str]]:
+def weights_requests(
+    key: str, *, probe_seconds: float = PROBE_SECONDS, check_only: bool = False
+) -> Iterator[list[str]]:
     """Answer the weight-file requests of the Keras Applications builders called inside.
 
     Args:
         key: Config key prefix of the component, for messages (``components.base``).
         probe_seconds: How long the download host may take to accept a connection.
+        check_only: Stop the builder at its first request with `WeightsAvailable` once the file
+            is known to be cached (and to pass the hash check) or downloadable; nothing is
+            loaded or downloaded. A file that is neither still raises `ComponentError`.
 
     Yields:
         A list that receives the path of every weights file a builder was given.
@@ -75,6 +96,8 @@ def weights_requests(key: str, *, probe_seconds: float = PROBE_SECONDS) -> Itera
         if os.path.isfile(path) and (
             file_hash is None or _keras_compat.file_matches_hash(path, file_hash, algorithm)
         ):
+            if check_only:
+                raise WeightsAvailable(path)
             logger.info("%s: weights from the Keras cache, %s", key, path)
             used.append(path)
             return path
@@ -92,6 +115,8 @@ def weights_requests(key: str, *, probe_seconds: float = PROBE_SECONDS) -> Itera
                 f"{origin} where there is network access and put it in {folder} (or set "
                 f"KERAS_HOME to a folder whose models/ holds it), or set {key}.weights=null."
             )
+        if check_only:
+            raise WeightsAvailable(None)
         os.makedirs(folder, exist_ok=True)  # else Keras falls back to /tmp/.keras
         downloaded = keras_get_file(name, origin, **{**options, "cache_dir": cache_dir})
         used.append(downloaded)

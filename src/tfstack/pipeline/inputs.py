@@ -74,35 +74,80 @@ def load_components(config: Config, paths: Paths):
     return bases, head
 
 
+def check_pretrained_weights(config: Config, paths: Paths) -> None:
+    """Refuse ImageNet weights that cannot be had, before any run starts and before the demo.
+
+    Each ``keras_applications:NAME`` component with ``weights: imagenet`` is checked as
+    `load_components` would load it (`tfstack.components.check_pretrained_weights`: the
+    builder runs and stops at its weights request). It imports TensorFlow, so it runs only when
+    such a component is configured.
+
+    Raises:
+        ComponentError: A weights file is neither in the Keras cache nor downloadable.
+    """
+    from tfstack.pipeline.preflight import components
+
+    named = {
+        key: component
+        for key, component in components(config).items()
+        if component.path.startswith(APPLICATIONS_PREFIX) and component.weights == NAMED_WEIGHTS
+    }
+    if not named:
+        return
+    from tfstack.components import check_pretrained_weights as check
+
+    for key, component in named.items():
+        kwargs = _component_kwargs(component, paths)
+        for unused in ("cut_at", "trust_code", "modules"):
+            kwargs.pop(unused)
+        check(component.path, key=key, **kwargs)
+
+
 def make_front(config: Config, paths: Paths, base) -> list:
     """The ``preprocess`` and ``augment`` blocks for `tfstack.stacking.build_stacked`'s front.
 
     ``preprocess=normalize`` adapts on the training split, read here batch by batch.
     """
     from tfstack.augmentation import build_augmentation
+    from tfstack.images import naming_unreadable_files
     from tfstack.preprocessing import build_preprocessing
     from tfstack.shapes import input_specs, output_specs
 
     p = config.preprocess
-    train_inputs = None
+    train_inputs, train_data = None, None
     if p.kind == "normalize":
-        import tensorflow as tf
-
-        x_train = load_splits(config, paths).x_train
-        train_inputs = tf.data.Dataset.from_tensor_slices(x_train).batch(config.train.batch_size)
-    preprocess = build_preprocessing(
-        p.kind,
-        base,
-        scale=p.scale,
-        offset=p.offset,
-        family=application_family(config) if p.kind == "applications" else None,
-        resize=p.resize,
-        force=p.force,
-        train_inputs=train_inputs,
-    )
+        train_inputs, train_data = _normalize_inputs(config, paths, base)
+    with naming_unreadable_files(train_data):  # a damaged image found while adapting
+        preprocess = build_preprocessing(
+            p.kind,
+            base,
+            scale=p.scale,
+            offset=p.offset,
+            family=application_family(config) if p.kind == "applications" else None,
+            resize=p.resize,
+            force=p.force,
+            train_inputs=train_inputs,
+        )
     spec = (output_specs if preprocess is not None else input_specs)(preprocess or base)[0]
     augment = build_augmentation(list(config.augment.layers), spec, seed=config.seed)
     return [block for block in (preprocess, augment) if block is not None]
+
+
+def _normalize_inputs(config: Config, paths: Paths, base):
+    """The training inputs ``preprocess=normalize`` adapts on, in batches; and their dataset.
+
+    Arrays are sliced into batches; image files are decoded batch by batch in tf.data, at the
+    size `make_dataset` gives them (``data.image_size``, else the base's input size), so they
+    are never all in memory (an `.npz` is in memory already).
+    """
+    splits = load_splits(config, paths)
+    if _is_files(splits):
+        images = make_dataset(config, base, splits, "train", shuffle=False)
+        return images.input_batches(), images
+    import tensorflow as tf
+
+    inputs = tf.data.Dataset.from_tensor_slices(splits.x_train).batch(config.train.batch_size)
+    return inputs, None
 
 
 def application_family(config: Config) -> str:
@@ -429,9 +474,16 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
     is kept); otherwise the class ids ``"0"`` .. ``"K-1"``. They label the confusion matrix and
     the served classifier's columns (`tfstack.tracking.classifier`).
 
+    Args:
+        config: The validated config.
+        paths: The project's paths.
+        splits: The data as `load_splits` gives it (its ``class_names``), or None to load it.
+        model: The stacked model, whose head says how many classes there are.
+
     Raises:
         DataError: The names do not fit the head (one per class), repeat, are empty, or one is
-            ``label`` (the served model's column of predicted names).
+            ``label`` (the served model's column of predicted names); or (loading the data) a
+            ``.npz``'s ``class_names`` is not a 1-D array of strings.
     """
     from tfstack.tracking.classifier import LABEL_COLUMN
 
@@ -440,12 +492,15 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
     outputs = int(model.outputs[0].shape[-1] or 1)
     classes = 2 if config.train.task == "binary" else outputs
     where = f"data.path={config.data.path}"
-    names = getattr(splits, "class_names", None)
-    if names is None:
-        names = _npz_class_names(paths.resolve(config.data.path), where)
-        where += " class_names"
+    if splits is None:
+        splits = load_splits(config, paths)  # the loader reads and checks a .npz's names
+    names = splits.class_names
     if names is None:
         return [str(i) for i in range(classes)]
+    from tfstack.data import Splits
+
+    if isinstance(splits, Splits):  # an .npz's own class_names array, not folder names
+        where += " class_names"
     names = [str(name) for name in names]
     if len(names) != classes:
         raise DataError(
@@ -466,29 +521,3 @@ def class_names(config: Config, paths: Paths, splits, model) -> list[str] | None
             "predicted names). Rename that class."
         )
     return names
-
-
-def _npz_class_names(path: Path, where: str) -> list[str] | None:
-    """The optional ``class_names`` array of a dataset ``.npz`` (strings, one per class)."""
-    import zipfile
-
-    import numpy as np
-
-    if path.suffix != ".npz" or not path.is_file():
-        return None
-    try:
-        with np.load(path, allow_pickle=False) as loaded:
-            if "class_names" not in loaded.files:
-                return None
-            names = loaded["class_names"]
-    except (ValueError, OSError, zipfile.BadZipFile) as err:
-        raise DataError(
-            f"{where}: class_names cannot be read ({err}). Store them as an array of strings: "
-            "np.savez(..., class_names=np.array(['cat', 'dog']))."
-        ) from err
-    if names.ndim != 1 or names.dtype.kind not in "US":
-        raise DataError(
-            f"{where}: class_names must be a 1-D array of strings; received dtype {names.dtype} "
-            f"and shape {names.shape}. Store np.array(['cat', 'dog', ...]), one per class."
-        )
-    return [str(name) for name in names.astype(str)]

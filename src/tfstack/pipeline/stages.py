@@ -24,6 +24,7 @@ from pathlib import Path
 from tfstack.errors import DataError, TfstackError
 from tfstack.files import atomic_path, write_json
 from tfstack.pipeline.inputs import (
+    check_pretrained_weights,
     check_targets,
     class_names,
     early_stopping_rules,
@@ -421,6 +422,7 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
     # guards import it): a typo leaves no FAILED run. What the demo makes is checked once made.
     made_by_demo = preflight.made_by_demo(config)
     preflight.check_inputs(config, paths, stage="run", skip=made_by_demo)
+    check_pretrained_weights(config, paths)  # offline without the file: one line, no run
     ensure_demo_inputs(config, paths)
     if made_by_demo:
         preflight.check_inputs(config, paths, stage="run")
@@ -458,6 +460,8 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
 
     # What this stage reads, before its run starts (or continues) and before TensorFlow.
     preflight.check_inputs(config, paths, stage=name)
+    if name == "build":
+        check_pretrained_weights(config, paths)
     from tfstack.pipeline import resume
     from tfstack.pipeline.output_lock import exclusive
 
