@@ -202,12 +202,26 @@ def _two_workers(root: Path, overrides, *, kill_worker_at: str | None = None):
     return results
 
 
+# Early stopping that fires at each phase's second epoch whatever the losses (no change counts
+# as an improvement of 10), so both runs stop at the same epochs.
+EARLY_STOP = [
+    "train.epochs=4",
+    "train.early_stopping.patience=1",
+    "train.early_stopping.min_delta=10",
+]
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize(("freeze", "schedule"), [("frozen", "two_phase"), ("joint", "single")])
+@pytest.mark.parametrize(
+    ("freeze", "schedule", "extra"),
+    [("frozen", "two_phase", []), ("joint", "single", []), ("frozen", "two_phase", EARLY_STOP)],
+    ids=["frozen-two_phase", "joint-single", "early_stopping"],
+)
 def test_two_workers_train_like_one_process_and_only_the_chief_logs(
     project,  # noqa: F811
     freeze,
     schedule,
+    extra,
 ):
     """Two MultiWorkerMirroredStrategy workers on 127.0.0.1 against one process.
 
@@ -221,7 +235,7 @@ def test_two_workers_train_like_one_process_and_only_the_chief_logs(
     """
     from test_pipeline import _runs, _sh, assert_complete_run
 
-    overrides = [f"freeze={freeze}", f"schedule={schedule}"]
+    overrides = [f"freeze={freeze}", f"schedule={schedule}", *extra]
     _sh(project, "tfstack", "run", *overrides)
     (chief_code, chief_log), (worker_code, worker_log) = _two_workers(project, overrides)
     assert chief_code == 0, chief_log[-3000:]
@@ -231,7 +245,12 @@ def test_two_workers_train_like_one_process_and_only_the_chief_logs(
     client, runs = _runs(project)
     assert len(runs) == 2, "the non-chief worker must not start an MLflow run"
     single, multi = runs
-    assert_complete_run(client, multi, epochs=1, freeze=freeze)
+    assert_complete_run(client, multi, epochs=4 if extra else 1, freeze=freeze)
+    if extra:  # each phase stopped at its second epoch, in both runs; the axis stays contiguous
+        for run in (single, multi):
+            tags = run.data.tags
+            assert [tags[f"phase.{i}.stopped_epoch"] for i in (0, 1)] == ["1", "3"]
+            assert [tags[f"phase.{i}.epochs"] for i in (0, 1)] == ["0-1", "2-3"]
     assert multi.data.tags["distribute"] == "multi_worker"
     assert multi.data.metrics["replicas"] == 2
     assert single.data.tags.get("distribute") is None
