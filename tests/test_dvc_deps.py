@@ -7,6 +7,7 @@ params.yaml in `dvc exp run`.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +25,7 @@ def composed_deps(*overrides: str) -> dict:
 
 def test_the_demo_depends_on_its_own_files():
     assert composed_deps() == {
-        "data": "outputs/prepare/target.npz",
+        "data": "outputs/prepare/target",
         "base": "outputs/pretrain/base.keras",
         "base_weights": "params.yaml",
         "head": "outputs/pretrain/head.keras",
@@ -86,3 +87,31 @@ def test_dvc_exp_run_tracks_a_head_file_and_notices_it_replaced_in_place(templat
     _head_with_other_weights(head, head)  # the same path, new bytes
     status = sh(project, "dvc", "status", "build").stdout
     assert "modified:" in status and "models/head.keras" in status, status
+
+
+@pytest.mark.slow
+def test_the_demo_stages_run_only_upstream_of_the_demos_files(template, tmp_path):
+    """`dvc repro evaluate` (make run) runs prepare and pretrain only when their outputs are the
+    configured data or components; with the user's own files they stay out, even out of date."""
+    project = dvc_project(template, tmp_path / "dvc")
+    shutil.copytree(project / "outputs/prepare/target", project / "mine")
+    (project / "models").mkdir()
+    for name in ("base.keras", "head.keras"):
+        shutil.copy2(project / "outputs/pretrain" / name, project / "models" / name)
+    stale_demo = "demo.target_train_per_class=9"  # makes prepare and pretrain out of date
+    own_files = [
+        "data=images",
+        "data.path=mine",
+        "data.color_mode=grayscale",
+        "components.base.path=models/base.keras",
+        "components.head.path=models/head.keras",
+    ]
+
+    sh(project, "tfstack", "params", *own_files, stale_demo)
+    dry = sh(project, "dvc", "repro", "--dry", "evaluate").stdout
+    assert "Running stage 'build'" in dry and "Running stage 'evaluate'" in dry, dry
+    assert "'prepare'" not in dry and "'pretrain'" not in dry, dry
+
+    sh(project, "tfstack", "params", stale_demo)  # the demo's own files again
+    dry = sh(project, "dvc", "repro", "--dry", "evaluate").stdout
+    assert "Running stage 'prepare'" in dry and "Running stage 'pretrain'" in dry, dry

@@ -150,8 +150,7 @@ def make_transfer_task(
 ) -> dict[str, Any]:
     """Split the raw digit PNGs into a source task and a small-data target task.
 
-    Both tasks are image folders of the raw PNGs (hard links, or copies where the file system
-    has none), read by ``data=images``:
+    Both tasks are image folders of copies of the raw PNGs, read by ``data=images``:
 
     - ``source/{train,test}/<digit>/``: digits 0-4; 80% of each digit for training, 20% for test.
     - ``target/{train,test}/<digit>/``: digits 5-9 (class names "5".."9", ids 0-4);
@@ -211,7 +210,7 @@ def make_transfer_task(
             # Sorted indices keep scikit-learn's order inside each split: stable, easy to inspect.
             chosen = np.sort(np.concatenate(parts))
             for i in chosen:
-                _link(files[i], folder / split / str(y[i]) / files[i].name)
+                _copy(files[i], folder / split / str(y[i]) / files[i].name)
             pixels = np.stack([_read_png(files[i]) for i in chosen])
             arrays[f"x_{split}"] = pixels[..., np.newaxis]  # (n, 8, 8) -> (n, 8, 8, 1)
             arrays[f"y_{split}"] = np.array([relabel[d] for d in y[chosen]], dtype=np.int64)
@@ -416,13 +415,11 @@ def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
     return images, np.array(y, dtype=np.int64)
 
 
-def _link(source: Path, destination: Path) -> None:
-    """Hard-link ``source`` at ``destination`` (a copy where hard links are not possible)."""
+def _copy(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination``: a copy, not a hard link, so that editing a prepared
+    image (or DVC checking one out) never changes the raw data."""
     destination.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        os.link(source, destination)
-    except OSError:
-        shutil.copyfile(source, destination)
+    shutil.copyfile(source, destination)
 
 
 def main(argv: list[str] | None = None) -> int:
