@@ -368,6 +368,19 @@ def _compile(model: Any, learning_rate: float) -> None:
     )
 
 
+def read_raw_digits(raw_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The raw PNGs as arrays, in scikit-learn's order: uint8 pixels (n, 8, 8), digits (n,).
+
+    Args:
+        raw_dir: The folder written by `write_raw_digits`.
+
+    Raises:
+        DataError: The folder is missing or malformed.
+    """
+    files, digits = _raw_files(Path(raw_dir))
+    return np.stack([_read_png(path) for path in files]), digits
+
+
 def _raw_files(folder: Path) -> tuple[list[Path], np.ndarray]:
     """The raw PNGs in scikit-learn's order (by file name) and their digits (folder names)."""
     rewrite = f"Rewrite it with `python -m tfstack.pipeline.demo write-raw {folder.parent}`."
