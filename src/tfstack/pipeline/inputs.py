@@ -88,8 +88,13 @@ def make_front(config: Config, paths: Paths, base) -> list:
     if p.kind == "normalize":
         import tensorflow as tf
 
-        x_train = load_splits(config, paths).x_train
-        train_inputs = tf.data.Dataset.from_tensor_slices(x_train).batch(config.train.batch_size)
+        splits = load_splits(config, paths)
+        if _is_files(splits):  # image files: decoded batch by batch, never all in memory
+            dataset = make_dataset(config, base, splits, "train", shuffle=False)
+            train_inputs = dataset.input_batches()
+        else:
+            batches = tf.data.Dataset.from_tensor_slices(splits.x_train)
+            train_inputs = batches.batch(config.train.batch_size)
     preprocess = build_preprocessing(
         p.kind,
         base,
