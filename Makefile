@@ -15,7 +15,7 @@ VENV_STAMP := $(VENV)/.tfstack-installed
 # chromium-driver: tests/test_ui.py loads the MLflow UI in a real browser; graphviz: the
 # architecture diagrams every run logs, tfstack.diagrams).
 DEB_PACKAGES ?= git postgresql chromium chromium-driver graphviz
-RAW_DATA := data/digits.npz
+RAW_DATA := data/digits
 PYTEST_ARGS ?=
 
 export TF_CPP_MIN_LOG_LEVEL ?= 2
@@ -65,18 +65,18 @@ $(VENV_STAMP): pyproject.toml requirements.lock | deb
 	$(BIN)/python -m pip install --quiet --no-deps -e .
 	touch $@
 
-# The demo's raw data, written only when missing; `dvc commit` then fills the (fresh) DVC cache
-# and fails if the bytes differ from what data.dvc recorded (its stdout is not a terminal, so it
-# refuses instead of asking). On failure .DELETE_ON_ERROR removes the file, so the next run
-# checks again.
+# The demo's raw data (PNGs in class folders data/digits/0..9/), written only when missing;
+# `dvc commit` then fills the (fresh) DVC cache and fails if the bytes differ from what data.dvc
+# recorded (its stdout is not a terminal, so it refuses instead of asking). On failure the folder
+# is removed (.DELETE_ON_ERROR removes files only), so the next run checks again.
 $(RAW_DATA): | $(VENV_STAMP)
 	$(BIN)/python -m tfstack.pipeline.demo write-raw data
 	@if [ -f data.dvc ]; then \
 	  $(BIN)/dvc commit data.dvc </dev/null >/dev/null \
-	    || { echo "error: the regenerated data/ differs from data.dvc (see above)" >&2; exit 1; }; \
+	    || { rm -rf $@; echo "error: the regenerated data/ differs from data.dvc (see above)" >&2; exit 1; }; \
 	fi
 
-data: $(RAW_DATA) ## the demo's raw data (data/digits.npz), when missing
+data: $(RAW_DATA) ## the demo's raw data (data/digits/<digit>/*.png), when missing
 
 # With .venv/bin first on PATH, as if activated: the stages' `tfstack ...` commands need it.
 ACTIVATE := PATH="$(CURDIR)/$(BIN):$$PATH" VIRTUAL_ENV="$(CURDIR)/$(VENV)"
@@ -87,8 +87,9 @@ test: $(VENV_STAMP) $(RAW_DATA) ## the whole suite, as CI runs it (PYTEST_ARGS="
 test-fast: $(VENV_STAMP) $(RAW_DATA) ## unit tests only (not the slow end-to-end ones)
 	$(ACTIVATE) $(BIN)/python -m pytest -m "not slow" $(PYTEST_ARGS)
 
-run: $(VENV_STAMP) $(RAW_DATA) ## the DVC pipeline: dvc repro
-	$(ACTIVATE) $(BIN)/dvc repro
+# `evaluate` as the target: the demo's stages run only as upstream of the configured files.
+run: $(VENV_STAMP) $(RAW_DATA) ## the DVC pipeline: dvc repro evaluate
+	$(ACTIVATE) $(BIN)/dvc repro evaluate
 
 # After editing conf/: rewrite the committed params.yaml (what plain `dvc repro` reads).
 params: $(VENV_STAMP) ## rewrite params.yaml from conf/ (as DVC composes it)

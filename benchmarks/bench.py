@@ -359,6 +359,10 @@ def demo_workload(project: Path) -> Workload:
 
     pretrain = project / "outputs" / "pretrain"
     splits = load_npz(project / "outputs/prepare/target.npz", val_fraction=0.2, seed=SEED)
+    # The PNGs' uint8 pixels, scaled as the pipeline's preprocess=rescale does (no Rescaling
+    # layer here: both sides of the comparison train the same bare stacked model).
+    for name in ("x_train", "x_val", "x_test"):
+        setattr(splits, name, getattr(splits, name).astype("float32") / 255)
 
     def build():
         base = load_component(str(pretrain / "base.keras"), name="base", key="components.base")

@@ -61,7 +61,6 @@ def _nan_checks():
 
 def _demo_model_and_data(seed: int = 0):
     import keras
-    import numpy as np
 
     from tfstack.pipeline import demo
 
@@ -69,10 +68,10 @@ def _demo_model_and_data(seed: int = 0):
     base, head, _ = demo.build_components(seed)
     image = keras.Input(demo.IMAGE_SHAPE)
     model = keras.Model(image, head(base(image)))
-    raw = np.load(ROOT / "data" / "digits.npz")
-    keep = raw["y"] < 5
-    x = (raw["x"][keep].astype("float32") / demo.PIXEL_MAX)[..., None]
-    return model, x[:1280], raw["y"][keep][:1280].astype("int64")
+    pixels, digits = demo.read_raw_digits(ROOT / "data" / demo.RAW_DIR)
+    keep = digits < 5
+    x = (pixels[keep].astype("float32") / 255)[..., None]
+    return model, x[:1280], digits[keep][:1280].astype("int64")
 
 
 def bench_nan_check(repeats: int, epochs: int) -> None:

@@ -202,14 +202,12 @@ def _wait_for_ping(server: subprocess.Popen, port: int, timeout: float = 120) ->
 
 @pytest.mark.slow
 def test_a_run_logs_class_names_and_mlflow_models_serve_answers_with_them(project):
-    # The demo's target task as a user's own .npz: uint8 images and named classes.
-    target = np.load(project / "outputs" / "prepare" / "target.npz")
-    names = ["five", "six", "seven", "eight", "nine"]
-    raw = {k: target[k] for k in ("y_train", "y_test")}
-    raw.update({k: np.round(target[k] * 16).astype(np.uint8) for k in ("x_train", "x_test")})
-    np.savez(project / "named.npz", class_names=np.array(names), **raw)
-    result = tfstack(project, "run", "data=npz", "data.path=named.npz")
+    # The default config: the demo's target task as an image folder, class folders "5".."9".
+    names = ["5", "6", "7", "8", "9"]
+    result = tfstack(project, "run")
     assert result.returncode == 0, result.stderr
+    with np.load(project / "outputs" / "prepare" / "target.npz") as target:
+        x_test = target["x_test"]  # the same PNGs' pixels, uint8 0..255
 
     uri = f"sqlite:///{project / 'mlflow.db'}"
     client = MlflowClient(uri)
@@ -219,6 +217,14 @@ def test_a_run_logs_class_names_and_mlflow_models_serve_answers_with_them(projec
     assert json.loads(stored.read_text()) == names
     rows = json.loads((project / "outputs/evaluate/plots/confusion.json").read_text())
     assert {row["actual"] for row in rows} == set(names)
+    # Signed with the images' natural dtype: a client sends the PNGs' uint8 pixels.
+    mlflow.set_tracking_uri(uri)
+    try:
+        info = mlflow.models.get_model_info(f"runs:/{run_id}/classifier")
+    finally:
+        mlflow.set_tracking_uri(None)
+    [spec] = info.signature.inputs.inputs
+    assert (str(spec.type), tuple(spec.shape)) == ("uint8", (-1, 8, 8, 1))
 
     port = _free_port()
     server = subprocess.Popen(
@@ -229,7 +235,7 @@ def test_a_run_logs_class_names_and_mlflow_models_serve_answers_with_them(projec
     )  # fmt: skip
     try:
         _wait_for_ping(server, port)
-        body = json.dumps({"inputs": raw["x_test"][:3].tolist()}).encode()
+        body = json.dumps({"inputs": x_test[:3].tolist()}).encode()
         request = urllib.request.Request(
             f"http://127.0.0.1:{port}/invocations",
             data=body,

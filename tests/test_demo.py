@@ -1,5 +1,7 @@
-"""Tests of the digits demo: byte-stable raw data tracked by DVC, the transfer task, components."""
+"""Tests of the digits demo: byte-stable raw PNGs tracked by DVC, the transfer task, components."""
 
+import hashlib
+import io
 import json
 import os
 import shutil
@@ -10,12 +12,22 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
+from PIL import Image
 
 from tfstack.data import file_hash
 from tfstack.errors import DataError
-from tfstack.pipeline.demo import make_transfer_task, write_raw_digits
+from tfstack.file_hashes import sha256_of
+from tfstack.pipeline.demo import (
+    digits_to_pixels,
+    make_transfer_task,
+    pixels_to_digits,
+    write_raw_digits,
+)
+from tfstack.png_files import encode_gray_png
 
 ROOT = Path(__file__).resolve().parents[1]
+# The sha256 of encode_gray_png of the test image below, fixed: the encoder's bytes never vary.
+PNG_SHA256 = "278336662f63be834f349be5fb274937cde93ca24de704ffa2b6e097c67fae3d"
 ENV = {**os.environ, "DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"}
 
 
@@ -42,13 +54,53 @@ def task(raw_path, tmp_path_factory):
     return make_transfer_task(raw_path, tmp_path_factory.mktemp("task"), seed=0)
 
 
-def test_write_raw_digits_holds_all_digits(raw_path):
-    assert raw_path.name == "digits.npz"
-    with np.load(raw_path) as raw:
-        x, y = raw["x"], raw["y"]
-    assert x.shape == (1797, 8, 8) and x.dtype == np.uint8 and x.max() == 16
-    assert y.dtype == np.int64
-    assert np.bincount(y).tolist() == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+def _pngs(folder: Path) -> list[str]:
+    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*.png"))
+
+
+@pytest.mark.slow  # the raw PNGs and the task take seconds to write
+def test_write_raw_digits_holds_all_digits_as_png_class_folders(raw_path):
+    assert raw_path.name == "digits"
+    files = _pngs(raw_path)
+    assert len(files) == 1797 and files[0] == "0/0000.png"
+    counts = [len(list((raw_path / str(d)).glob("*.png"))) for d in range(10)]
+    assert counts == [178, 182, 177, 183, 181, 182, 181, 179, 174, 180]
+    with Image.open(raw_path / "0" / "0000.png") as image:
+        assert (image.format, image.mode, image.size) == ("PNG", "L", (8, 8))
+        assert np.asarray(image).dtype == np.uint8
+
+
+def test_the_pixel_mapping_is_exact_and_reversible():
+    """Pixels 0..16 are stored as round(v * 255 / 16): 17 distinct values from 0 to 255."""
+    values = np.arange(17)
+    pixels = digits_to_pixels(values)
+    assert pixels.dtype == np.uint8 and (pixels[0], pixels[8], pixels[16]) == (0, 128, 255)
+    assert len(set(pixels.tolist())) == 17
+    assert np.array_equal(pixels_to_digits(pixels), values)
+
+
+def test_the_png_encoder_gives_the_same_bytes_that_any_decoder_reads():
+    pixels = digits_to_pixels(np.arange(64).reshape(8, 8) % 17)
+    data = encode_gray_png(pixels)
+    assert data == encode_gray_png(pixels.copy())  # the bytes depend on the pixels alone
+    assert hashlib.sha256(data).hexdigest() == PNG_SHA256  # and on nothing of this machine
+    with Image.open(io.BytesIO(data)) as image:
+        assert (image.format, image.mode) == ("PNG", "L")
+        assert np.array_equal(np.asarray(image), pixels)
+    with pytest.raises(ValueError, match="2-D uint8"):
+        encode_gray_png(pixels.astype(np.float32))
+
+
+@pytest.mark.slow
+def test_the_pngs_hold_scikit_learns_pixels_exactly(raw_path):
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    for index in (0, 5, 1796):
+        [path] = raw_path.glob(f"*/{index:04d}.png")
+        assert int(path.parent.name) == digits.target[index]
+        with Image.open(path) as image:
+            assert np.array_equal(pixels_to_digits(np.asarray(image)), digits.images[index])
 
 
 @pytest.mark.slow
@@ -59,9 +111,14 @@ def test_write_raw_digits_is_byte_identical_across_runs_and_processes(raw_path, 
     )
 
     assert process.returncode == 0, process.stderr
-    assert file_hash(again) == file_hash(raw_path)
-    assert file_hash(tmp_path / "cli" / "digits.npz") == file_hash(raw_path)
-    assert file_hash(raw_path) in process.stdout
+    assert _pngs(again) == _pngs(raw_path)
+    assert sha256_of(again) == sha256_of(raw_path)
+    assert sha256_of(tmp_path / "cli" / "digits") == sha256_of(raw_path)
+    assert sha256_of(raw_path) in process.stdout
+    # Written again over itself: the same bytes, no leftover scratch folder.
+    write_raw_digits(tmp_path / "again")
+    assert sha256_of(again) == sha256_of(raw_path)
+    assert sorted(p.name for p in (tmp_path / "again").iterdir()) == ["digits"]
 
 
 @pytest.mark.slow
@@ -82,60 +139,68 @@ def test_regenerated_data_matches_the_committed_data_dvc(tmp_path):
     assert (clone / "data.dvc").read_bytes() == (ROOT / "data.dvc").read_bytes()
 
     # The same check notices a changed byte.
-    with (clone / "data" / "digits.npz").open("ab") as f:
+    with (clone / "data" / "digits" / "7" / "0007.png").open("ab") as f:
         f.write(b"\0")
     status = run(sys.executable, "-m", "dvc", "status", "data.dvc", "--json", cwd=clone)
     assert json.loads(status.stdout) == {"data.dvc": [{"changed outs": {"data": "modified"}}]}
 
 
+@pytest.mark.slow  # the raw PNGs and the task take seconds to write
 def test_make_transfer_task_sizes_and_labels(task):
     assert task["sizes"] == {
         "source": {"train": 721, "test": 180},
         "target": {"train": 50, "test": 846},
     }
-    with np.load(task["source"]) as source, np.load(task["target"]) as target:
-        for split in (source, target):
-            for name in ("x_train", "x_test"):
-                assert split[name].shape[1:] == (8, 8, 1)
-                assert split[name].dtype == np.float32
-                assert 0.0 <= split[name].min() and split[name].max() == 1.0
-        assert np.bincount(target["y_train"]).tolist() == [10, 10, 10, 10, 10]
+    target = task["target"]
+    assert sorted(p.name for p in (target / "train").iterdir()) == ["5", "6", "7", "8", "9"]
+    assert [len(list((target / "train" / d).glob("*.png"))) for d in "56789"] == [10] * 5
+    assert sorted(p.name for p in (task["source"] / "test").iterdir()) == ["0", "1", "2", "3", "4"]
+    assert not (target / "val").exists()  # the validation split is taken by data.val_fraction
+    with np.load(task["source"].with_suffix(".npz")) as source:
+        with np.load(task["target"].with_suffix(".npz")) as arrays:
+            for split in (source, arrays):
+                for name in ("x_train", "x_test"):
+                    assert split[name].shape[1:] == (8, 8, 1)
+                    assert split[name].dtype == np.uint8 and split[name].max() == 255
+            assert np.bincount(arrays["y_train"]).tolist() == [10, 10, 10, 10, 10]
+            assert arrays["class_names"].tolist() == ["5", "6", "7", "8", "9"]
         assert np.bincount(source["y_test"]).tolist() == [36, 36, 35, 37, 36]
         assert sorted(set(source["y_train"].tolist())) == [0, 1, 2, 3, 4]
 
 
-def test_make_transfer_task_uses_every_image_once_with_relabelled_targets(task, raw_path):
-    """Source digits keep their labels, target digits 5-9 become 0-4; no image lost or repeated."""
-    with np.load(raw_path) as raw:
-        images, digits = raw["x"] / 16.0, raw["y"]
-    expected = sorted(
-        (image.astype(np.float32).tobytes(), int(digit))
-        for image, digit in zip(images, digits, strict=True)
-    )
-    pairs = []
-    for name, offset in (("source", 0), ("target", 5)):
-        with np.load(task[name]) as arrays:
-            for split in ("train", "test"):
-                for image, label in zip(arrays[f"x_{split}"], arrays[f"y_{split}"], strict=True):
-                    pairs.append((image[..., 0].tobytes(), int(label) + offset))
-    assert sorted(pairs) == expected
+@pytest.mark.slow  # the raw PNGs and the task take seconds to write
+def test_make_transfer_task_uses_every_image_once(task, raw_path):
+    """Each raw PNG is in exactly one split of one task, under its own digit, byte for byte."""
+    raw = {p.name: p for p in raw_path.rglob("*.png")}
+    seen = []
+    for name in ("source", "target"):
+        for path in task[name].rglob("*.png"):
+            seen.append(path.name)
+            assert path.parent.name == raw[path.name].parent.name
+            assert path.read_bytes() == raw[path.name].read_bytes()
+    assert sorted(seen) == sorted(raw)
 
 
+@pytest.mark.slow  # the raw PNGs and the task take seconds to write
 def test_make_transfer_task_is_deterministic_given_seed(task, raw_path, tmp_path):
     same = make_transfer_task(raw_path, tmp_path / "same", seed=0)
     other = make_transfer_task(raw_path, tmp_path / "other", seed=1, target_train_per_class=3)
 
-    assert file_hash(same["source"]) == file_hash(task["source"])
-    assert file_hash(same["target"]) == file_hash(task["target"])
-    assert file_hash(other["target"]) != file_hash(task["target"])
+    for name in ("source", "target"):
+        assert sha256_of(same[name]) == sha256_of(task[name])
+        assert file_hash(same[name].with_suffix(".npz")) == file_hash(
+            task[name].with_suffix(".npz")
+        )
+    assert sha256_of(other["target"]) != sha256_of(task["target"])
     assert other["sizes"]["target"] == {"train": 15, "test": 881}
 
 
+@pytest.mark.slow  # the raw PNGs and the task take seconds to write
 def test_make_transfer_task_errors(raw_path, tmp_path):
     with pytest.raises(DataError, match="target_train_per_class must be between 1 and"):
         make_transfer_task(raw_path, tmp_path, seed=0, target_train_per_class=0)
     with pytest.raises(DataError, match="python -m tfstack.pipeline.demo write-raw"):
-        make_transfer_task(tmp_path / "missing.npz", tmp_path, seed=0)
+        make_transfer_task(tmp_path / "missing", tmp_path, seed=0)
 
 
 @pytest.mark.slow
@@ -168,8 +233,8 @@ def test_pretrain_components_saves_base_head_and_wide_head(task, tmp_path):
     assert [layer.name for layer in head.layers] == ["features_in", "classifier"]
 
     # The saved parts, stacked again, are the trained classifier.
-    with np.load(task["source"]) as source:
-        x_test, y_test = source["x_test"], source["y_test"]
+    with np.load(task["source"].with_suffix(".npz")) as source:
+        x_test, y_test = source["x_test"] / np.float32(255), source["y_test"]
     predictions = head.predict(base.predict(x_test, verbose=0), verbose=0)
     accuracy = float(np.mean(predictions.argmax(axis=1) == y_test))
     assert accuracy == pytest.approx(result["source_test_accuracy"], abs=1e-6)

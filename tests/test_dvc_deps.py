@@ -7,6 +7,8 @@ params.yaml in `dvc exp run`.
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 
@@ -24,7 +26,7 @@ def composed_deps(*overrides: str) -> dict:
 
 def test_the_demo_depends_on_its_own_files():
     assert composed_deps() == {
-        "data": "outputs/prepare/target.npz",
+        "data": "outputs/prepare/target",
         "base": "outputs/pretrain/base.keras",
         "base_weights": "params.yaml",
         "head": "outputs/pretrain/head.keras",
@@ -95,3 +97,33 @@ def test_every_config_group_the_build_bakes_into_stacked_keras_is_a_build_param(
     params = set(stages["build"]["params"])
     for group in ["components", "stacking", "preprocess", "augment", "data", "train.precision"]:
         assert group in params, group
+
+
+@pytest.mark.slow
+def test_the_demo_stages_run_only_upstream_of_the_demos_files(template, tmp_path):
+    """`dvc repro evaluate` (make run) runs prepare and pretrain only when their outputs are the
+    configured data or components; with the user's own files they stay out, even out of date."""
+    project = dvc_project(template, tmp_path / "dvc")
+    shutil.copytree(project / "outputs/prepare/target", project / "mine")
+    (project / "models").mkdir()
+    for name in ("base.keras", "head.keras"):
+        shutil.copy2(project / "outputs/pretrain" / name, project / "models" / name)
+    stale_demo = "demo.target_train_per_class=9"  # makes prepare and pretrain out of date
+    own_files = [
+        "data=images",
+        "data.path=mine",
+        "data.color_mode=grayscale",
+        "components.base.path=models/base.keras",
+        "components.head.path=models/head.keras",
+    ]
+
+    sh(project, "tfstack", "params", *own_files, stale_demo)
+    # What `dvc repro evaluate` would run: evaluate and the changed stages upstream of it.
+    status = json.loads(sh(project, "dvc", "status", "--with-deps", "evaluate", "--json").stdout)
+    assert {"build", "evaluate"} <= set(status), status
+    assert "prepare" not in status and "pretrain" not in status, status
+    assert "prepare" in json.loads(sh(project, "dvc", "status", "--json").stdout)  # stale
+
+    sh(project, "tfstack", "params", stale_demo)  # the demo's own files again
+    status = json.loads(sh(project, "dvc", "status", "--with-deps", "evaluate", "--json").stdout)
+    assert {"prepare", "pretrain", "build", "evaluate"} <= set(status), status

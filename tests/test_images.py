@@ -445,14 +445,14 @@ def test_cached_frozen_phase_on_images_equals_the_uncached_phase(tmp_path):
 
 
 def _digit_folder(root, project):
-    """The demo's target digits (8x8, 0..16) as 8-bit grayscale PNGs in train/ and test/."""
+    """The demo's target digits (8x8, pixels 0..255) as 8-bit grayscale PNGs in train/ and test/."""
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         for split in ("train", "test"):
             x, y = data[f"x_{split}"], data[f"y_{split}"]
             # All five classes: one class folder per output of the demo head (a class name
             # for each; fewer folders than the head's classes is refused, naming both).
             for i, (image, label) in enumerate(zip(x, y, strict=True)):
-                pixels = np.clip(image[..., 0] * 16, 0, 255).astype(np.uint8)
+                pixels = image[..., 0]  # uint8 0..255, as the demo's PNGs hold them
                 path = root / split / f"digit{label}" / f"{i:03d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
                 Image.fromarray(pixels, "L").save(path)

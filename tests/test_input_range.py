@@ -15,7 +15,6 @@ import pytest
 from mlflow.tracking import MlflowClient
 from project_copy import clone, tfstack
 
-from tfstack.data import load_npz
 from tfstack.input_range import check_input_range, value_range
 from tfstack.pipeline import demo
 
@@ -160,21 +159,21 @@ def test_an_adapted_normalization_is_read_after_a_reload(tmp_path):
     assert kinds(pixels / 255, model) == ["scaled_twice"]
 
 
-def test_the_demo_data_does_not_warn_and_its_raw_pixels_would(tmp_path):
-    raw = demo.write_raw_digits(tmp_path / "data")
-    demo.make_transfer_task(raw, tmp_path / "prepare", seed=42)
+def test_the_demo_data_does_not_warn_through_its_rescaling_and_would_without():
+    from sklearn.datasets import load_digits
+
+    # What the demo's PNGs hold (test_demo checks they hold exactly this): uint8 0..255.
+    pixels = demo.digits_to_pixels(load_digits().images)[..., np.newaxis]
     base, head, _ = demo.build_components(seed=42)
     inputs = keras.Input(demo.IMAGE_SHAPE)
-    model = keras.Model(inputs, head(base(inputs)))
+    bare = keras.Model(inputs, head(base(inputs)))
+    # preprocess=rescale, the demo's default: the stacked model takes the PNGs' 0..255 pixels.
+    rescaled = keras.Model(inputs, head(base(keras.layers.Rescaling(1 / 255)(inputs))))
 
-    for name in ("source", "target"):
-        splits = load_npz(tmp_path / "prepare" / f"{name}.npz")
-        assert kinds(splits.x_train, model) == [], name
-    with np.load(raw) as data:
-        pixels = data["x"][..., None]  # uint8 0..16, before the demo divides by 16
-    warnings = check_input_range(pixels, model)
+    assert kinds(pixels, rescaled) == []
+    warnings = check_input_range(pixels, bare)
     assert [w.kind for w in warnings] == ["unscaled_images"]
-    assert "Rescaling(1/16)" in warnings[0].message
+    assert "Rescaling(1/255)" in warnings[0].message
 
 
 def test_value_range_scans_in_chunks_without_a_float_copy():
@@ -206,11 +205,10 @@ def test_tfstack_run_on_uint8_images_warns_tags_the_run_and_finishes(template, t
     project = clone(template, tmp_path / "project")
     with np.load(project / "outputs" / "prepare" / "target.npz") as data:
         arrays = {k: data[k] for k in data.files}
-    for split in ("x_train", "x_test"):
-        arrays[split] = np.round(arrays[split] * 255).astype(np.uint8)  # demo shape, 0..255
+    assert arrays["x_train"].dtype == np.uint8  # the demo's pixels 0..255, as in its PNGs
     np.savez(project / "u8.npz", **arrays)
 
-    result = tfstack(project, "run", "data=npz", "data.path=u8.npz")
+    result = tfstack(project, "run", "data=npz", "data.path=u8.npz", "preprocess=none")
 
     assert result.returncode == 0, result.stderr[-3000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("tfstack: warning:")]

@@ -193,7 +193,9 @@ def test_the_build_stage_adapts_normalize_on_the_configured_training_split(proje
     from tfstack.pipeline.inputs import load_components, make_front
     from tfstack.pipeline.paths import Paths
 
-    config = compose(["preprocess=normalize", "augment=flip_rotate"], config_dir=project / "conf")
+    overrides = ["preprocess=normalize", "augment=flip_rotate"]
+    arrays = ["data=npz", "data.path=outputs/prepare/target.npz"]  # the demo's images as arrays
+    config = compose([*overrides, *arrays], config_dir=project / "conf")
     paths = Paths.from_config(config, project)
     bases, _ = load_components(config, paths)
     preprocess, augment = make_front(config, paths, bases[0])

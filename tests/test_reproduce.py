@@ -3,10 +3,12 @@
 import numpy as np
 import pytest
 import test_pipeline
+from PIL import Image
 from test_pipeline import _runs, _sh, assert_complete_run
 
 from tfstack import cli, tracking
 from tfstack.pipeline import reproduce
+from tfstack.png_files import write_gray_png
 
 project = test_pipeline.project  # the fixture: a shrunk git + DVC copy of the project
 
@@ -62,14 +64,15 @@ def test_reproduce_gives_identical_metrics_and_refuses_other_data(project, monke
         assert sorted(before) == sorted(after), name  # exactly, not approximately
     assert (project / "outputs" / "reproduce" / source.info.run_id / "evaluate").is_dir()
 
-    # Other data: refused before any run starts.
-    target = project / "outputs" / "prepare" / "target.npz"
-    arrays = dict(np.load(target))
-    arrays["x_train"] = arrays["x_train"] + 1.0
-    np.savez(target, **arrays)
+    # Other data: one changed PNG of the image folder is refused before any run starts.
+    assert source.data.params["data.format"] == "images"
+    [image] = sorted((project / "outputs" / "prepare" / "target" / "train" / "5").glob("*.png"))[:1]
+    with Image.open(image) as opened:
+        pixels = 255 - np.asarray(opened)
+    write_gray_png(image, pixels)
     assert cli.main(["reproduce", source.info.run_id]) == 2
     err = capsys.readouterr().err
-    assert "data.path=outputs/prepare/target.npz has hash" in err and "Refusing" in err
+    assert "data.path=outputs/prepare/target has hash" in err and "Refusing" in err
     assert len(_runs(project)[1]) == 2
 
 

@@ -2,10 +2,12 @@
 
 Nothing is downloaded: `sklearn.datasets.load_digits` reads a file shipped inside scikit-learn.
 
-- `write_raw_digits` writes ``digits.npz`` (1797 images 8x8, pixel values 0..16 as uint8, and
-  labels 0..9), byte-identical on every machine and run.
-- `make_transfer_task` splits it into a source task (digits 0-4, 80% train / 20% test) and a
-  target task (digits 5-9 relabelled 0-4, only a few labelled training samples per class).
+- `write_raw_digits` writes ``digits/<digit>/<index>.png`` (1797 8x8 grayscale PNGs in class
+  folders 0..9, pixel values 0..16 stored as round(v * 255 / 16)), byte-identical on every
+  machine and run.
+- `make_transfer_task` splits them into a source task (digits 0-4, 80% train / 20% test) and a
+  target task (digits 5-9, class names "5".."9", only a few labelled training images per
+  class), each an image folder ``{train,test}/<digit>/`` that ``data=images`` reads.
 - `pretrain_components` trains a small CNN on the source task and saves it as two components:
   ``base.keras`` (the feature extractor) and ``head.keras`` (the classifier), plus
   ``head_wide.keras``, a head that expects 64 features instead of 32 (a real shape mismatch).
@@ -45,8 +47,8 @@ scratch widens (joint 0.80-0.88 against scratch 0.68-0.82).
 Command line (the data stage of the pipeline)::
 
     python -m tfstack.pipeline.demo write-raw data/
-    python -m tfstack.pipeline.demo prepare data/digits.npz prepared/ --seed 0
-    python -m tfstack.pipeline.demo pretrain prepared/source.npz models/ --seed 0 --epochs 20
+    python -m tfstack.pipeline.demo prepare data/digits prepared/ --seed 0
+    python -m tfstack.pipeline.demo pretrain prepared/source models/ --seed 0 --epochs 20
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ import argparse
 import json
 import logging
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -62,13 +65,15 @@ from typing import Any
 
 import numpy as np
 
-from tfstack.data import file_hash, save_npz
+from tfstack.data import save_npz
 from tfstack.errors import DataError, TfstackError
+from tfstack.file_hashes import sha256_of
 from tfstack.files import atomic_path
+from tfstack.png_files import write_gray_png
 
 logger = logging.getLogger(__name__)
 
-RAW_FILE = "digits.npz"
+RAW_DIR = "digits"
 SOURCE_DIGITS = (0, 1, 2, 3, 4)
 TARGET_DIGITS = (5, 6, 7, 8, 9)
 SOURCE_TEST_FRACTION = 0.2
@@ -92,64 +97,84 @@ HEAD_LAYERS = ("features_in", "classifier")
 
 
 def write_raw_digits(out_dir: str | os.PathLike[str]) -> Path:
-    """Write scikit-learn's bundled digits as ``out_dir/digits.npz``, byte-identical every time.
+    """Write scikit-learn's bundled digits as PNG files in class folders, byte-identical every time.
 
-    The file holds ``x`` (uint8, shape (1797, 8, 8), values 0..16) and ``y`` (int64, digits 0..9),
-    in scikit-learn's order, written by `tfstack.data.save_npz` (fixed zip dates and modes,
-    no compression).
+    ``out_dir/digits/<digit>/<index>.png``: one 8x8 8-bit grayscale PNG per image, named by its
+    index in scikit-learn's order (``0000.png`` .. ``1796.png``), in the folder of its digit.
+    Pixels 0..16 are stored as ``round(v * 255 / 16)`` (0, 16, 32, ..., 239, 255), so the
+    files look like ordinary images and `pixels_to_digits` gives the values back exactly. The
+    files are written by `tfstack.png_files` (no compression choices, no time stamps) in sorted
+    order into a fresh folder, which then replaces ``out_dir/digits`` whole.
 
     Args:
         out_dir: Directory to write into; created if missing.
 
     Returns:
-        The path of the file written.
+        The folder written (``out_dir/digits``).
     """
     from sklearn.datasets import load_digits
 
     digits = load_digits()
-    x = digits.images.astype(np.uint8)  # integral pixel values 0..16 stored as float64
-    if not np.array_equal(x, digits.images):
+    values = digits.images.astype(np.uint8)  # integral pixel values 0..16 stored as float64
+    if not np.array_equal(values, digits.images):
         raise DataError("scikit-learn's digits are no longer integral pixel values 0..16.")
-    y = digits.target.astype(np.int64)
-    path = save_npz(Path(out_dir) / RAW_FILE, {"x": x, "y": y})
-    logger.info("Wrote %s (%d images, md5 %s)", path, len(x), file_hash(path))
-    return path
+    pixels = digits_to_pixels(values)
+    folder = Path(out_dir) / RAW_DIR
+    scratch = folder.with_name(f".{RAW_DIR}.tmp")
+    shutil.rmtree(scratch, ignore_errors=True)
+    for index, (image, digit) in enumerate(zip(pixels, digits.target, strict=True)):
+        (scratch / str(digit)).mkdir(parents=True, exist_ok=True)
+        write_gray_png(scratch / str(digit) / f"{index:04d}.png", image)
+    shutil.rmtree(folder, ignore_errors=True)
+    scratch.rename(folder)  # a killed write leaves the hidden scratch folder, never half of data/
+    logger.info("Wrote %s (%d images, sha256 %s)", folder, len(pixels), sha256_of(folder))
+    return folder
+
+
+def digits_to_pixels(values: np.ndarray) -> np.ndarray:
+    """Digit pixel values 0..16 -> uint8 0..255 (``round(v * 255 / 16)``), as the PNGs hold."""
+    return np.round(np.asarray(values, np.float64) * 255 / PIXEL_MAX).astype(np.uint8)
+
+
+def pixels_to_digits(pixels: np.ndarray) -> np.ndarray:
+    """The inverse of `digits_to_pixels`: uint8 0..255 -> the original values 0..16."""
+    return np.round(np.asarray(pixels, np.float64) * PIXEL_MAX / 255).astype(np.uint8)
 
 
 def make_transfer_task(
-    raw_path: str | os.PathLike[str],
+    raw_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     seed: int,
     target_train_per_class: int = 10,
 ) -> dict[str, Any]:
-    """Split the raw digits into a source task and a small-data target task.
+    """Split the raw digit PNGs into a source task and a small-data target task.
 
-    - ``source.npz``: digits 0-4 with labels 0-4; 80% of each digit for training, 20% for test.
-    - ``target.npz``: digits 5-9 relabelled 0-4 (5 -> 0, ..., 9 -> 4); ``target_train_per_class``
-      training samples per class, all others for test.
+    Both tasks are image folders of copies of the raw PNGs, read by ``data=images``:
 
-    Images are float32 in [0, 1] with shape (8, 8, 1); labels int64. The same raw file and seed
-    give byte-identical outputs.
+    - ``source/{train,test}/<digit>/``: digits 0-4; 80% of each digit for training, 20% for test.
+    - ``target/{train,test}/<digit>/``: digits 5-9 (class names "5".."9", ids 0-4);
+      ``target_train_per_class`` training images per class, all others for test.
+
+    ``source.npz`` and ``target.npz`` hold the same tasks as arrays (``data=npz``): uint8 images
+    (n, 8, 8, 1) with pixels 0..255 as in the PNGs, int64 labels 0-4 and ``class_names``. The
+    same raw folder and seed give byte-identical outputs.
 
     Args:
-        raw_path: The file written by `write_raw_digits`.
-        out_dir: Directory for ``source.npz`` and ``target.npz``; created if missing.
+        raw_dir: The folder written by `write_raw_digits`.
+        out_dir: Directory for the two tasks; created if missing.
         seed: Seed of both splits.
-        target_train_per_class: Labelled training samples per target class.
+        target_train_per_class: Labelled training images per target class.
 
     Returns:
         ``{"source": Path, "target": Path, "sizes": {"source": {"train": n, "test": n},
-        "target": {...}}}``.
+        "target": {...}}}`` (the two image folders).
 
     Raises:
-        DataError: The raw file is missing or malformed, or ``target_train_per_class`` leaves
-            no test samples.
+        DataError: The raw folder is missing or malformed, or ``target_train_per_class`` leaves
+            no test images.
     """
-    x, y = _load_raw(Path(raw_path))
-    images = (x.astype(np.float32) / PIXEL_MAX).reshape(
-        -1, *IMAGE_SHAPE
-    )  # (n, 8, 8) -> (n, 8, 8, 1)
+    files, y = _raw_files(Path(raw_dir))
     rng = np.random.default_rng(seed)
 
     source_train, source_test = [], []
@@ -171,28 +196,27 @@ def make_transfer_task(
         target_test.append(index[target_train_per_class:])
 
     out_dir = Path(out_dir)
-    relabel = np.full(10, -1, dtype=np.int64)
-    relabel[list(SOURCE_DIGITS)] = np.arange(len(SOURCE_DIGITS))
-    relabel[list(TARGET_DIGITS)] = np.arange(len(TARGET_DIGITS))
     sizes: dict[str, dict[str, int]] = {}
     paths: dict[str, Path] = {}
-    for name, train_parts, test_parts in (
-        ("source", source_train, source_test),
-        ("target", target_train, target_test),
+    for name, digits, splits in (
+        ("source", SOURCE_DIGITS, {"train": source_train, "test": source_test}),
+        ("target", TARGET_DIGITS, {"train": target_train, "test": target_test}),
     ):
-        # Sorted indices keep scikit-learn's order inside each split: stable and easy to inspect.
-        train = np.sort(np.concatenate(train_parts))
-        test = np.sort(np.concatenate(test_parts))
-        paths[name] = save_npz(
-            out_dir / f"{name}.npz",
-            {
-                "x_train": images[train],
-                "y_train": relabel[y[train]],
-                "x_test": images[test],
-                "y_test": relabel[y[test]],
-            },
-        )
-        sizes[name] = {"train": int(len(train)), "test": int(len(test))}
+        relabel = {digit: label for label, digit in enumerate(digits)}
+        folder = out_dir / name
+        shutil.rmtree(folder, ignore_errors=True)
+        arrays: dict[str, np.ndarray] = {"class_names": np.array([str(d) for d in digits])}
+        for split, parts in splits.items():
+            # Sorted indices keep scikit-learn's order inside each split: stable, easy to inspect.
+            chosen = np.sort(np.concatenate(parts))
+            for i in chosen:
+                _copy(files[i], folder / split / str(y[i]) / files[i].name)
+            pixels = np.stack([_read_png(files[i]) for i in chosen])
+            arrays[f"x_{split}"] = pixels[..., np.newaxis]  # (n, 8, 8) -> (n, 8, 8, 1)
+            arrays[f"y_{split}"] = np.array([relabel[d] for d in y[chosen]], dtype=np.int64)
+        save_npz(out_dir / f"{name}.npz", arrays)
+        paths[name] = folder
+        sizes[name] = {split: len(arrays[f"y_{split}"]) for split in splits}
     logger.info("Wrote transfer task to %s: %s", out_dir, sizes)
     return {"source": paths["source"], "target": paths["target"], "sizes": sizes}
 
@@ -228,7 +252,7 @@ def build_components(seed: int) -> tuple[Any, Any, Any]:
 
 
 def pretrain_components(
-    source_npz: str | os.PathLike[str],
+    source_dir: str | os.PathLike[str],
     out_dir: str | os.PathLike[str],
     *,
     seed: int,
@@ -244,7 +268,8 @@ def pretrain_components(
     (for the whole process), so a run is repeatable on one machine.
 
     Args:
-        source_npz: ``source.npz`` from `make_transfer_task`.
+        source_dir: The ``source`` image folder of `make_transfer_task` (its PNGs are read,
+            pixels scaled to [0, 1] as the stacked model's ``preprocess=rescale`` does).
         out_dir: Directory for ``base.keras``, ``head.keras``, ``head_wide.keras``.
         seed: Seed of initialisation, shuffling and the validation split.
         epochs: Training epochs (each stage).
@@ -257,12 +282,12 @@ def pretrain_components(
         ``layers`` (model name -> layer names).
 
     Raises:
-        DataError: ``source_npz`` is missing or malformed, or ``epochs`` < 1.
+        DataError: ``source_dir`` is missing or malformed, or ``epochs`` < 1.
     """
     import keras
     import tensorflow as tf
 
-    from tfstack.data import load_npz
+    from tfstack.data import split_off
     from tfstack.datasets import make_dataset
 
     if epochs < 1:
@@ -270,12 +295,15 @@ def pretrain_components(
     started = time.perf_counter()
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    splits = load_npz(source_npz, val_fraction=0.1, seed=seed, key="source_npz")
-    train_ds = make_dataset(
-        splits.x_train, splits.y_train, batch_size=batch_size, shuffle=True, seed=seed
+    source_dir = Path(source_dir)
+    x, y = _read_split(source_dir / "train")
+    (x_train, y_train), (x_val, y_val) = split_off(
+        x, y, fraction=0.1, seed=seed, key="val_fraction", where=f"source_dir={source_dir}"
     )
-    val_ds = make_dataset(splits.x_val, splits.y_val, batch_size=256, shuffle=False, seed=seed)
-    test_ds = make_dataset(splits.x_test, splits.y_test, batch_size=256, shuffle=False, seed=seed)
+    x_test, y_test = _read_split(source_dir / "test")
+    train_ds = make_dataset(x_train, y_train, batch_size=batch_size, shuffle=True, seed=seed)
+    val_ds = make_dataset(x_val, y_val, batch_size=256, shuffle=False, seed=seed)
+    test_ds = make_dataset(x_test, y_test, batch_size=256, shuffle=False, seed=seed)
 
     base, head, head_wide = build_components(seed)
     image = keras.Input(IMAGE_SHAPE, name="image")
@@ -313,7 +341,7 @@ def pretrain_components(
     }
     logger.info(
         "Pretrained on %s: source test accuracy %.3f (head_wide %.3f) in %.1fs",
-        source_npz,
+        source_dir,
         accuracy,
         wide_accuracy,
         result["seconds"],
@@ -340,27 +368,71 @@ def _compile(model: Any, learning_rate: float) -> None:
     )
 
 
-def _load_raw(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """Read ``x`` and ``y`` of the raw digits file, with messages that name it."""
-    if not path.is_file():
+def read_raw_digits(raw_dir: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    """The raw PNGs as arrays, in scikit-learn's order: uint8 pixels (n, 8, 8), digits (n,).
+
+    Args:
+        raw_dir: The folder written by `write_raw_digits`.
+
+    Raises:
+        DataError: The folder is missing or malformed.
+    """
+    files, digits = _raw_files(Path(raw_dir))
+    return np.stack([_read_png(path) for path in files]), digits
+
+
+def _raw_files(folder: Path) -> tuple[list[Path], np.ndarray]:
+    """The raw PNGs in scikit-learn's order (by file name) and their digits (folder names)."""
+    rewrite = f"Rewrite it with `python -m tfstack.pipeline.demo write-raw {folder.parent}`."
+    if not folder.is_dir():
+        raise DataError(f"{folder}: no such folder. {rewrite}")
+    found = sorted(
+        (path.name, path, int(path.parent.name))
+        for path in folder.glob("[0-9]/*.png")
+        if path.is_file()
+    )
+    if sorted({digit for _, _, digit in found}) != list(range(10)):
         raise DataError(
-            f"{path}: no such file. Write it with "
-            f"`python -m tfstack.pipeline.demo write-raw {path.parent}`."
+            f"{folder}: expected PNGs in the class folders 0..9; found "
+            f"{sorted({digit for _, _, digit in found})}. {rewrite}"
         )
+    return [path for _, path, _ in found], np.array([digit for _, _, digit in found])
+
+
+def _read_png(path: Path) -> np.ndarray:
+    """An 8x8 grayscale PNG as a uint8 (8, 8) array, with a message naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
-        with np.load(path, allow_pickle=False) as raw:
-            x, y = raw["x"], raw["y"]
-    except (KeyError, ValueError, OSError, AttributeError) as err:
+        with Image.open(path) as image:
+            pixels = np.asarray(image.convert("L"))
+    except (OSError, UnidentifiedImageError) as err:
+        raise DataError(f"{path}: not a readable PNG ({err}).") from err
+    if pixels.shape != IMAGE_SHAPE[:2]:
+        raise DataError(f"{path}: expected an 8x8 image; received {pixels.shape}.")
+    return pixels
+
+
+def _read_split(folder: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A split of the source task: images float32 in [0, 1], (n, 8, 8, 1), and labels 0-4."""
+    if not folder.is_dir():
         raise DataError(
-            f"{path}: not a raw digits file with arrays x and y ({err}). "
-            f"Rewrite it with `python -m tfstack.pipeline.demo write-raw {path.parent}`."
-        ) from err
-    if x.shape[1:] != (8, 8) or len(x) != len(y):
-        raise DataError(
-            f"{path}: expected x of shape (n, 8, 8) and y of shape (n,); "
-            f"received x {x.shape} and y {y.shape}."
+            f"{folder}: no such folder; run the prepare stage first (dvc repro prepare)."
         )
-    return x, y
+    x, y = [], []
+    for label, digit in enumerate(SOURCE_DIGITS):
+        for path in sorted((folder / str(digit)).glob("*.png")):
+            x.append(_read_png(path))
+            y.append(label)
+    images = np.stack(x).astype(np.float32)[..., np.newaxis] / 255.0
+    return images, np.array(y, dtype=np.int64)
+
+
+def _copy(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination``: a copy, not a hard link, so that editing a prepared
+    image (or DVC checking one out) never changes the raw data."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(source, destination)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -369,15 +441,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m tfstack.pipeline.demo", description=__doc__.split("\n")[0]
     )
     commands = parser.add_subparsers(dest="command", required=True)
-    write_raw = commands.add_parser("write-raw", help="write digits.npz (byte-identical every run)")
+    write_raw = commands.add_parser(
+        "write-raw", help="write digits/<digit>/*.png (byte-identical every run)"
+    )
     write_raw.add_argument("out_dir", type=Path)
-    prepare = commands.add_parser("prepare", help="write source.npz and target.npz")
-    prepare.add_argument("raw_path", type=Path)
+    prepare = commands.add_parser("prepare", help="write the source and target image folders")
+    prepare.add_argument("raw_dir", type=Path)
     prepare.add_argument("out_dir", type=Path)
     prepare.add_argument("--seed", type=int, default=0)
     prepare.add_argument("--target-train-per-class", type=int, default=10)
     pretrain = commands.add_parser("pretrain", help="train and save base/head/head_wide .keras")
-    pretrain.add_argument("source_npz", type=Path)
+    pretrain.add_argument("source_dir", type=Path)
     pretrain.add_argument("out_dir", type=Path)
     pretrain.add_argument("--seed", type=int, default=0)
     pretrain.add_argument("--epochs", type=int, default=20)
@@ -387,10 +461,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "write-raw":
             path = write_raw_digits(args.out_dir)
-            print(f"{path}  md5 {file_hash(path)}")
+            print(f"{path}  sha256 {sha256_of(path)}")
         elif args.command == "prepare":
             task = make_transfer_task(
-                args.raw_path,
+                args.raw_dir,
                 args.out_dir,
                 seed=args.seed,
                 target_train_per_class=args.target_train_per_class,
@@ -398,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps({k: str(v) if isinstance(v, Path) else v for k, v in task.items()}))
         else:
             result = pretrain_components(
-                args.source_npz, args.out_dir, seed=args.seed, epochs=args.epochs
+                args.source_dir, args.out_dir, seed=args.seed, epochs=args.epochs
             )
             print(json.dumps(result, indent=2))
     except TfstackError as err:

@@ -353,6 +353,22 @@ def input_sample(dataset, limit: int | None = None):
     return dataset.sample(INPUT_RANGE_SAMPLES if limit is None else limit)
 
 
+def served_example(dataset, limit: int = 5):
+    """The input example a logged model is signed with: raw inputs in their natural dtype.
+
+    An array dataset's first samples as stored; decoded images (float32 0..255, as Keras decodes
+    them) back as uint8, the dtype of the 8-bit image files a client sends.
+    """
+    import numpy as np
+
+    from tfstack.datasets import ArrayDataset
+
+    example = input_sample(dataset, limit=limit)
+    if isinstance(dataset, ArrayDataset):
+        return example
+    return np.clip(np.round(example), 0, 255).astype(np.uint8)
+
+
 def _is_files(splits) -> bool:
     from tfstack.image_files import FileSplits
 

@@ -248,7 +248,7 @@ class DistributeConfig:
 class DemoConfig:
     """The demo's prepare and pretrain stages (digits 0-4 -> 5-9)."""
 
-    raw: str = "data/digits.npz"
+    raw: str = "data/digits"
     target_train_per_class: int = 10
     pretrain_epochs: int = 15
 

@@ -39,6 +39,7 @@ from tfstack.pipeline.inputs import (
     make_phases,
     safe_mode_for,
     seed_everything,
+    served_example,
 )
 from tfstack.pipeline.paths import Paths
 from tfstack.pipeline.records import component_files, log_build_report, log_phases, shape_report
@@ -67,11 +68,11 @@ EPOCH_LOGGING = {"synchronous": True, "min_interval_s": 5.0}
 
 
 def prepare(config: Config, paths: Paths) -> dict:
-    """Make the demo's source and target tasks from the raw digits."""
+    """Make the demo's source and target tasks (image folders) from the raw digit PNGs."""
     from tfstack.pipeline import demo
 
     raw = paths.resolve(config.demo.raw)
-    if not raw.is_file():
+    if not raw.is_dir():
         raise DataError(
             f"demo.raw={config.demo.raw} does not exist. Run `make data` (or "
             "`python -m tfstack.pipeline.demo write-raw data`) to materialize it, or `dvc pull`."
@@ -89,8 +90,8 @@ def pretrain(config: Config, paths: Paths) -> dict:
     """Train the demo's model_1 (base) and model_2 (head) on the source task."""
     from tfstack.pipeline import demo
 
-    source = paths.stage("prepare") / "source.npz"
-    if not source.is_file():
+    source = paths.stage("prepare") / "source"
+    if not source.is_dir():
         raise DataError(f"{source} is missing; run the prepare stage first (dvc repro prepare).")
     result = demo.pretrain_components(
         source, paths.stage("pretrain"), seed=config.seed, epochs=config.demo.pretrain_epochs
@@ -379,7 +380,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     if run.run_id and config.tracking.log_model:
         from tfstack import tracking
 
-        example = input_sample(test_ds, limit=5)
+        example = served_example(test_ds)  # uint8 for images, as a client sends them
         uri = tracking.log_keras_model(run.run_id, model, example, name="model")
         logger.info("Logged the trained model as %s", uri)
         if names is not None:
@@ -402,7 +403,7 @@ def ensure_demo_inputs(config: Config, paths: Paths) -> None:
     """For ``tfstack run`` on the demo: make the prepared data and components when missing."""
     if config.data.name != "digits":
         return
-    if not paths.resolve(config.data.path).is_file():
+    if not paths.resolve(config.data.path).exists():
         logger.info("Demo data missing: running prepare")
         prepare(config, paths)
     demo_components = [config.components.base.path, config.components.head.path]
