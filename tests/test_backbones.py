@@ -366,3 +366,68 @@ def test_tfstack_run_offline_without_the_weights_says_so_in_one_line(
     assert not (project / "outputs" / "run.json").exists()
     assert not (project / "outputs" / "build").exists()
     assert not leftovers(project / "outputs")
+
+
+# ---------------------------------------------------------------- the whole recipe
+
+
+@pytest.mark.slow
+def test_the_keras_transfer_learning_recipe_from_config_alone(project, keras_home, offline):
+    """Issue 13's user: class folders, a cached ImageNet MobileNetV2, its preprocess_input,
+    flip/rotate augmentation, freeze=frozen + schedule=two_phase, all from config; the logged
+    classifier answers raw uint8 images with the folder names."""
+    import mlflow
+    from PIL import Image
+
+    cached_mobilenet(keras_home)
+    rng = np.random.default_rng(0)
+    names = ["cat", "dog", "fox"]
+    for split, count in (("train", 6), ("test", 3)):
+        for label, name in enumerate(names):
+            folder = project / "pics" / split / name
+            folder.mkdir(parents=True)
+            for i in range(count):  # a class is a colour, so the model has something to learn
+                pixels = rng.integers(0, 80, size=(40, 40, 3), dtype=np.uint8)
+                pixels[..., label] += 150
+                Image.fromarray(pixels, "RGB").save(folder / f"{i}.png")
+    keras.Sequential(
+        [keras.Input((1280,)), keras.layers.Dense(3, activation="softmax", name="out")]
+    ).save(project / "head.keras")
+
+    result = tfstack(
+        project,
+        "run",
+        "data=images",
+        "data.path=pics",
+        "preprocess=applications",
+        "augment=flip_rotate",
+        "components.base.path=keras_applications:MobileNetV2",
+        "components.base.weights=imagenet",
+        "components.base.kwargs={alpha:0.35}",
+        "components.base.input_shape=[96,96,3]",
+        "components.base.pooling=avg",
+        "components.head.path=head.keras",
+        "freeze=frozen",
+        "schedule=two_phase",
+        "tracking.experiment=recipe",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("recipe")
+    (run,) = client.search_runs([experiment.experiment_id])
+    tags = run.data.tags
+    assert run.info.status == "FINISHED"
+    assert tags["component.base.sha256"] == sha256_of(keras_home / "models" / MOBILENET_FILE)
+    # Augmentation in front of the frozen base: its features change every epoch, so no cache.
+    assert tags["phase.0.cached"] == "false" and tags["phase.1.cached"] == "false"
+    assert {"test_accuracy", "test_loss"} <= set(run.data.metrics)
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    served = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/classifier")
+    # uint8 pixels at the size the data was decoded to (the base's); the model preprocesses.
+    image = np.asarray(Image.open(project / "pics" / "test" / "dog" / "0.png").resize((96, 96)))
+    table = served.predict(image[None])
+    assert list(table.columns) == ["label", *names]
+    assert table["label"][0] in names
+    assert table[names].to_numpy().sum() == pytest.approx(1.0, abs=1e-5)
