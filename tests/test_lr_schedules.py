@@ -277,7 +277,7 @@ def _per_phase(config, train=None, per_phase=None):
     """`lr_schedule_per_phase` of a copy of ``config`` with those settings."""
     import copy
 
-    from tfstack.pipeline.config import lr_schedule_per_phase
+    from tfstack.pipeline.phase_settings import lr_schedule_per_phase
     from tfstack.pipeline.schema import LrScheduleConfig
 
     config = copy.deepcopy(config)

@@ -19,10 +19,10 @@ from stop_callbacks import StopAt
 
 from tfstack import ArrayDataset, FreezePolicy, build_stacked, run_schedule
 from tfstack.errors import ConfigError
+from tfstack.keras_names import KERAS_CALLBACKS, REFUSED_CALLBACKS
 from tfstack.pipeline.config import validate
 from tfstack.schedules import Phase
 from tfstack.user_callbacks import builtin_callback
-from tfstack.vocabulary import KERAS_CALLBACKS, REFUSED_CALLBACKS
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"

@@ -37,7 +37,7 @@ import tensorflow as tf
 
 from tfstack.epoch_metrics import current_learning_rate
 from tfstack.errors import ScheduleError
-from tfstack.vocabulary import LR_SCHEDULE_OPTIONS, lr_schedule_problem
+from tfstack.vocabulary import LR_SCHEDULE_OPTIONS, LrScheduleOptions, lr_schedule_problem
 
 # Where a checkpoint's record of the current phase keeps `PhasePlateau.state`.
 STATE_KEY = "lr_schedule_state"
@@ -61,8 +61,8 @@ DEFAULTS: dict[str, Any] = {
 }
 
 
-@dataclass(frozen=True)
-class LrScheduleSpec:
+@dataclass
+class LrScheduleSpec(LrScheduleOptions):
     """How the learning rate moves within a phase (see the module docstring for each name).
 
     Options left None take their default (`DEFAULTS`); an option the schedule does not use
@@ -91,21 +91,6 @@ class LrScheduleSpec:
         [0.1, 0.010000000000000002, 0.0010000000000000002]
     """
 
-    name: str = "constant"
-    warmup_epochs: int | None = None
-    warmup_steps: int | None = None
-    final_fraction: float | None = None
-    decay_rate: float | None = None
-    decay_epochs: int | None = None
-    staircase: bool | None = None
-    step_epochs: int | None = None
-    factor: float | None = None
-    monitor: str | None = None
-    mode: str | None = None
-    patience: int | None = None
-    min_delta: float | None = None
-    cooldown: int | None = None
-    min_lr: float | None = None
     setting: str = "train.lr_schedule"
 
     def __post_init__(self) -> None:

@@ -8,7 +8,7 @@ the optimizer), so a ModelCheckpoint saves the stacked model, and an EarlyStoppi
 ``self.model.stop_training`` stops the phase: the flag is passed on to the fitted model.
 
 `builtin_callback` makes a ``keras.callbacks`` class from a ``{class_name, config}`` entry
-(checked by `tfstack.vocabulary.callback_entry_problem`); a relative file path of
+(checked by `tfstack.keras_names.callback_entry_problem`); a relative file path of
 ModelCheckpoint or CSVLogger is under the given directory.
 """
 
@@ -21,7 +21,7 @@ from typing import Any
 import keras
 
 from tfstack.errors import ConfigError
-from tfstack.vocabulary import CALLBACK_PATHS, callback_entry_problem
+from tfstack.keras_names import CALLBACK_PATHS, callback_entry_problem
 
 
 class FullModelCallbacks(keras.callbacks.Callback):
@@ -104,7 +104,7 @@ def builtin_callback(
         The callback (a CSVLogger appends, so that every phase's epochs are in its file).
 
     Raises:
-        ConfigError: an entry `tfstack.vocabulary.callback_entry_problem` refuses, or
+        ConfigError: an entry `tfstack.keras_names.callback_entry_problem` refuses, or
             parameters Keras refuses.
 
     Example:

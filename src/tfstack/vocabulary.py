@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 STRATEGIES = ("sequential", "adapter", "functional")
@@ -186,7 +187,7 @@ def is_set(value: Any) -> bool:
     return value is not None and not (isinstance(value, list | tuple | dict) and not value)
 
 
-def _shown(value: Any) -> str:
+def shown(value: Any) -> str:
     """The value as in a Hydra override; long lists of layer configs shortened to ``[...]``."""
     if isinstance(value, list | tuple):
         text = "[" + ", ".join(map(str, value)) + "]"
@@ -215,7 +216,7 @@ def unused_option(
         users = [name for name, used in uses.items() if key in used]
         only = " or ".join(f"{group}={name}" for name in users)
         return (
-            f"{group}.{key}={_shown(value)} applies only to {only}, and {group} is {choice!r}, "
+            f"{group}.{key}={shown(value)} applies only to {only}, and {group} is {choice!r}, "
             f"so it would be ignored. Add {group}={users[0]}, or remove {group}.{key}."
         )
     return None
@@ -234,7 +235,7 @@ def unused_across_groups(
         for key, value in (("bn", bn), ("components", components)):
             if is_set(value):
                 return (
-                    f"freeze.{key}={_shown(value)} with freeze=frozen applies only to the phases "
+                    f"freeze.{key}={shown(value)} with freeze=frozen applies only to the phases "
                     "that schedule=two_phase or schedule=gradual unfreezes; schedule=single "
                     "trains the head only, so it would be ignored. Add schedule=two_phase, use "
                     f"freeze=partial, or remove freeze.{key}."
@@ -264,7 +265,7 @@ def augment_layer_problem(layers: Any, *, key: str = "augment.layers") -> str | 
         ``augment.layers[1]: RandomZom is not an augmentation layer. ...``, or None.
     """
     if not isinstance(layers, list | tuple):
-        return f"{key}={_shown(layers)} is not a list. Give a list such as {_AUGMENT_EXAMPLE}."
+        return f"{key}={shown(layers)} is not a list. Give a list such as {_AUGMENT_EXAMPLE}."
     for index, entry in enumerate(layers):
         where = f"{key}[{index}]"
         if not isinstance(entry, Mapping) or set(entry) - {"class_name", "config"}:
@@ -316,6 +317,30 @@ LR_SCHEDULE_OPTIONS: Mapping[str, tuple[str, ...]] = {
 }
 """The ``train.lr_schedule.*`` options each schedule uses besides ``name``."""
 
+
+@dataclass
+class LrScheduleOptions:
+    """The ``train.lr_schedule`` keys, written once: the config schema
+    (`tfstack.pipeline.schema.LrScheduleConfig`) and the library's
+    `tfstack.lr_schedules.LrScheduleSpec` both extend it. None is the schedule's default."""
+
+    name: str = "constant"
+    warmup_epochs: int | None = None
+    warmup_steps: int | None = None
+    final_fraction: float | None = None
+    decay_rate: float | None = None
+    decay_epochs: int | None = None
+    staircase: bool | None = None
+    step_epochs: int | None = None
+    factor: float | None = None
+    monitor: str | None = None
+    mode: str | None = None
+    patience: int | None = None
+    min_delta: float | None = None
+    cooldown: int | None = None
+    min_lr: float | None = None
+
+
 LR_SCHEDULES = tuple(LR_SCHEDULE_OPTIONS)
 """How the rate moves within a phase (``train.lr_schedule.name``)."""
 
@@ -359,7 +384,7 @@ def lr_schedule_problem(values: Mapping[str, Any], where: str) -> str | None:
         if key not in LR_SCHEDULE_OPTIONS[name]:
             users = " and ".join(n for n, keys in LR_SCHEDULE_OPTIONS.items() if key in keys)
             return (
-                f"{where}.{key}={_shown(value)} applies only to {where}.name={users}, and the "
+                f"{where}.{key}={shown(value)} applies only to {where}.name={users}, and the "
                 f"name is {name!r}, so it would be ignored. Remove it, or set the name."
             )
         problem = _lr_schedule_value_problem(key, value, f"{where}.{key}", name)
@@ -396,109 +421,3 @@ def _lr_schedule_value_problem(key: str, value: Any, setting: str, name: str) ->
         return f"{setting}={value} must be at most {highest}."
     if key == "factor" and name == "reduce_on_plateau" and value >= 1:
         return f"{setting}={value} must be below 1 (it reduces the rate)."
-
-
-# --- The user's callbacks (train.callbacks) -----------------------------------------------------
-
-KERAS_CALLBACKS = (
-    "BackupAndRestore",
-    "CSVLogger",
-    "Callback",
-    "CallbackList",
-    "EarlyStopping",
-    "History",
-    "LambdaCallback",
-    "LearningRateScheduler",
-    "ModelCheckpoint",
-    "OrbaxCheckpoint",
-    "ProgbarLogger",
-    "ReduceLROnPlateau",
-    "RemoteMonitor",
-    "SwapEMAWeights",
-    "TensorBoard",
-    "TerminateOnNaN",
-)
-"""Every class of ``keras.callbacks`` (Keras 3.15; tests/test_user_callbacks.py checks it)."""
-
-REFUSED_CALLBACKS = {
-    "BackupAndRestore": "tfstack checkpoints every epoch and resumes a killed run itself "
-    "(train.resume=auto)",
-    "TensorBoard": "set tracking.tensorboard=true instead (one log directory and step axis "
-    "across the phases, logged to the MLflow run)",
-    "LambdaCallback": "its hooks are Python functions, which a config cannot hold; write a "
-    "callback class and name it with _target_ (needs trust_code=true)",
-    "LearningRateScheduler": "its schedule is a Python function, which a config cannot hold; "
-    "use a _target_ callback (needs trust_code=true)",
-    "ProgbarLogger": "Keras adds it itself; set train.verbose",
-    "History": "Keras adds it itself; tfstack writes the history (outputs/train/history.json)",
-    "Callback": "the base class does nothing; name your own class with _target_",
-    "CallbackList": "a container, not a callback",
-    "SwapEMAWeights": "it needs an optimizer with use_ema=True, which tfstack's are not",
-    "OrbaxCheckpoint": "it needs the orbax-checkpoint package; tfstack checkpoints itself, and "
-    "ModelCheckpoint saves extra copies",
-}
-"""Built-in callbacks ``train.callbacks`` refuses, and why."""
-
-CALLBACK_PATHS = {"ModelCheckpoint": "filepath", "CSVLogger": "filename"}
-"""The file argument of a built-in callback; a relative one is under the train stage's outputs."""
-
-_CALLBACK_EXAMPLE = "[{class_name: EarlyStopping, config: {patience: 3}}]"
-
-
-def callback_entry_problem(
-    entries: Any, *, trust_code: bool, key: str = "train.callbacks"
-) -> str | None:
-    """The message for the first invalid entry of ``train.callbacks``, or None.
-
-    An entry is ``{class_name: NAME, config: {...}}`` naming a class of ``keras.callbacks``
-    (not one of `REFUSED_CALLBACKS`), or ``{_target_: my.module.Class, ...}`` for the user's
-    own class, which is imported, so only with the top-level ``trust_code=true``. The built-in's
-    parameters are checked when it is made (Keras's TypeError).
-
-    Args:
-        entries: the list as the user wrote it.
-        trust_code: the top-level ``trust_code``.
-        key: the config key, for the message.
-    """
-    import difflib
-
-    if not isinstance(entries, list | tuple):
-        return f"{key}={_shown(entries)} is not a list. Give a list such as {_CALLBACK_EXAMPLE}."
-    for index, entry in enumerate(entries):
-        where = f"{key}[{index}]"
-        if isinstance(entry, Mapping) and "_target_" in entry:
-            if "class_name" in entry:
-                return f"{where} has both _target_ and class_name; give one of them."
-            target = entry["_target_"]
-            if not trust_code:
-                return (
-                    f"{where} (_target_: {target}) imports and runs your Python code, which "
-                    "needs the top-level trust_code=true; set it only if you trust that module."
-                )
-            continue
-        if not isinstance(entry, Mapping) or set(entry) - {"class_name", "config"}:
-            return (
-                f"{where}={entry!r} is not a callback entry. Write it as {_CALLBACK_EXAMPLE} "
-                "(keys class_name and config), or {_target_: my.module.Class, ...} for your own."
-            )
-        name = entry.get("class_name")
-        if name not in KERAS_CALLBACKS:
-            close = difflib.get_close_matches(str(name), KERAS_CALLBACKS, n=2)
-            hint = f" Did you mean {' or '.join(close)}?" if close else ""
-            usable = [n for n in KERAS_CALLBACKS if n not in REFUSED_CALLBACKS]
-            return (
-                f"{where}: {name!r} is not a Keras callback.{hint} Use one of {usable}, or "
-                "_target_ for your own class."
-            )
-        if name in REFUSED_CALLBACKS:
-            return f"{where}: tfstack does not run {name}: {REFUSED_CALLBACKS[name]}."
-        config = entry.get("config") or {}
-        if not isinstance(config, Mapping):
-            return f"{where}.config={config!r} is not a mapping of {name}'s parameters."
-        if name == "CSVLogger" and config.get("append") is False:
-            return (
-                f"{where}: CSVLogger with append=false would keep only the last phase (every "
-                "phase is a fit); leave append out: tfstack appends, and starts a new file "
-                "when a run starts afresh."
-            )
-    return None

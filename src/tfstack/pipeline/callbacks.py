@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from tfstack.errors import ConfigError, describe_error
+from tfstack.keras_names import CALLBACK_PATHS
 from tfstack.pipeline.paths import Paths
 from tfstack.pipeline.run_log import RunLog
 from tfstack.pipeline.schema import Config
-from tfstack.vocabulary import CALLBACK_PATHS
 
 logger = logging.getLogger(__name__)
 

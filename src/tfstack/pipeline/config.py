@@ -14,7 +14,7 @@ import difflib
 import importlib.util
 import math
 import re
-from typing import Any, NamedTuple
+from typing import Any
 
 from omegaconf import OmegaConf
 from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
@@ -22,12 +22,17 @@ from omegaconf.errors import MissingMandatoryValue, OmegaConfBaseException
 from tfstack import keras_names
 from tfstack.class_weights import check_setting as check_class_weight
 from tfstack.errors import ConfigError
+from tfstack.keras_names import callback_entry_problem
+from tfstack.pipeline.phase_settings import (
+    early_stopping_per_phase,
+    lr_schedule_per_phase,
+)
 from tfstack.pipeline.schema import (
     Config,
-    EarlyStoppingConfig,
     TrainConfig,
     known_keys,
 )
+from tfstack.pipeline.value_checks import Bound, check_choice, check_number
 from tfstack.vocabulary import (
     APPLICATION_FAMILIES,
     APPLICATIONS_PREFIX,
@@ -37,7 +42,6 @@ from tfstack.vocabulary import (
     DATA_FORMATS,
     DATA_OPTIONS,
     DISTRIBUTE_KINDS,
-    EARLY_STOPPING_MODES,
     FREEZE_OPTIONS,
     FREEZE_POLICIES,
     INTERPOLATIONS,
@@ -52,8 +56,6 @@ from tfstack.vocabulary import (
     STRATEGY_OPTIONS,
     TASKS,
     augment_layer_problem,
-    callback_entry_problem,
-    lr_schedule_problem,
     phase_names,
     unused_across_groups,
     unused_option,
@@ -81,43 +83,27 @@ def _config_error(err: OmegaConfBaseException, source: str) -> ConfigError:
     return ConfigError(f"{full_key}: {text} ({source}).")
 
 
-def _check_choice(value: Any, choices: tuple[str, ...], key: str, group: str | None = None):
-    if value not in choices:
-        how = f"{group}=NAME" if group else f"{key}=VALUE"
-        raise ConfigError(
-            f"{key}={value!r} is not valid. Expected one of {list(choices)} (set {how})."
-        )
-
-
-class _Bound(NamedTuple):
-    """The lowest value a number of the config may take, and a hint shown when it is below."""
-
-    lowest: float
-    inclusive: bool  # whether `lowest` itself is allowed
-    hint: str = ""
-
-
 # Floats must also be finite: `train.lr=inf` would otherwise pass and fail later as "the loss
 # became nan". `None` (where the schema allows it) is not checked.
-_LOWER_BOUNDS: dict[str, _Bound] = {
-    "train.epochs": _Bound(1, True),
-    "train.batch_size": _Bound(1, True),
-    "train.lr": _Bound(0, False, "e.g. train.lr=0.001"),
+_LOWER_BOUNDS: dict[str, Bound] = {
+    "train.epochs": Bound(1, True),
+    "train.batch_size": Bound(1, True),
+    "train.lr": Bound(0, False, "e.g. train.lr=0.001"),
     # 0 is honoured: two_phase then has no fine-tuning phase (the phase is skipped and logged).
-    "schedule.fine_tune_epochs": _Bound(0, True),
-    "schedule.fine_tune_lr_factor": _Bound(0, False, "e.g. 0.1 fine-tunes at a tenth of train.lr"),
-    "schedule.unfreeze_last": _Bound(1, True, "the layers with weights that two_phase unfreezes"),
-    "schedule.stages": _Bound(
+    "schedule.fine_tune_epochs": Bound(0, True),
+    "schedule.fine_tune_lr_factor": Bound(0, False, "e.g. 0.1 fine-tunes at a tenth of train.lr"),
+    "schedule.unfreeze_last": Bound(1, True, "the layers with weights that two_phase unfreezes"),
+    "schedule.stages": Bound(
         2, True, "gradual unfreezing is the head phase, then at least one unfreezing phase"
     ),
-    "schedule.unfreeze_step": _Bound(
+    "schedule.unfreeze_step": Bound(
         1, True, "the layers with weights each gradual phase unfreezes in addition"
     ),
-    "schedule.lr_decay": _Bound(0, False, "phase k trains at train.lr * lr_decay**k, e.g. 0.5"),
-    "freeze.unfreeze_last": _Bound(1, True, "use freeze=frozen to train the head only"),
-    "distribute.cpu_replicas": _Bound(0, True, "0 keeps the devices as they are"),
-    "demo.target_train_per_class": _Bound(1, True),
-    "demo.pretrain_epochs": _Bound(1, True),
+    "schedule.lr_decay": Bound(0, False, "phase k trains at train.lr * lr_decay**k, e.g. 0.5"),
+    "freeze.unfreeze_last": Bound(1, True, "use freeze=frozen to train the head only"),
+    "distribute.cpu_replicas": Bound(0, True, "0 keeps the devices as they are"),
+    "demo.target_train_per_class": Bound(1, True),
+    "demo.pretrain_epochs": Bound(1, True),
 }
 
 
@@ -128,24 +114,12 @@ def _value(config: Config, key: str) -> Any:
     return node
 
 
-def _check_number(key: str, value: Any, bound: _Bound) -> None:
-    """Refuse a non-finite float, or a number below its bound, naming the key."""
-    lowest, inclusive, hint = bound
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{key}={value} is not a finite number. Set {key} to a finite number.")
-    if value < lowest or (value == lowest and not inclusive):
-        least = (
-            f"at least {lowest:g}" if inclusive else "positive" if lowest == 0 else f"> {lowest}"
-        )
-        raise ConfigError(f"{key}={value} must be {least}{f' ({hint})' if hint else ''}.")
-
-
 def _check_numbers(config: Config) -> None:
     """Every number of the config is finite and within its range."""
     for key, bound in _LOWER_BOUNDS.items():
         value = _value(config, key)
         if value is not None:
-            _check_number(key, value, bound)
+            check_number(key, value, bound)
     for name, factor in config.schedule.lr_multipliers.items():
         key = f"schedule.lr_multipliers.{name}"
         if not math.isfinite(factor):
@@ -302,7 +276,7 @@ def _check_preprocess_and_augment(config: Config) -> None:
     if unused:
         raise ConfigError(unused)
     if p.family is not None:
-        _check_choice(p.family, APPLICATION_FAMILIES, "preprocess.family")
+        check_choice(p.family, APPLICATION_FAMILIES, "preprocess.family")
     if p.scale is not None and not (math.isfinite(p.scale) and p.scale != 0):
         raise ConfigError(
             f"preprocess.scale={p.scale} must be a finite, non-zero factor, e.g. "
@@ -311,91 +285,6 @@ def _check_preprocess_and_augment(config: Config) -> None:
     problem = augment_layer_problem(config.augment.layers)
     if problem:
         raise ConfigError(problem)
-
-
-def history_keys(train: TrainConfig) -> list[str]:
-    """The keys of the Keras history this config's training produces (loss, metrics, val_*)."""
-    names = ["loss", *(str(m) for m in train.metrics)]
-    return names + [f"val_{name}" for name in names]
-
-
-def early_stopping_per_phase(config: Config, phases: list[str]) -> list[dict[str, Any] | None]:
-    """The early-stopping settings of each phase (None: off), ``train.early_stopping`` with the
-    phase's ``schedule.early_stopping`` entry over it; checked, naming the key.
-
-    Args:
-        config: the config.
-        phases: the schedule's phase names, in order.
-
-    Raises:
-        ConfigError: an unknown phase or key, or a value out of range.
-    """
-    fields = list(EarlyStoppingConfig.__dataclass_fields__)
-    default = vars(EarlyStoppingConfig())
-    base = config.train.early_stopping
-    common = None if base is None else vars(base)
-    overrides = config.schedule.early_stopping
-    for name, override in overrides.items():
-        key = f"schedule.early_stopping.{name}"
-        if name not in phases:
-            raise ConfigError(
-                f"{key}: schedule={config.schedule.name} has no phase {name!r}. Its phases: "
-                f"{phases}."
-            )
-        if override is not None and not isinstance(override, dict):
-            raise ConfigError(
-                f"{key}={override!r} is not valid. Use null (no early stopping in that phase) or "
-                f"a mapping of {fields}, e.g. {key}={{patience: 3}}."
-            )
-        unknown = sorted(set(override or {}) - set(fields))
-        if unknown:
-            raise ConfigError(f"{key}.{unknown[0]} is not a config key. Valid keys here: {fields}.")
-    rules = []
-    for name in phases:
-        if name in overrides:
-            override = overrides[name]
-            rule = None if override is None else {**(common or default), **override}
-            where = f"schedule.early_stopping.{name}"
-        else:
-            rule, where = common, "train.early_stopping"
-        if rule is not None:
-            _check_early_stopping(rule, where, config.train)
-        rules.append(rule if rule is not None and rule["patience"] is not None else None)
-    if common is not None and common["patience"] is None and not any(rules):
-        changed = [k for k in fields if common[k] != default[k]]
-        if changed:
-            value = common[changed[0]]
-            shown = str(value).lower() if isinstance(value, bool) else repr(value)
-            raise ConfigError(
-                f"train.early_stopping.{changed[0]}={shown} would be ignored: "
-                "early stopping is off while train.early_stopping.patience is null. Set "
-                "train.early_stopping.patience=N to stop after N epochs without improvement."
-            )
-    return rules
-
-
-def _check_early_stopping(rule: dict[str, Any], where: str, train: TrainConfig) -> None:
-    known = history_keys(train)
-    if rule["monitor"] not in known:
-        raise ConfigError(
-            f"{where}.monitor={rule['monitor']!r} is not in the training history. Expected one "
-            f"of {known}."
-        )
-    _check_choice(rule["mode"], EARLY_STOPPING_MODES, f"{where}.mode")
-    for field_name, value in rule.items():
-        key = f"{where}.{field_name}"
-        if field_name == "restore_best_weights":
-            if not isinstance(value, bool):
-                raise ConfigError(f"{key}={value!r} must be true or false.")
-        elif field_name in ("patience", "start_from_epoch"):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-                raise ConfigError(f"{key}={value!r} must be a whole number of epochs.")
-            if value is not None:
-                _check_number(key, value, _Bound(0, True, "epochs"))
-        elif field_name == "min_delta":
-            if isinstance(value, bool) or not isinstance(value, int | float):
-                raise ConfigError(f"{key}={value!r} must be a number.")
-            _check_number(key, value, _Bound(0, True, "the smallest change that improves"))
 
 
 def _check_keras_names(train: TrainConfig) -> None:
@@ -449,23 +338,23 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
         config: Config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
         raise _config_error(err, source) from err
-    _check_choice(config.stacking.strategy, STRATEGIES, "stacking.strategy", "stacking")
-    _check_choice(config.freeze.policy, FREEZE_POLICIES, "freeze.policy", "freeze")
-    _check_choice(config.schedule.name, SCHEDULES, "schedule.name", "schedule")
-    _check_choice(config.train.task, TASKS, "train.task")
-    _check_choice(config.preprocess.kind, PREPROCESS_KINDS, "preprocess.kind", "preprocess")
+    check_choice(config.stacking.strategy, STRATEGIES, "stacking.strategy", "stacking")
+    check_choice(config.freeze.policy, FREEZE_POLICIES, "freeze.policy", "freeze")
+    check_choice(config.schedule.name, SCHEDULES, "schedule.name", "schedule")
+    check_choice(config.train.task, TASKS, "train.task")
+    check_choice(config.preprocess.kind, PREPROCESS_KINDS, "preprocess.kind", "preprocess")
     if config.stacking.merge is not None:
-        _check_choice(config.stacking.merge, MERGES, "stacking.merge")
-    _check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
-    _check_choice(config.train.resume, RESUME_MODES, "train.resume")
-    _check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")
-    _check_choice(config.data.format, DATA_FORMATS, "data.format", "data")
+        check_choice(config.stacking.merge, MERGES, "stacking.merge")
+    check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
+    check_choice(config.train.resume, RESUME_MODES, "train.resume")
+    check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")
+    check_choice(config.data.format, DATA_FORMATS, "data.format", "data")
     if config.data.color_mode is not None:
-        _check_choice(config.data.color_mode, COLOR_MODES, "data.color_mode")
+        check_choice(config.data.color_mode, COLOR_MODES, "data.color_mode")
     if config.data.interpolation is not None:
-        _check_choice(config.data.interpolation, INTERPOLATIONS, "data.interpolation")
+        check_choice(config.data.interpolation, INTERPOLATIONS, "data.interpolation")
     if config.freeze.bn is not None:
-        _check_choice(config.freeze.bn, BN_MODES, "freeze.bn")
+        check_choice(config.freeze.bn, BN_MODES, "freeze.bn")
     adapter = config.stacking.adapter
     if not (adapter is None or adapter == "auto" or isinstance(adapter, list)):
         raise ConfigError(
@@ -499,7 +388,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
             )
     # Class weights and mixed precision (issue 14); class names are checked with the data.
     check_class_weight(config.train.class_weight, task=config.train.task, key="train.class_weight")
-    _check_choice(config.train.precision, PRECISIONS, "train.precision")
+    check_choice(config.train.precision, PRECISIONS, "train.precision")
     _check_callbacks_and_tensorboard(config)
     return config
 
@@ -531,56 +420,3 @@ def to_dict(config: Config) -> dict:
 
 
 # Learning-rate schedules (tfstack.lr_schedules).
-def lr_schedule_per_phase(config: Config, phases: list[str]) -> list[tuple[dict[str, Any], str]]:
-    """Each phase's learning-rate schedule: its set values and the config key they come from.
-
-    ``train.lr_schedule``, with the phase's ``schedule.lr_schedule`` entry over it; an entry
-    that sets ``name`` starts from that schedule's defaults instead, and null is constant.
-
-    Args:
-        config: the config.
-        phases: the schedule's phase names, in order.
-
-    Raises:
-        ConfigError: an unknown phase or key, an option the schedule does not use, or a value
-            out of range, naming the key.
-    """
-    base = {k: v for k, v in vars(config.train.lr_schedule).items() if v is not None}
-    _check_lr_schedule(base, "train.lr_schedule", config.train)
-    overrides = config.schedule.lr_schedule
-    for name, override in overrides.items():
-        key = f"schedule.lr_schedule.{name}"
-        if name not in phases:
-            raise ConfigError(
-                f"{key}: schedule={config.schedule.name} has no phase {name!r}. Its phases: "
-                f"{phases}."
-            )
-        if override is not None and not isinstance(override, dict):
-            raise ConfigError(
-                f"{key}={override!r} is not valid. Use null (a constant rate in that phase) or "
-                f"a mapping of train.lr_schedule's keys, e.g. {key}={{name: cosine}}."
-            )
-    per_phase = []
-    for name in phases:
-        values, where = base, "train.lr_schedule"
-        if name in overrides:
-            override, where = (
-                overrides[name] or {"name": "constant"},
-                f"schedule.lr_schedule.{name}",
-            )
-            values = dict(override) if "name" in override else {**base, **override}
-            _check_lr_schedule(values, where, config.train)
-        per_phase.append((values, where))
-    return per_phase
-
-
-def _check_lr_schedule(values: dict[str, Any], where: str, train: TrainConfig) -> None:
-    problem = lr_schedule_problem(values, where)
-    if problem:
-        raise ConfigError(problem)
-    known = history_keys(train)
-    if values.get("name") == "reduce_on_plateau" and values.get("monitor", "val_loss") not in known:
-        raise ConfigError(
-            f"{where}.monitor={values['monitor']!r} is not in the training history. Expected one "
-            f"of {known}."
-        )

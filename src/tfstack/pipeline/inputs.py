@@ -460,7 +460,7 @@ def make_phases(config: Config):
 def early_stopping_rules(config: Config, phases) -> list:
     """Each phase's early stopping (`tfstack.early_stopping.EarlyStoppingSpec`, or None: off)."""
     from tfstack.early_stopping import EarlyStoppingSpec
-    from tfstack.pipeline.config import early_stopping_per_phase
+    from tfstack.pipeline.phase_settings import early_stopping_per_phase
 
     rules = early_stopping_per_phase(config, [phase.name for phase in phases])
     return [None if rule is None else EarlyStoppingSpec(**rule) for rule in rules]
@@ -470,7 +470,7 @@ def early_stopping_rules(config: Config, phases) -> list:
 def lr_schedule_specs(config: Config, phases) -> list:
     """Each phase's learning-rate schedule (`tfstack.lr_schedules.LrScheduleSpec`)."""
     from tfstack.lr_schedules import LrScheduleSpec
-    from tfstack.pipeline.config import lr_schedule_per_phase
+    from tfstack.pipeline.phase_settings import lr_schedule_per_phase
 
     per_phase = lr_schedule_per_phase(config, [phase.name for phase in phases])
     return [LrScheduleSpec(**values, setting=where) for values, where in per_phase]

@@ -14,6 +14,8 @@ from typing import Any
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from tfstack.vocabulary import LrScheduleOptions
+
 # Schema defaults are the YAML defaults of conf/: a field whose value differs between the options
 # of its group (the option names themselves, train.epochs, ...) has no default here and is
 # MISSING ("???"), so conf/ is the one place that sets it (tests/test_config.py checks this).
@@ -166,30 +168,15 @@ class EarlyStoppingConfig:
 
 # Learning-rate schedules (tfstack.lr_schedules).
 @dataclass
-class LrScheduleConfig:
+class LrScheduleConfig(LrScheduleOptions):
     """How the learning rate moves within each phase; options null are the schedule's default.
 
     ``name`` is constant, cosine (``warmup_epochs`` or ``warmup_steps``, ``final_fraction``),
     exponential (``decay_rate``, ``decay_epochs``, ``staircase``), step (``step_epochs``,
     ``factor``) or reduce_on_plateau (``monitor``, ``mode``, ``factor``, ``patience``,
     ``min_delta``, ``cooldown``, ``min_lr``); an option the name does not use is refused.
+    The keys are `tfstack.vocabulary.LrScheduleOptions`', shared with the library.
     """
-
-    name: str = "constant"
-    warmup_epochs: int | None = None
-    warmup_steps: int | None = None
-    final_fraction: float | None = None
-    decay_rate: float | None = None
-    decay_epochs: int | None = None
-    staircase: bool | None = None
-    step_epochs: int | None = None
-    factor: float | None = None
-    monitor: str | None = None
-    mode: str | None = None
-    patience: int | None = None
-    min_delta: float | None = None
-    cooldown: int | None = None
-    min_lr: float | None = None
 
 
 @dataclass

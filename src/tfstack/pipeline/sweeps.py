@@ -44,7 +44,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfstack.errors import ConfigError, TfstackError
 from tfstack.files import write_json
-from tfstack.pipeline.config import history_keys, validate
+from tfstack.pipeline.config import validate
+from tfstack.pipeline.phase_settings import history_keys
 from tfstack.pipeline.schema import Config
 
 logger = logging.getLogger(__name__)
