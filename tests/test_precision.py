@@ -193,7 +193,8 @@ def test_tfstack_run_in_mixed_bfloat16_with_balanced_class_weights_finishes(proj
     assert np.isfinite(run.data.metrics["loss"]) and "test_accuracy" in run.data.metrics
     tags, params = run.data.tags, run.data.params
     assert params["train.precision"] == "mixed_bfloat16" and tags["precision"] == "mixed_bfloat16"
-    assert tags["precision.layers"].startswith("float32: 1, mixed_bfloat16: ")
+    # float32: the head's output layer and the demo's rescaling in front of the base.
+    assert tags["precision.layers"].startswith("float32: 2, mixed_bfloat16: ")
     names = json.loads(
         Path(client.download_artifacts(run.info.run_id, "class_names.json")).read_text()
     )
@@ -208,6 +209,20 @@ def test_tfstack_run_in_mixed_bfloat16_with_balanced_class_weights_finishes(proj
     with precision_scope("mixed_bfloat16"):
         model = keras.saving.load_model(project / "outputs/train/model.keras")
     counts = policy_counts(model)
-    assert counts["float32"] == 1 and counts["mixed_bfloat16"] > 1, counts
+    assert counts["float32"] == 2 and counts["mixed_bfloat16"] > 1, counts
     x = np.zeros((1, *model.inputs[0].shape[1:]), "float32")
     assert keras.backend.standardize_dtype(model(x).dtype) == "float32"
+
+
+def test_the_front_blocks_stay_float32_so_the_base_takes_their_output():
+    inputs = keras.Input((4,), name="pixels")
+    front = keras.Sequential([keras.layers.Rescaling(1 / 255, name="scale")], name="preprocess")
+    x = front(inputs)
+    outputs = keras.layers.Dense(2, name="logits")(keras.layers.Dense(3, name="hidden")(x))
+    model = keras.Model(inputs, outputs)
+    kept = apply_policy(
+        model, "mixed_bfloat16", float32_outputs=True, float32_blocks=("preprocess",)
+    )
+    assert set(kept) == {"scale", "logits"}
+    assert model.get_layer("preprocess").get_layer("scale").dtype_policy.name == "float32"
+    assert model.get_layer("hidden").dtype_policy.name == "mixed_bfloat16"

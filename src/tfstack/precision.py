@@ -51,7 +51,13 @@ def precision_scope(policy: str) -> Iterator[None]:
         keras.config.set_dtype_policy(previous)
 
 
-def apply_policy(model: keras.Model, policy: str, *, float32_outputs: bool = False) -> list[str]:
+def apply_policy(
+    model: keras.Model,
+    policy: str,
+    *,
+    float32_outputs: bool = False,
+    float32_blocks: tuple[str, ...] = (),
+) -> list[str]:
     """Set ``policy`` on a (loaded) model and every layer in it, in place; weights unchanged.
 
     Input layers keep their dtype (the data's). With ``float32_outputs`` the layers that
@@ -62,6 +68,9 @@ def apply_policy(model: keras.Model, policy: str, *, float32_outputs: bool = Fal
         model: a model, typically a component just loaded from a file.
         policy: one of `tfstack.vocabulary.PRECISIONS`.
         float32_outputs: keep the output layers float32 (for the head).
+        float32_blocks: names of nested models whose layers stay float32 (the preprocessing
+            and augmentation in front of the base: pixels are scaled at full precision, and
+            the base's float32 input takes their output as it is).
 
     Returns:
         The names of the layers kept float32.
@@ -69,6 +78,13 @@ def apply_policy(model: keras.Model, policy: str, *, float32_outputs: bool = Fal
     if policy not in PRECISIONS:
         raise ValueError(f"Unknown precision {policy!r}. Expected one of {list(PRECISIONS)}.")
     kept = output_layers(model) if float32_outputs and policy != FLOAT32 else []
+    for block in model.layers if float32_blocks else []:
+        if isinstance(block, keras.Model) and block.name in float32_blocks:
+            kept += [
+                b
+                for b in flatten_layers(block)
+                if b is not block and not isinstance(b, keras.layers.InputLayer)
+            ]
     kept_ids = {id(layer) for layer in kept}
     for layer in flatten_layers(model):
         if isinstance(layer, keras.layers.InputLayer):

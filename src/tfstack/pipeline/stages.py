@@ -110,7 +110,10 @@ def build(config: Config, paths: Paths, run: RunLog):
     seed_everything(config.seed, config.train.deterministic)
     bases, head = load_components(config, paths)
     apply_precision(config, bases, head)  # the files keep float32 policies (train.precision)
-    front = make_front(config, paths, bases[0])
+    from tfstack.precision import precision_scope
+
+    with precision_scope("float32"):  # the front scales pixels at full precision, for any policy
+        front = make_front(config, paths, bases[0])
     result = build_stacked(
         config.stacking.strategy,
         bases,

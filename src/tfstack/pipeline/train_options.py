@@ -83,9 +83,11 @@ def stacked_under_precision(config: Config, model) -> None:
     """
     if config.train.precision == "float32":
         return
+    from tfstack import augmentation, preprocessing
     from tfstack.precision import apply_policy
 
-    apply_policy(model, config.train.precision, float32_outputs=True)
+    front = (preprocessing.BLOCK_NAME, augmentation.BLOCK_NAME)
+    apply_policy(model, config.train.precision, float32_outputs=True, float32_blocks=front)
 
 
 def log_precision(run: RunLog, config: Config, model, *, chief: bool) -> None:
