@@ -105,6 +105,8 @@ def store(tmp_path_factory):
     mlflow.set_tracking_uri(uri)  # the registry finds the LoggedModel in the process's store
     try:
         version = client.create_model_version("digits", model_uri, run_id=run_id)
+        # Version 2 from the run's URI, as mlflow.register_model("runs:/...") or a hand makes it.
+        client.create_model_version("digits", f"runs:/{run_id}/classifier", run_id=run_id)
     finally:
         mlflow.set_tracking_uri(None)
     client.set_registered_model_alias("digits", "champion", version.version)
@@ -114,7 +116,7 @@ def store(tmp_path_factory):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "model_uri", ["runs:/{run}/classifier", "runs:/{run}/model", "models:/digits@champion",
-                  "models:/digits/1"],
+                  "models:/digits/1", "models:/digits/2"],
 )  # fmt: skip
 def test_predict_with_a_model_of_the_store_labels_as_the_model_does(
     store, inputs, tmp_path, capsys, model_uri
@@ -157,7 +159,7 @@ def test_predict_prints_a_table_and_names_wrong_store_models(store, inputs, caps
         "runs:/0123/classifier": "run 0123 does not exist",
         "models:/nope@champion": r"no registered model 'nope'.*\['digits'\]",
         "models:/digits@best": r"'digits' has no alias 'best'.*\['champion'\]",
-        "models:/digits/7": r"'digits' has no version 7.*\[1\]",
+        "models:/digits/7": r"'digits' has no version 7.*\[1, 2\]",
     }
     for model_uri, message in wrong.items():
         code, _, stderr = predict(capsys, model_uri, image, *store_uri)
@@ -248,3 +250,20 @@ def test_a_model_carrying_code_is_refused_without_trust_code(inputs, tmp_path, c
     code, stdout, stderr = predict(capsys, *args, "--trust-code")
     assert code == 0, stderr
     assert stdout.split("\n")[0].split() == HEADER
+
+
+@pytest.mark.slow
+def test_mlflow_models_serve_needs_the_venv_on_path(store):
+    # With --env-manager local MLflow starts `bash -c "exec uvicorn ..."`: uvicorn from PATH.
+    import subprocess
+
+    from project_copy import VENV_BIN, env
+
+    environment = {**env(), "PATH": "/usr/bin:/bin", "MLFLOW_TRACKING_URI": store["uri"]}
+    result = subprocess.run(
+        [str(VENV_BIN / "mlflow"), "models", "serve", "-m", f"runs:/{store['run_id']}/classifier",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", "1"],
+        env=environment, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode != 0
+    assert "exec uvicorn" in result.stderr and "uvicorn: not found" in result.stderr

@@ -287,6 +287,29 @@ def _last_layer(model):
     return layer
 
 
+def class_probabilities(
+    outputs: np.ndarray, class_names: Sequence[str], *, model: str = "the model"
+) -> np.ndarray:
+    """``(n, classes)`` probabilities of a classifier's outputs, as the served classifier gives.
+
+    A binary head's ``(n, 1)`` probability of class 1 becomes ``[1 - p, p]``. (The same rule as
+    `tfstack.tracking.classifier.probability_table`, which MLflow runs standalone, so it cannot
+    import this module; importing it costs an MLflow warning.)
+
+    Raises:
+        DataError: The outputs do not hold one probability per class name.
+    """
+    names = list(class_names)
+    if len(names) == 2 and outputs.shape[1] == 1:
+        outputs = np.concatenate([1.0 - outputs, outputs], axis=1)  # (n, 1) -> (n, 2)
+    if outputs.shape[1] != len(names):
+        raise DataError(
+            f"{model} gives {outputs.shape[1]} outputs per input, but there are {len(names)} "
+            f"class names ({names}): pass one name per output with --class-names."
+        )
+    return outputs
+
+
 def regression_columns(outputs: np.ndarray) -> list[str]:
     """``prediction`` for one output, ``prediction_0``.. for several."""
     count = outputs.shape[1]
@@ -313,6 +336,7 @@ def parse_class_names(text: str | None) -> list[str] | None:
 __all__ = [
     "NPZ_KEYS",
     "InputBlock",
+    "class_probabilities",
     "find_inputs",
     "image_options_for",
     "is_classifier",

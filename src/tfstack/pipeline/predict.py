@@ -4,7 +4,7 @@ The model comes from the project's MLflow store (`tfstack.tracking.model_uris.fe
 downloaded to a temporary directory) or from a ``.keras`` file, and loads as a component does
 (`tfstack.components.load_component`: code in it is refused unless ``--trust-code``). The inputs
 are found and predicted by `tfstack.predict`; the table has the columns the served classifier
-answers with (`tfstack.tracking.classifier.probability_table`), probabilities as ``p_<class>``.
+answers with (`tfstack.predict.class_probabilities`), probabilities as ``p_<class>``.
 """
 
 from __future__ import annotations
@@ -176,16 +176,9 @@ def _table(outputs, names, task, model, source: str):
                 f"{','.join(str(i) for i in range(classes))} for class ids)."
             )
         return pd.DataFrame(outputs, columns=library.regression_columns(outputs))
-    from tfstack.tracking.classifier import probability_table
-
-    try:
-        table = probability_table(outputs, names)
-    except ValueError as err:
-        raise DataError(
-            f"{source} gives {outputs.shape[1]} outputs per input, but there are {len(names)} "
-            f"class names ({names}): pass one name per output with --class-names."
-        ) from err
-    table.columns = [LABEL_COLUMN, *(f"{PROBABILITY_PREFIX}{name}" for name in names)]
+    probabilities = library.class_probabilities(outputs, names, model=source)
+    table = pd.DataFrame(probabilities, columns=[f"{PROBABILITY_PREFIX}{n}" for n in names])
+    table.insert(0, LABEL_COLUMN, [names[i] for i in probabilities.argmax(axis=1)])
     return table
 
 

@@ -96,6 +96,7 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
     """
     client = reading_store(tracking_uri).client  # a missing sqlite file is not created
     where = f"in --tracking-uri {tracking_uri}"
+    version, download_uri = None, model_uri
     if match := _RUNS.match(model_uri):
         run_id = match["run"]
         get_run(tracking_uri, run_id)  # names a missing run
@@ -108,7 +109,7 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
     elif match := _ALIAS.match(model_uri):
         _registered_model(client, match["name"], where)
         try:
-            client.get_model_version_by_alias(match["name"], match["alias"])
+            version = client.get_model_version_by_alias(match["name"], match["alias"])
         except MlflowException as err:
             aliases = sorted(_registered_model(client, match["name"], where).aliases)
             raise TrackingError(
@@ -119,7 +120,7 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
     elif match := _VERSION.match(model_uri):
         _registered_model(client, match["name"], where)
         try:
-            client.get_model_version(match["name"], match["version"])
+            version = client.get_model_version(match["name"], match["version"])
         except MlflowException as err:
             versions = sorted(
                 int(v.version)
@@ -129,7 +130,9 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
                 f"registered model {match['name']!r} has no version {match['version']} "
                 f"{where}; its versions are {versions or 'none'}."
             ) from err
-    elif not _LOGGED.match(model_uri):
+    if version is not None:
+        download_uri = _version_source(version)
+    elif not (_RUNS.match(model_uri) or _LOGGED.match(model_uri)):
         raise TrackingError(
             f"{model_uri} is not a model tfstack can read: expected {MODEL_URI_FORMS} (a model "
             "in the MLflow store), or a .keras file."
@@ -139,7 +142,7 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
         # tracking_uri says: set it for the download only.
         with _quiet_downloads(), _process_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(
-                artifact_uri=model_uri,
+                artifact_uri=download_uri,
                 dst_path=str(destination),
                 tracking_uri=tracking_uri,
                 registry_uri=tracking_uri,
@@ -181,6 +184,18 @@ def _read_model(model_uri: str, local: Path, tracking_uri: str) -> FetchedModel:
         run_id,
         task,
     )
+
+
+def _version_source(version) -> str:
+    """Where a registered version's model is: its LoggedModel, else the URI it was made from.
+
+    A version made from ``runs:/RUN_ID/NAME`` (``mlflow.register_model``, or by hand) points
+    into the run's artifacts, where MLflow 3 keeps no model: the LoggedModel of that name is
+    what ``runs:/`` resolves to, so the source URI is downloaded as such.
+    """
+    if getattr(version, "model_id", None):
+        return f"models:/{version.model_id}"
+    return version.source
 
 
 def _run_model_names(client, run_id: str) -> list[str]:
