@@ -267,3 +267,46 @@ def test_mlflow_models_serve_needs_the_venv_on_path(store):
     )  # fmt: skip
     assert result.returncode != 0
     assert "exec uvicorn" in result.stderr and "uvicorn: not found" in result.stderr
+
+
+def test_the_store_is_the_one_tfstack_run_uses_here(tmp_path, monkeypatch):
+    import shutil
+    from pathlib import Path
+
+    from tfstack.pipeline.predict import store_uri
+
+    for name in ("TFSTACK_TRACKING_URI", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    assert store_uri("sqlite:///given.db", tmp_path) == "sqlite:///given.db"
+    assert store_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert store_uri(None, tmp_path) == "http://127.0.0.1:5000"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI")
+    # A project's conf/: its tracking.uri, a relative sqlite path made absolute as tfstack run does.
+    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", tmp_path / "conf")
+    sqlite = tmp_path / "conf" / "tracking" / "sqlite.yaml"
+    sqlite.write_text(sqlite.read_text().replace("uri: null", "uri: sqlite:///runs/team.db"))
+    assert store_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/runs/team.db"
+
+
+@pytest.mark.slow
+def test_predict_on_the_demo_test_folder_gives_the_evaluation_predictions(project):
+    # A real run of the demo (class folders "5".."9"), then predict from the project root with
+    # the store tfstack run used (no --tracking-uri): the same labels the evaluate stage got.
+    import json
+
+    from project_copy import tfstack
+
+    result = tfstack(project, "run")
+    assert result.returncode == 0, result.stderr
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    [run] = client.search_runs(client.get_experiment_by_name("tfstack").experiment_id)
+    test_folder = "outputs/prepare/target/test"
+    args = ["predict", f"runs:/{run.info.run_id}/classifier", test_folder, "--output", "p.csv"]
+    result = tfstack(project, *args)
+    assert result.returncode == 0, result.stderr
+    header, rows = read_csv(project / "p.csv")
+    assert header == ["path", "label", *(f"p_{digit}" for digit in "56789")]
+    evaluated = json.loads((project / "outputs/evaluate/plots/confusion.json").read_text())
+    assert [row["label"] for row in rows] == [row["predicted"] for row in evaluated]
+    assert [row["path"].split("/")[-2] for row in rows] == [row["actual"] for row in evaluated]

@@ -98,21 +98,23 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("--config-dir", default="conf", help="the Hydra config directory")
     predict = commands.add_parser("predict", help="predict on new images or arrays")
     predict.add_argument(
-        "model", help="runs:/RUN_ID/NAME, models:/NAME@ALIAS, models:/NAME/VERSION or FILE.keras"
+        "model",
+        metavar="MODEL",
+        help="runs:/RUN_ID/NAME, models:/NAME@ALIAS, models:/NAME/VERSION or FILE.keras",
     )
     predict.add_argument(
         "paths", nargs="+", metavar="PATH", help="image files, folders, CSVs of paths, .npz files"
     )
-    predict.add_argument("--output", help="write the predictions to this CSV file")
-    predict.add_argument("--tracking-uri", help="the MLflow store (default: tfstack run's)")
-    predict.add_argument("--batch-size", type=int, default=32, help="inputs per batch")
-    predict.add_argument("--class-names", help="NAME,NAME,...: the classes, in class-id order")
-    predict.add_argument("--path-column", default="path", help="a CSV's image path column")
+    predict.add_argument("--output", metavar="FILE.csv", help="write the predictions as CSV")
+    predict.add_argument("--tracking-uri", metavar="URI", help="the store (default: tfstack run's)")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="per batch")
+    predict.add_argument("--class-names", metavar="A,B,...", help="class names, by class id")
+    predict.add_argument("--path-column", default="path", metavar="NAME", help="a CSV's column")
     predict.add_argument(
         "--trust-code", action="store_true", help="allow code in the model (Lambda layers, ...)"
     )
     predict.add_argument(
-        "--modules", default="", help="modules registering the model's classes (--trust-code)"
+        "--modules", default="", metavar="A,B", help="modules registering its classes"
     )
     return parser
 
