@@ -169,6 +169,7 @@ def test_predict_prints_a_table_and_names_wrong_store_models(store, inputs, caps
         assert re.search(message, line), line
 
 
+@pytest.mark.slow
 def test_predict_with_a_keras_file_and_class_names(inputs, tmp_path, capsys):
     model, path = classifier(), tmp_path / "model.keras"
     model.save(path)

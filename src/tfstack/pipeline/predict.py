@@ -19,6 +19,7 @@ from pathlib import Path
 from tfstack.errors import ComponentError, DataError
 
 KERAS_FILES = (".keras", ".h5", ".hdf5")
+MODEL_URI_PREFIXES = ("runs:/", "models:/")  # `tfstack.tracking.model_uris` resolves them
 PATH_COLUMN = "path"
 LABEL_COLUMN = "label"
 PROBABILITY_PREFIX = "p_"
@@ -91,14 +92,12 @@ def predict(
 
     blocks = library.find_inputs(paths, path_column=path_column)  # before any model download
     root = Path.cwd() if root is None else root
-    with warnings.catch_warnings():
-        # Importing mlflow.pyfunc asks its own model classes for type hints, in a warning.
-        warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
-        from tfstack.tracking.model_uris import is_model_uri
-
     with tempfile.TemporaryDirectory(prefix="tfstack-predict-") as scratch:
-        if is_model_uri(model_source):
-            from tfstack.tracking.model_uris import fetch_model
+        if model_source.startswith(MODEL_URI_PREFIXES):  # a .keras file needs no MLflow
+            with warnings.catch_warnings():
+                # Importing mlflow.pyfunc asks its own model classes for type hints, in a warning.
+                warnings.filterwarnings("ignore", message=".*Add type hints", category=UserWarning)
+                from tfstack.tracking.model_uris import fetch_model
 
             fetched = fetch_model(model_source, store_uri(tracking_uri, root), Path(scratch))
             keras_file, names, task = fetched.keras_file, fetched.class_names, fetched.task
@@ -116,11 +115,10 @@ def predict(
 def _local_file(source: str) -> Path:
     """A ``.keras`` (or legacy ``.h5``) file MODEL names."""
     if ":/" in source:
-        from tfstack.tracking.model_uris import MODEL_URI_FORMS
-
         raise ComponentError(
-            f"{source} is not a model tfstack can read: expected {MODEL_URI_FORMS} (a model "
-            "in the MLflow store), or a .keras file."
+            f"{source} is not a model tfstack can read: expected runs:/RUN_ID/NAME, "
+            "models:/NAME@ALIAS or models:/NAME/VERSION (a model in the MLflow store), or a "
+            ".keras file."
         )
     path = Path(source)
     if not path.is_file():

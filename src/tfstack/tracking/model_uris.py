@@ -56,11 +56,6 @@ class FetchedModel:
     task: str | None
 
 
-def is_model_uri(text: str) -> bool:
-    """Whether ``text`` names a model in an MLflow store (``runs:/`` or ``models:/``)."""
-    return text.startswith(("runs:/", "models:/"))
-
-
 @contextlib.contextmanager
 def _quiet_downloads() -> Iterator[None]:
     """No MLflow progress bar while downloading (set back afterwards)."""
