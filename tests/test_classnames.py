@@ -251,3 +251,17 @@ def test_a_run_logs_class_names_and_mlflow_models_serve_answers_with_them(projec
         assert prediction["label"] in names
         assert sum(prediction[name] for name in names) == pytest.approx(1.0, abs=1e-5)
         assert prediction["label"] == max(names, key=lambda name: prediction[name])
+
+
+def test_the_served_input_example_is_a_few_samples_in_the_data_dtype():
+    from tfstack.datasets import ArrayDataset
+    from tfstack.pipeline.inputs import served_example
+
+    def example(shape, dtype):
+        x = np.zeros((12, *shape), dtype)
+        return served_example(ArrayDataset(x, np.zeros(12), batch_size=4, shuffle=False, seed=0))
+
+    small, large = example((8, 8, 1), "uint8"), example((224, 224, 3), "uint8")
+    assert (small.shape, small.dtype) == ((5, 8, 8, 1), np.uint8)
+    assert large.shape == (1, 224, 224, 3)  # one sample: 0.79 MB of JSON, stored twice
+    assert example((64, 64, 3), "float32").dtype == np.float32  # floats stay floats

@@ -8,6 +8,7 @@
                                              run, one nested run per job (``pipeline.sweeps``)
 ``tfstack compare [--parent ID] [--filter F]`` the runs grouped by freeze x stacking x schedule
 ``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
+``tfstack predict MODEL PATH... [--output F]`` a run's, a registered or a saved model on new files
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -95,7 +96,49 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("run_id", help="the MLflow run id to re-run")
     reproduce.add_argument("overrides", nargs="*", help=tracking_help)
     reproduce.add_argument("--config-dir", default="conf", help="the Hydra config directory")
+    predict = commands.add_parser("predict", help="predict on new images or arrays")
+    predict.add_argument(
+        "model",
+        metavar="MODEL",
+        help="runs:/RUN_ID/NAME, models:/NAME@ALIAS, models:/NAME/VERSION or FILE.keras",
+    )
+    predict.add_argument(
+        "paths", nargs="+", metavar="PATH", help="image files, folders, CSVs of paths, .npz files"
+    )
+    predict.add_argument("--output", metavar="FILE.csv", help="write the predictions as CSV")
+    predict.add_argument("--tracking-uri", metavar="URI", help="the store (default: tfstack run's)")
+    predict.add_argument("--batch-size", type=int, default=32, metavar="N", help="per batch")
+    predict.add_argument("--class-names", metavar="A,B,...", help="class names, by class id")
+    predict.add_argument("--path-column", default="path", metavar="NAME", help="a CSV's column")
+    predict.add_argument(
+        "--trust-code", action="store_true", help="allow code in the model (Lambda layers, ...)"
+    )
+    predict.add_argument(
+        "--modules", default="", metavar="A,B", help="modules registering its classes"
+    )
     return parser
+
+
+def _predict(args) -> int:
+    from tfstack.pipeline import predict
+    from tfstack.predict import parse_class_names
+
+    result = predict.predict(
+        args.model,
+        args.paths,
+        tracking_uri=args.tracking_uri,
+        batch_size=args.batch_size,
+        trust_code=args.trust_code,
+        modules=[module.strip() for module in args.modules.split(",") if module.strip()],
+        class_names=parse_class_names(args.class_names),
+        path_column=args.path_column,
+    )
+    if args.output:
+        predict.write_csv(result.table, Path(args.output))
+        print(f"tfstack predict: wrote {len(result.table)} rows to {args.output}")
+    else:
+        print(predict.table_text(result.table))
+    return 0
 
 
 def _tracking_store(args):
@@ -295,6 +338,8 @@ def _command(args, debug: bool) -> int:
             return _compare(args)
         if args.command == "reproduce":
             return _reproduce(args)
+        if args.command == "predict":
+            return _predict(args)
         config = _load_config(args)
         if config.distribute.cpu_replicas:
             # Logical CPU devices can only be made before TensorFlow starts its runtime.

@@ -353,16 +353,25 @@ def input_sample(dataset, limit: int | None = None):
     return dataset.sample(INPUT_RANGE_SAMPLES if limit is None else limit)
 
 
+# The input example's budget: MLflow stores it twice per logged model as JSON (about 5 bytes
+# per uint8 value), so 5 samples of 64x64x3 fit (0.32 MB a file), one of 224x224x3 (0.79 MB).
+SERVED_EXAMPLE_VALUES = 65536
+
+
 def served_example(dataset, limit: int = 5):
     """The input example a logged model is signed with: raw inputs in their natural dtype.
 
     An array dataset's first samples as stored; decoded images (float32 0..255, as Keras decodes
-    them) back as uint8, the dtype of the 8-bit image files a client sends.
+    them) back as uint8, the dtype of the 8-bit image files a client sends. At most ``limit``
+    samples and `SERVED_EXAMPLE_VALUES` values, and at least one sample.
     """
     import numpy as np
 
     from tfstack.datasets import ArrayDataset
 
+    first = input_sample(dataset, limit=1)
+    per_sample = max(1, int(np.prod(first.shape[1:])))
+    limit = max(1, min(limit, SERVED_EXAMPLE_VALUES // per_sample))
     example = input_sample(dataset, limit=limit)
     if isinstance(dataset, ArrayDataset):
         return example

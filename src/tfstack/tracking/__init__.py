@@ -11,6 +11,8 @@ matplotlib figures, Keras models) and logs them into a run by its id. Its module
     records    metrics, and text, JSON, figure and file artifacts
     models     `log_keras_model`: the TensorFlow flavor with a signature and pinned requirements;
                `log_classifier_model`: the pyfunc classifier (`classifier`) answering with names
+    model_uris `fetch_model`: a runs:/ or models:/ URI downloaded as a .keras file with its
+               class names (`tfstack predict`)
     callback   `EpochLogger`, the Keras callback that logs every epoch of a phase
     queries    reading runs back: `get_run`, `search_runs`, `metric_history`, artifacts
     run_ref    the JSON file that carries a run's id from one stage to the next
