@@ -188,3 +188,20 @@ def test_the_installed_wheel_runs_in_a_directory_without_conf(tmp_path):
     assert [run.info.status for run in runs] == ["FINISHED"]
     assert 0.0 <= runs[0].data.metrics["test_accuracy"] <= 1.0
     assert runs[0].data.params["freeze.policy"] == "frozen"
+
+    # The wheel carries tfstack init's templates too: the scaffold of this directory composes.
+    subprocess.run(["git", "init", "-q"], cwd=work, check=True)
+    files = ["--base", "models/base.keras", "--head", "models/head.keras", "--data", "data.npz"]
+    done = subprocess.run(
+        [str(venv / "bin" / "tfstack"), "init", *files],
+        cwd=work,
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    params = yaml.safe_load((work / "params.yaml").read_text())
+    assert params["dvc_deps"]["base"] == "models/base.keras"
+    assert params["data"]["format"] == "npz"
+    assert "pkg://tfstack.conf" in (work / "conf" / "config.yaml").read_text()
