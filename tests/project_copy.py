@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+# The generic config groups, package data of tfstack (pkg://tfstack.conf); conf/ has the demo's.
+PACKAGED_CONF = ROOT / "src" / "tfstack" / "conf"
 VENV_BIN = Path(sys.executable).parent
 PROJECT_FILES = ["conf", "data", "data.dvc", "dvc.yaml", "MLproject", "python_env.yaml", "src"]
 TEMP_NAME = re.compile(r"^\.|\.tmp$|\.tfstack-probe")  # what an interrupted write would leave
@@ -27,12 +29,28 @@ LONG_EPOCHS = 40
 LONG_RUN = [f"train.epochs={LONG_EPOCHS}", "tracking.log_model=false"]
 
 
+def option_files(group: str, conf: Path = ROOT / "conf") -> list[Path]:
+    """The files of a config group's options as Hydra finds them: ``conf``'s, then the packaged
+    ones that ``conf`` does not replace."""
+    found: dict[str, Path] = {}
+    for directory in (conf / group, PACKAGED_CONF / group):
+        for path in sorted(directory.glob("*.yaml")):
+            found.setdefault(path.stem, path)
+    return [found[name] for name in sorted(found)]
+
+
 def shrink(project: Path) -> None:
-    """One epoch everywhere, two pretraining epochs, quiet Keras: the real config, made small."""
+    """One epoch everywhere, two pretraining epochs, quiet Keras: the real config, made small.
+
+    The packaged train options are copied into the project's conf/train/, which Hydra searches
+    first, and shrunk there.
+    """
     config = project / "conf" / "config.yaml"
     config.write_text(config.read_text().replace("pretrain_epochs: 15", "pretrain_epochs: 2"))
-    for path in (project / "conf" / "train").glob("*.yaml"):
-        text = re.sub(r"(?m)^epochs: \d+", "epochs: 1", path.read_text())
+    (project / "conf" / "train").mkdir(exist_ok=True)
+    for source in option_files("train", project / "conf"):
+        text = re.sub(r"(?m)^epochs: \d+", "epochs: 1", source.read_text())
+        path = project / "conf" / "train" / source.name
         path.write_text(re.sub(r"(?m)^verbose: \d+", "verbose: 0", text))
 
 

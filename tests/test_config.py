@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from project_copy import option_files
 
 from tfstack.errors import ConfigError
 from tfstack.pipeline.compose import compose, load_params
@@ -28,7 +29,7 @@ GROUPS = [
 
 def _options():
     for group in GROUPS:
-        for path in sorted((CONF / group).glob("*.yaml")):
+        for path in option_files(group):
             yield group, path.stem
 
 
@@ -47,6 +48,8 @@ def test_every_option_composes_and_validates(group, option):
     overrides = [f"{group}={option}"]
     if group == "data" and option != "digits":  # the user's own data: a path to set
         overrides.append(f"data.path=my.{option}")
+    if group == "components" and option == "default":  # the user's own files: paths to set
+        overrides += ["components.base.path=my_base.keras", "components.head.path=my_head.keras"]
     config = compose(overrides, config_dir=CONF)
     if group == "stacking":
         assert config.stacking.strategy == option

@@ -14,6 +14,7 @@ import pytest
 import test_pipeline
 import yaml
 from omegaconf import OmegaConf
+from project_copy import PACKAGED_CONF
 from test_pipeline import _runs, _sh, assert_complete_run
 
 from tfstack import cli
@@ -63,7 +64,7 @@ def test_optuna_preset_searches_lr_depth_and_schedule():
     assert objective == {"metric": "val_accuracy", "mode": "max"}
     assert swept == ["train.lr", "freeze.unfreeze_last", "schedule"]
     assert config.freeze.policy == "partial"
-    preset = yaml.safe_load((CONF / "hparams_search" / "optuna.yaml").read_text())
+    preset = yaml.safe_load((PACKAGED_CONF / "hparams_search" / "optuna.yaml").read_text())
     assert preset["hydra"]["sweeper"]["direction"] == "maximize"
 
 

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from conftest import make_base, make_head
 from omegaconf import OmegaConf
+from project_copy import option_files
 
 from tfstack import distribute, evaluation, labels, schedules, stacking, vocabulary
 from tfstack.errors import ConfigError, FreezeError, ScheduleError, ShapeError
@@ -118,7 +119,7 @@ def _schema_default(schema, dotted: str):
 def test_schema_defaults_equal_every_yaml_option_or_are_missing(group):
     schema = OmegaConf.structured(Config)
     differences = []
-    for option in sorted((CONF / group).glob("*.yaml")):
+    for option in option_files(group):
         values = OmegaConf.to_container(OmegaConf.load(option))
         for key, value in _leaves(values):
             default = _schema_default(schema[group], key)
@@ -179,7 +180,7 @@ def test_validation_refuses_an_option_the_choice_does_not_use(overrides, message
 @pytest.mark.slow
 def test_every_group_option_composes_with_the_defaults_of_the_others():
     for group in ("stacking", "freeze", "schedule"):
-        for option in sorted((CONF / group).glob("*.yaml")):
+        for option in option_files(group):
             compose([f"{group}={option.stem}"], config_dir=CONF)
 
 

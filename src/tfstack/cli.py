@@ -9,6 +9,7 @@
 ``tfstack compare [--parent ID] [--filter F]`` the runs grouped by freeze x stacking x schedule
 ``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
 ``tfstack predict MODEL PATH... [--output F]`` a run's, a registered or a saved model on new files
+``tfstack init [--base P --head P --data P]`` scaffold conf/, dvc.yaml, ... into this git repo
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -116,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument(
         "--modules", default="", metavar="A,B", help="modules registering its classes"
     )
+    init = commands.add_parser("init", help="scaffold tfstack into this git repository")
+    init.add_argument(
+        "--base", help="model_1, the feature extractor: a file or keras_applications:NAME"
+    )
+    init.add_argument("--head", help="model_2, the head: a .keras/.h5 file or SavedModel")
+    init.add_argument("--data", help="a folder of class folders, a .csv of images or an .npz")
+    init.add_argument("--force", action="store_true", help="replace the files init writes")
+    init.add_argument("--dry-run", action="store_true", help="list what it would do; write nothing")
     return parser
 
 
@@ -340,6 +349,12 @@ def _command(args, debug: bool) -> int:
             return _reproduce(args)
         if args.command == "predict":
             return _predict(args)
+        if args.command == "init":
+            from tfstack.pipeline.scaffold import init_project
+
+            options = {k: getattr(args, k) for k in ("base", "head", "data", "force", "dry_run")}
+            print(init_project(Path.cwd(), **options))
+            return 0
         config = _load_config(args)
         if config.distribute.cpu_replicas:
             # Logical CPU devices can only be made before TensorFlow starts its runtime.

@@ -77,6 +77,11 @@ class OutputError(TfstackError):
     """An output file or directory cannot be written (permissions, a missing or read-only path)."""
 
 
+class ProjectError(TfstackError):
+    """The project around tfstack is not as a command needs it (no git repository, files in
+    the way of `tfstack init`)."""
+
+
 # How much of an underlying error's message ours quotes.
 _QUOTED_CHARS = 300
 

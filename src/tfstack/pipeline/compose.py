@@ -1,4 +1,4 @@
-"""Composing the config: Hydra over ``conf/`` (``tfstack run``), or DVC's ``params.yaml``.
+"""Composing the config: Hydra over ``conf/`` and the packaged groups, or DVC's ``params.yaml``.
 
 Both end in `tfstack.pipeline.config.validate`. Hydra's own errors (an unknown group option, a
 key that needs ``+``, an override its grammar cannot parse) become one `ConfigError` line that
@@ -11,12 +11,14 @@ import difflib
 import re
 import shlex
 from pathlib import Path
+from typing import Any
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 import hydra_plugins.tfstack_resolvers  # noqa: F401  (registers conf/'s tfstack_dep resolver)
 from tfstack.errors import ConfigError
+from tfstack.pipeline.conf_dirs import PRIMARY, SEARCHPATH, ConfigSource, config_source
 from tfstack.pipeline.config import validate
 from tfstack.pipeline.schema import Config, adds_to_mapping, first_unknown, in_schema, known_keys
 
@@ -41,44 +43,55 @@ def load_params(path: str | Path) -> Config:
 
 
 def compose(overrides: list[str], *, config_dir: str | Path) -> Config:
-    """Compose ``conf/`` with Hydra overrides and validate it.
+    """Compose ``conf/`` and the packaged groups with Hydra overrides, and validate it.
 
     Args:
         overrides: Hydra overrides such as ``["stacking=adapter", "train.epochs=3"]``.
-        config_dir: the ``conf/`` directory.
+        config_dir: the project's ``conf/`` directory (`conf_dirs.config_source`: without one,
+            the packaged config).
 
     Raises:
         ConfigError: an unknown group option, a bad override or an invalid config.
     """
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
     from hydra.errors import HydraException
 
-    config_dir = Path(config_dir).resolve()
-    if not (config_dir / "config.yaml").is_file():
-        raise ConfigError(f"No config.yaml in {config_dir}; run tfstack from the project root.")
+    source = config_source(config_dir)
     try:
-        with initialize_config_dir(str(config_dir), version_base=None):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides))
+        cfg = _hydra_compose(source, overrides)
     except (HydraException, OmegaConfBaseException) as err:
-        raise _compose_error(err, config_dir) from err
-    return validate(cfg, source="overrides " + " ".join(overrides) if overrides else "conf/")
+        raise _compose_error(err, source) from err
+    default = "conf/" if source.project is not None else source.label
+    return validate(cfg, source="overrides " + " ".join(overrides) if overrides else default)
 
 
-def _compose_error(err: Exception, config_dir: Path) -> ConfigError:
+def _hydra_compose(source: ConfigSource, overrides: list[str], **kwargs: Any) -> DictConfig:
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+
+    with initialize_config_dir(str(source.directory), version_base=None):
+        return hydra_compose(config_name="config", overrides=list(overrides), **kwargs)
+
+
+def _compose_error(err: Exception, source: ConfigSource) -> ConfigError:
     """Turn Hydra's compose errors into a message that lists the valid choices."""
     text = str(err).strip()
     missing = re.search(r"Could not find '([\w/]+)/([\w.-]+)'", text)
     if missing:
         group, option = missing.groups()
-        options = sorted(p.stem for p in (config_dir / group).glob("*.yaml"))
+        options = source.options(group)
+        if option in options and not source.searches_package():
+            return ConfigError(
+                f"{group}={option} is one of tfstack's packaged options, which "
+                f"{source.directory / PRIMARY} does not search. Add to it: "
+                f"'hydra: {{searchpath: [{SEARCHPATH}]}}' (as tfstack init writes it)."
+            )
         if options:
+            where = " and ".join(str(d) for d in source.group_dirs(group))
             return ConfigError(
                 f"{group}={option} is not an option of config group {group!r}. "
-                f"Options: {options} (files in {config_dir / group})."
+                f"Options: {options} (files in {where})."
             )
-        groups = sorted(p.name for p in config_dir.iterdir() if p.is_dir())
-        return ConfigError(f"{group!r} is not a config group. Groups: {groups}.")
+        return ConfigError(f"{group!r} is not a config group. Groups: {source.groups()}.")
     bad_key = re.search(r"Could not override '([\w.]+)'", text)
     if bad_key and adds_to_mapping(bad_key.group(1)):
         full_key = bad_key.group(1)
@@ -170,10 +183,6 @@ def _hydra_quoted(key: str, value: str) -> str | None:
 
 def compose_yaml(config_dir: str | Path, overrides: list[str] | None = None) -> str:
     """``conf/`` composed and resolved exactly as DVC writes it into ``params.yaml``."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_dir
-
-    with initialize_config_dir(str(Path(config_dir).resolve()), version_base=None):
-        cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+    cfg = _hydra_compose(config_source(config_dir), list(overrides or []))
     OmegaConf.resolve(cfg)
     return OmegaConf.to_yaml(cfg)

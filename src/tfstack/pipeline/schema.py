@@ -55,9 +55,9 @@ class ComponentsConfig:
 class DataConfig:
     """A dataset: an ``.npz`` of arrays, a folder of class folders of images, or a CSV of images.
 
-    ``format`` says which (``vocabulary.DATA_FORMATS``). The image options are set by
-    ``conf/data/images.yaml`` and ``csv.yaml`` and null in the ``npz`` options; a format that
-    does not use one refuses it when set (``vocabulary.DATA_OPTIONS``).
+    ``format`` says which (``vocabulary.DATA_FORMATS``). The image options are set by the
+    packaged ``data/images.yaml`` and ``csv.yaml`` (``tfstack/conf/``) and null in the ``npz``
+    options; a format that does not use one refuses it when set (``vocabulary.DATA_OPTIONS``).
     """
 
     name: str = MISSING

@@ -10,8 +10,9 @@ hands the overrides to Hydra's own multirun machinery, so every sweeper and laun
    run and exports its id as ``TFSTACK_PARENT_RUN_ID``, which every job inherits (joblib
    workers start after it is set);
 3. runs Hydra's multirun with ``task`` as the task function. ``SweepCallback`` (a Hydra
-   callback, ``conf/hydra/callbacks/tfstack.yaml``) only notes where the sweep writes: Hydra turns
-   exceptions raised in callbacks into warnings, so nothing that can fail happens there;
+   callback, the packaged ``hydra/callbacks/tfstack.yaml``) only notes where the sweep writes:
+   Hydra turns exceptions raised in callbacks into warnings, so nothing that can fail happens
+   there;
 4. ``_finish``: collects every job's ``sweep_result.json``, records the jobs and the best one on
    the parent (and Optuna's ``optimization_results.yaml``), logs the ``tfstack compare`` table to
    it and ends it FINISHED. Whatever stops the sweep itself ends the parent FAILED.
@@ -44,6 +45,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tfstack.errors import ConfigError, TfstackError
 from tfstack.files import write_json
+from tfstack.pipeline.conf_dirs import config_source
 from tfstack.pipeline.config import validate
 from tfstack.pipeline.phase_settings import history_keys
 from tfstack.pipeline.schema import Config
@@ -174,7 +176,7 @@ def task(cfg: DictConfig) -> float:
 
 
 class SweepCallback(Callback):
-    """Hydra callback (``conf/hydra/callbacks/tfstack.yaml``): where the sweep writes.
+    """Hydra callback (``tfstack/conf/hydra/callbacks/tfstack.yaml``): where the sweep writes.
 
     Hydra turns exceptions raised in callbacks into warnings, so the callback only records the
     sweep directory, sweeper and launcher; ``run_sweep`` does the work that may fail before and
@@ -207,10 +209,9 @@ def _sweep_override_values(override) -> list[str] | None:
 
 def _compose(overrides: list[str], config_dir: Path) -> tuple[Config, dict[str, str], list[str]]:
     """One job's config, the objective and the sweeper's own search keys, validated."""
-    from hydra import compose, initialize_config_dir
+    from tfstack.pipeline.compose import _hydra_compose
 
-    with initialize_config_dir(str(config_dir), version_base=None):
-        cfg = compose(config_name="config", overrides=overrides, return_hydra_config=True)
+    cfg = _hydra_compose(config_source(config_dir), overrides, return_hydra_config=True)
     searched = OmegaConf.select(cfg, "hydra.sweeper.params", default=None) or {}
     return job_config(cfg), objective_of(cfg), [str(key) for key in searched]
 
@@ -406,13 +407,11 @@ def run_sweep(overrides: list[str], *, config_dir: str | Path) -> dict[str, Any]
     from tfstack import pipeline
     from tfstack.pipeline.compose import _compose_error
 
-    config_dir = Path(config_dir).resolve()
-    if not (config_dir / "config.yaml").is_file():
-        raise ConfigError(f"No config.yaml in {config_dir}; run tfstack from the project root.")
+    source = config_source(config_dir)
     try:
         base, objective, swept = preflight(list(overrides), config_dir)
     except (HydraException, OmegaConfBaseException) as err:
-        raise _compose_error(err, config_dir) from err
+        raise _compose_error(err, source) from err
     root = Path.cwd()
     # Once, here: parallel jobs must not race to write the demo's data and components.
     pipeline.ensure_demo_inputs(base, pipeline.Paths.from_config(base, root))
@@ -422,7 +421,7 @@ def run_sweep(overrides: list[str], *, config_dir: str | Path) -> dict[str, Any]
     if base.tracking.enabled:
         _start_parent(base, root, list(overrides), objective)
     main = hydra.main(config_path=None, config_name="config", version_base=None)(task)
-    argv = ["tfstack", "--multirun", "--config-dir", str(config_dir), *overrides]
+    argv = ["tfstack", "--multirun", "--config-dir", str(source.directory), *overrides]
     try:
         # HYDRA_FULL_ERROR: errors reach us (and the CLI's messages) instead of sys.exit(1).
         with _argv_and_env(argv, {"HYDRA_FULL_ERROR": "1", SWEPT_ENV: ",".join(swept)}):
@@ -435,7 +434,7 @@ def run_sweep(overrides: list[str], *, config_dir: str | Path) -> dict[str, Any]
         if _SWEEP.get("run_id"):
             _end_parent("FAILED" if isinstance(err, Exception) else "KILLED", error=err)
         if isinstance(err, (HydraException, OmegaConfBaseException)):
-            raise _compose_error(err, config_dir) from err
+            raise _compose_error(err, source) from err
         raise
     finally:
         _SWEEP.clear()
