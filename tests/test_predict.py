@@ -288,9 +288,13 @@ def test_the_store_is_the_one_tfstack_run_uses_here(tmp_path, monkeypatch):
     assert store_uri(None, tmp_path) == "http://127.0.0.1:5000"
     monkeypatch.delenv("MLFLOW_TRACKING_URI")
     # A project's conf/: its tracking.uri, a relative sqlite path made absolute as tfstack run does.
-    shutil.copytree(Path(__file__).resolve().parents[1] / "conf", tmp_path / "conf")
+    # (the project's own conf/tracking/sqlite.yaml replaces the packaged one)
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "conf", tmp_path / "conf")
+    packaged = root / "src" / "tfstack" / "conf" / "tracking" / "sqlite.yaml"
     sqlite = tmp_path / "conf" / "tracking" / "sqlite.yaml"
-    sqlite.write_text(sqlite.read_text().replace("uri: null", "uri: sqlite:///runs/team.db"))
+    sqlite.parent.mkdir(exist_ok=True)
+    sqlite.write_text(packaged.read_text().replace("uri: null", "uri: sqlite:///runs/team.db"))
     assert store_uri(None, tmp_path) == f"sqlite:///{tmp_path.resolve()}/runs/team.db"
 
 
