@@ -11,6 +11,7 @@ matplotlib figures, Keras models) and logs them into a run by its id. Its module
     records    metrics, and text, JSON, figure and file artifacts
     models     `log_keras_model`: the TensorFlow flavor with a signature and pinned requirements;
                `log_classifier_model`: the pyfunc classifier (`classifier`) answering with names
+    model_registry  `register_run_model`: a run's served model as a registered version, an alias
     callback   `EpochLogger`, the Keras callback that logs every epoch of a phase
     queries    reading runs back: `get_run`, `search_runs`, `metric_history`, artifacts
     run_ref    the JSON file that carries a run's id from one stage to the next
@@ -36,6 +37,10 @@ Typical stage:
 
 from tfstack.errors import StoreLostError, TrackingError
 from tfstack.tracking.callback import EpochLogger
+from tfstack.tracking.model_registry import (
+    register_run_model,
+    run_model,
+)
 from tfstack.tracking.models import (
     default_pip_requirements,
     log_classifier_model,
@@ -119,6 +124,8 @@ __all__ = [
     "metric_history",
     "read_artifact_text",
     "read_run_ref",
+    "register_run_model",
+    "run_model",
     "run_experiment_name",
     "search_runs",
     "start_run",
