@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 from project_copy import tfstack
+from test_team_tracking import mlflow_server, postgres  # noqa: F401 (fixtures)
 
 from tfstack import cli, tracking
 from tfstack.errors import ConfigError, TfstackError
@@ -279,3 +280,27 @@ def test_the_evaluate_stage_registers_the_run_and_the_sweep_its_best_job(project
     again = tfstack(project, "promote", "--parent", "last", "--name", "digits", "--alias=champion")
     assert again.returncode == 0, again.stderr[-3000:]
     assert client.get_model_version_by_alias("digits", "champion").run_id == champion.run_id
+
+
+# ---------------------------------------------------------------------------------------------
+# The team's server: `mlflow server` on PostgreSQL, artifacts proxied
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_promote_against_the_postgres_backed_server(mlflow_server):  # noqa: F811
+    server_uri, _ = mlflow_server
+    first = _run(server_uri, "team", history=[0.5], model=_classifier(0))
+    second = _run(server_uri, "team", history=[0.7], model=_classifier(1))
+    promoting.promote(server_uri, name="team-digits", alias="champion", run_id=first)
+    found = promoting.promote(server_uri, name="team-digits", alias="champion", run_id=second)
+
+    client = MlflowClient(server_uri)
+    champion = client.get_model_version_by_alias("team-digits", "champion")
+    assert (str(champion.version), champion.run_id) == ("2", second) == (found["version"], second)
+    assert champion.tags["stacking"] == "adapter" and champion.tags["config_hash"] == "0123abcd"
+    assert client.get_model_version("team-digits", "1").aliases == []
+    # A teammate loads the champion through the server: the run's own predictions.
+    served = _predict("models:/team-digits@champion", server_uri)
+    own = _predict(f"runs:/{second}/classifier", server_uri)
+    assert np.allclose(served[NAMES].to_numpy(), own[NAMES].to_numpy())
