@@ -66,6 +66,28 @@ def test_register_needs_a_name_and_a_logged_model():
             compose([off, "tracking.register.name=digits"], config_dir=CONF)
 
 
+def test_a_version_carries_what_the_run_was_and_the_sweep_objective():
+    run = {
+        "run_id": "r1",
+        "run_name": "freeze=joint",
+        "tags": {**RUN_TAGS, "config_hash": "abc", "sweep_job": "0", "mlflow.user": "me"},
+        "metrics": {"test_accuracy": 0.8, "test_loss": 0.4, "stage_seconds_train": 3.0},
+    }
+    objective = {"metric": "val_loss", "mode": "min", "value": 0.3, "parent_run_id": "p1"}
+    assert promoting.version_tags(run, objective) == {
+        **RUN_TAGS,
+        "config_hash": "abc",
+        "test_accuracy": 0.8,
+        "test_loss": 0.4,
+        "run_name": "freeze=joint",
+        "objective": "min val_loss",
+        "best_val_loss": 0.3,
+        "sweep_parent_run_id": "p1",
+    }
+    parent = {"run_id": "p1", "tags": {"objective": "min val_loss"}}
+    assert promoting.parse_objective(parent) == {"mode": "min", "metric": "val_loss"}
+
+
 # ---------------------------------------------------------------------------------------------
 # The registry, against a sqlite store
 # ---------------------------------------------------------------------------------------------
@@ -192,6 +214,7 @@ def test_promote_parent_takes_the_best_finished_child_by_the_objective(uri, caps
 def test_promote_errors_are_one_line_and_register_nothing(uri, capsys):
     no_model = _run(uri, "errors", history=[0.5])
     failed = _run(uri, "errors", history=[0.5], status="FAILED")
+    _run(uri, "no-sweeps")  # an experiment without sweeps
     empty, _ = _sweep(uri, "errors", [([0.5], "FAILED", None)])
     no_metric, _ = _sweep(uri, "errors", [((), "FINISHED", None)])
     cases = [
@@ -201,6 +224,7 @@ def test_promote_errors_are_one_line_and_register_nothing(uri, capsys):
         (["--parent", no_model], f"run {no_model} has no sweep objective"),
         (["--parent", empty], f"sweep parent run {empty} has no FINISHED child run"),
         (["--parent", no_metric], "logged the objective metric val_accuracy (max)"),
+        (["--parent", "last", "--experiment", "no-sweeps"], "--parent last: no sweep in"),
         ([no_model, "--alias", "v1"], "--alias='v1' is reserved by MLflow"),
     ]
     for arguments, message in cases:
@@ -210,8 +234,10 @@ def test_promote_errors_are_one_line_and_register_nothing(uri, capsys):
         )  # fmt: skip
         err = capsys.readouterr().err
         assert code == 2, arguments
-        assert err.startswith("tfstack: error: ") and err.count("\n") == 1, err
-        assert message in err, err
+        # MLflow may log a line or two first (creating the registry's tables); then one line.
+        last = err.strip().splitlines()[-1]
+        assert last.startswith("tfstack: error: ") and "Traceback" not in err, err
+        assert message in last, err
     assert MlflowClient(uri).search_model_versions("name = 'errors'") == []
 
 

@@ -131,15 +131,13 @@ def promote(
         PromoteError: No run to register (see `best_child`), or the run did not finish.
         TrackingError: The run or its model does not exist, or the registry refused a write.
     """
+    check_names(name, alias, name_key="--name", alias_key="--alias")  # before TensorFlow loads
     from tfstack import tracking
 
-    check_names(name, alias, name_key="--name", alias_key="--alias")
     objective = None
     if parent is not None:
         if parent == "last":
-            from tfstack.pipeline.compare import latest_sweep_parent
-
-            parent = latest_sweep_parent(uri, experiment or "tfstack")
+            parent = _latest_sweep(uri, experiment or "tfstack")
         run, objective = best_child(uri, tracking.get_run(uri, parent))
     else:
         run = tracking.get_run(uri, run_id)
@@ -159,6 +157,21 @@ def promote(
         "tags": tags,
         "objective": objective,
     }
+
+
+def _latest_sweep(uri: str, experiment: str) -> str:
+    """The experiment's most recent sweep parent (``--parent last``)."""
+    from tfstack.compare import CompareError
+    from tfstack.pipeline.compare import latest_sweep_parent
+
+    try:
+        return latest_sweep_parent(uri, experiment)
+    except CompareError as err:
+        raise PromoteError(
+            f"--parent last: no sweep in experiment {experiment!r} ({uri}). Run `tfstack run -m "
+            f"...` first, name the sweep's experiment (--experiment NAME), or promote a run by "
+            f"its id."
+        ) from err
 
 
 def check_names(name: str | None, alias: str | None, *, name_key: str, alias_key: str) -> None:
