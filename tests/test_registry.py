@@ -12,7 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 from mlflow import MlflowClient
-from project_copy import tfstack
+from project_copy import dvc_project, sh, tfstack
 from test_team_tracking import mlflow_server, postgres  # noqa: F401 (fixtures)
 
 from tfstack import cli, tracking
@@ -306,6 +306,23 @@ def test_the_evaluate_stage_registers_the_run_and_the_sweep_its_best_job(project
     again = tfstack(project, "promote", "--parent", "last", "--name", "digits", "--alias=champion")
     assert again.returncode == 0, again.stderr[-3000:]
     assert client.get_model_version_by_alias("digits", "champion").run_id == champion.run_id
+
+
+@pytest.mark.slow
+def test_dvc_repro_registers_after_the_evaluate_stage(template, tmp_path):
+    project = dvc_project(
+        template, tmp_path / "dvc", ["tracking.register.name=digits", "tracking.register.alias=a"]
+    )
+    out = sh(project, "dvc", "repro", "evaluate").stdout
+    client = MlflowClient(f"sqlite:///{project / 'mlflow.db'}")
+    version = client.get_model_version_by_alias("digits", "a")
+    shown = "registered   models:/digits@a (version 1 of digits: the classifier of run"
+    shown += f" {version.run_id})"
+    assert shown in out, out
+    run = client.get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert version.tags["config_hash"] == run.data.tags["config_hash"]
+    assert len(client.search_model_versions("name = 'digits'")) == 1  # once, after evaluate
 
 
 # ---------------------------------------------------------------------------------------------
