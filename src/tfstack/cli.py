@@ -10,6 +10,8 @@
 ``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
 ``tfstack predict MODEL PATH... [--output F]`` a run's, a registered or a saved model on new files
 ``tfstack init [--base P --head P --data P]`` scaffold conf/, dvc.yaml, ... into this git repo
+``tfstack promote (RUN_ID|--parent ID|last) --name N --alias A``  register a run's model (a sweep's
+                                             best by its objective) and move the alias
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -125,6 +127,15 @@ def _parser() -> argparse.ArgumentParser:
     init.add_argument("--data", help="a folder of class folders, a .csv of images or an .npz")
     init.add_argument("--force", action="store_true", help="replace the files init writes")
     init.add_argument("--dry-run", action="store_true", help="list what it would do; write nothing")
+    promote = commands.add_parser("promote", help="register a run's model, move an alias")
+    which = promote.add_mutually_exclusive_group(required=True)
+    which.add_argument("run_id", nargs="?", help="the MLflow run whose model to register")
+    which.add_argument("--parent", help="a sweep's parent run id, or 'last': its best run")
+    promote.add_argument("--name", required=True, help="the registered model, e.g. digits")
+    promote.add_argument("--alias", help="the alias to move to the new version, e.g. champion")
+    promote.add_argument("--tracking-uri", help="the store (default: as tfstack run's)")
+    promote.add_argument("--experiment", help="where --parent last looks (default: as tfstack run)")
+    promote.add_argument("--config-dir", default="conf", help="the Hydra config directory")
     return parser
 
 
@@ -206,6 +217,25 @@ def _reproduce(args) -> int:
     return 0
 
 
+def _promote(args) -> int:
+    from tfstack.pipeline.promote import promote, registered_text
+
+    args.overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
+    args.overrides += [f"tracking.experiment={args.experiment}"] if args.experiment else []
+    uri, config = _tracking_store(args)
+    found = promote(
+        uri,
+        name=args.name,
+        alias=args.alias,
+        run_id=args.run_id,
+        parent=args.parent,
+        experiment=config.tracking.experiment,
+    )
+    print(f"tfstack promote: registered {registered_text(found)}")
+    print(f"  load it with mlflow.pyfunc.load_model('{found['model_uri']}') ({uri})")
+    return 0
+
+
 def _sweep(args) -> int:
     from tfstack.pipeline import sweeps
 
@@ -235,6 +265,10 @@ def _summary(run, metrics: dict, paths) -> str:
     for key, value in sorted(metrics.items()):
         if isinstance(value, float):
             lines.append(f"  {key:<24} {value:.4f}")
+    if run is not None and getattr(run, "registered", None):
+        from tfstack.pipeline.promote import registered_text
+
+        lines.append(f"  registered   {registered_text(run.registered)}")
     lines.append(f"  outputs      {paths.out}")
     if run is not None and run.uri and run.uri.startswith("sqlite:"):
         lines.append(f"  open the UI  mlflow ui --backend-store-uri {run.uri} --host 127.0.0.1")
@@ -355,6 +389,8 @@ def _command(args, debug: bool) -> int:
             options = {k: getattr(args, k) for k in ("base", "head", "data", "force", "dry_run")}
             print(init_project(Path.cwd(), **options))
             return 0
+        if args.command == "promote":
+            return _promote(args)
         config = _load_config(args)
         if config.distribute.cpu_replicas:
             # Logical CPU devices can only be made before TensorFlow starts its runtime.

@@ -390,6 +390,9 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     check_class_weight(config.train.class_weight, task=config.train.task, key="train.class_weight")
     check_choice(config.train.precision, PRECISIONS, "train.precision")
     _check_callbacks_and_tensorboard(config)
+    from tfstack.pipeline.promote import check_register
+
+    check_register(config.tracking)
     return config
 
 

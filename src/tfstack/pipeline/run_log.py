@@ -36,6 +36,7 @@ def config_hash(config: Config) -> str:
     """A short hash of the resolved config, identifying one pipeline execution's settings."""
     data = to_dict(config)
     data["tracking"].pop("run_name", None)
+    data["tracking"].pop("register", None)  # where the model goes after the run, not the run
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -90,6 +91,7 @@ class RunLog:
         self.experiment = config.tracking.experiment
         self.run_id: str | None = None
         self.new = False
+        self.registered: dict | None = None  # tracking.register's version, once registered
 
     def tags(self) -> dict:
         from tfstack.pipeline.inputs import data_hash

@@ -209,6 +209,14 @@ class TrainConfig:
 
 
 @dataclass
+class RegisterConfig:
+    """``tracking.register``: register a successful run's model in the MLflow Model Registry."""
+
+    name: str | None = None  # the registered model; null: no registration
+    alias: str | None = None  # moved to the new version (e.g. champion); null: none
+
+
+@dataclass
 class TrackingConfig:
     """Where runs are recorded. ``uri: null`` means sqlite at the repository root."""
 
@@ -219,6 +227,7 @@ class TrackingConfig:
     log_model: bool = MISSING
     # TensorBoard (issue 14): Keras TensorBoard logs under outputs/train/tensorboard/.
     tensorboard: bool = False
+    register: RegisterConfig = field(default_factory=RegisterConfig)
 
 
 @dataclass

@@ -453,6 +453,9 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
             run.metrics({"stage_seconds_evaluate": time.perf_counter() - start})
         if config.train.resume == "auto":
             checkpoints.remove(resume.checkpoint_dir(paths))
+    from tfstack.pipeline.promote import register_finished_run
+
+    register_finished_run(run, config)  # tracking.register, once the run ended FINISHED
     return run, metrics
 
 
@@ -474,6 +477,10 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
         if name == "build":  # the other stages continue the run that build started
             resume.end_orphaned_run(run, keep=None)
         result = _run_stage(name, config, paths, run)
+    if name == "evaluate":  # the last stage: the run ended FINISHED
+        from tfstack.pipeline.promote import register_finished_run
+
+        register_finished_run(run, config)
     return run, result
 
 

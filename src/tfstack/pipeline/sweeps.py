@@ -271,7 +271,7 @@ def _start_parent(base: Config, root: Path, overrides: list[str], objective: dic
         tags=tags,
     )
     os.environ[PARENT_ENV] = run_id  # inherited by every job, in joblib workers too
-    _SWEEP.update(run_id=run_id, uri=uri, experiment=experiment)
+    _SWEEP.update(run_id=run_id, uri=uri, experiment=experiment, register=base.tracking.register)
 
 
 def _finish(objective: dict) -> dict[str, Any]:
@@ -318,8 +318,28 @@ def _finish(objective: dict) -> dict[str, Any]:
         tracking.log_tags(run_id, {f"best_param.{k}": v for k, v in params.items()})
     if finished:
         sweep["comparison"] = _compare(run_id, results)
+    register = _SWEEP.get("register")
     _end_parent("FINISHED" if finished else "FAILED")
+    if finished and register is not None and register.name:
+        sweep["registered"] = _register_best(sweep, register)
     return sweep
+
+
+def _register_best(sweep: dict[str, Any], register) -> dict[str, Any]:
+    """``tracking.register`` of a sweep: its best job's model, once the parent is FINISHED."""
+    from tfstack.errors import TrackingError
+    from tfstack.pipeline.promote import promote
+
+    parent = sweep["parent_run_id"]
+    try:
+        return promote(sweep["uri"], name=register.name, alias=register.alias, parent=parent)
+    except TfstackError as err:
+        retry = f"tfstack promote --parent {parent} --name {register.name}"
+        retry += f" --alias {register.alias}" if register.alias else ""
+        raise TrackingError(
+            f"the sweep FINISHED, but registering its best model as tracking.register.name="
+            f"{register.name} failed: {err} Register it again with `{retry}`."
+        ) from err
 
 
 def _compare(parent_run_id: str, results: list[dict]):
@@ -467,4 +487,8 @@ def summary(sweep: dict[str, Any]) -> str:
         lines += ["", comparison.text(), f"  written to {files['markdown'].parent}"]
     if sweep.get("parent_run_id"):
         lines.append(f"  compare again: tfstack compare --parent {sweep['parent_run_id']}")
+    if sweep.get("registered"):
+        from tfstack.pipeline.promote import registered_text
+
+        lines.append(f"  registered   {registered_text(sweep['registered'])}")
     return "\n".join(lines)

@@ -11,6 +11,7 @@ matplotlib figures, Keras models) and logs them into a run by its id. Its module
     records    metrics, and text, JSON, figure and file artifacts
     models     `log_keras_model`: the TensorFlow flavor with a signature and pinned requirements;
                `log_classifier_model`: the pyfunc classifier (`classifier`) answering with names
+    model_registry  `register_run_model`: a run's served model as a registered version, an alias
     model_uris `fetch_model`: a runs:/ or models:/ URI downloaded as a .keras file with its
                class names (`tfstack predict`)
     callback   `EpochLogger`, the Keras callback that logs every epoch of a phase
@@ -38,6 +39,10 @@ Typical stage:
 
 from tfstack.errors import StoreLostError, TrackingError
 from tfstack.tracking.callback import EpochLogger
+from tfstack.tracking.model_registry import (
+    register_run_model,
+    run_model,
+)
 from tfstack.tracking.models import (
     default_pip_requirements,
     log_classifier_model,
@@ -121,6 +126,8 @@ __all__ = [
     "metric_history",
     "read_artifact_text",
     "read_run_ref",
+    "register_run_model",
+    "run_model",
     "run_experiment_name",
     "search_runs",
     "start_run",

@@ -59,7 +59,7 @@ def _without_global_custom_objects() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _process_tracking_uri(uri: str) -> Iterator[None]:
+def process_tracking_uri(uri: str) -> Iterator[None]:
     """Set MLflow's process-wide tracking URI for a block, then restore it and the env var."""
     before = os.environ.get("MLFLOW_TRACKING_URI")
     mlflow.set_tracking_uri(uri)
@@ -245,7 +245,7 @@ def _log_model(
     # (mlflow.set_tracking_uri also exports MLFLOW_TRACKING_URI, which would leak into later runs
     # of this process and into every subprocess it starts).
     hidden = _without_global_custom_objects() if hide_custom_objects else contextlib.nullcontext()
-    with _process_tracking_uri(run.uri), hidden:
+    with process_tracking_uri(run.uri), hidden:
         info = run.write(
             f"logging model {name!r} to run {run_id}",
             log,
