@@ -12,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -109,8 +110,12 @@ def leftovers(directory: Path) -> list[Path]:
     )
 
 
-def start(project: Path, *command: str) -> subprocess.Popen:
-    """Start ``command`` (e.g. ``tfstack run ...``, ``dvc repro``) in ``project``, stderr piped."""
+def start(project: Path, *command: str, own_group: bool = False) -> subprocess.Popen:
+    """Start ``command`` (e.g. ``tfstack run ...``, ``dvc repro``) in ``project``, stderr piped.
+
+    With ``own_group`` it leads a process group of its own (as a terminal's foreground job), so
+    `os.killpg` reaches it and its children, not the tests.
+    """
     executable = str(VENV_BIN / command[0]) if (VENV_BIN / command[0]).exists() else command[0]
     return subprocess.Popen(
         [executable, *command[1:]],
@@ -119,7 +124,16 @@ def start(project: Path, *command: str) -> subprocess.Popen:
         stdout=subprocess.PIPE if command[0] == "dvc" else subprocess.DEVNULL,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=own_group,
+        preexec_fn=_default_stop_signals,
     )
+
+
+def _default_stop_signals() -> None:
+    """In the child: SIGTERM and SIGHUP end it by default, as under a terminal, even when the
+    tests run under nohup (whose ignored SIGHUP the child would inherit)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_DFL)
 
 
 def epochs_done(project: Path) -> int:

@@ -215,6 +215,7 @@ def test_numbers_and_names_are_checked_at_validation(overrides, message):
         (["freeze=partial", "freeze.unfreeze_pattern=''"], "freeze.unfreeze_pattern='' is empty"),
         (["tracking.uri=''"], "tracking.uri='' is empty"),
         (["components.base.cut_at=''"], "components.base.cut_at='' is empty"),
+        (["output_dir=''"], "output_dir='' is empty"),  # was: outputs in the project root
         # A partial-freeze selector under another policy would be ignored.
         (["freeze.unfreeze_pattern=conv"], "applies only to freeze=partial"),
         (["freeze=joint", "freeze.unfreeze_last=1"], "freeze.unfreeze_last=1 applies only to"),
@@ -224,6 +225,29 @@ def test_values_that_would_be_ignored_are_refused(overrides, message):
     with pytest.raises(ConfigError) as err:
         compose(overrides, config_dir=CONF)
     assert message in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        # Before: accepted, then an offset of nan turned every input into nan.
+        (["preprocess=rescale", "preprocess.offset=nan"], "preprocess.offset=nan is not a finite"),
+        (["preprocess=rescale", "preprocess.offset=-inf"], "preprocess.offset=-inf is not"),
+        # Keys no bound lists: the numbers of layer and callback configs, anywhere in a list.
+        (
+            ["augment=flip_rotate", "augment.layers.1.config.factor=inf"],
+            "augment.layers[1].config.factor=inf is not a finite number",
+        ),
+        (
+            ["train.callbacks=[{class_name: ReduceLROnPlateau, config: {factor: nan}}]"],
+            "train.callbacks[0].config.factor=nan is not a finite number",
+        ),
+    ],
+)
+def test_a_non_finite_number_anywhere_in_the_config_is_refused(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        compose(overrides, config_dir=CONF)
+    assert str(err.value).startswith(message), str(err.value)
 
 
 def test_keras_names_accepted_without_tensorflow_are_accepted():

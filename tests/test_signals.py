@@ -2,8 +2,9 @@
 
 Each signal is sent to a real `tfstack run` and to a real `dvc repro` (to DVC's own process, as
 `kill <pid>` does: DVC 3.67 forwards neither signal to its stage, which tfstack then learns of
-through PR_SET_PDEATHSIG) once the first epoch's checkpoint exists; the same command then
-resumes into the same MLflow run and ends it FINISHED.
+through PR_SET_PDEATHSIG; and to DVC's whole process group, as a closed terminal or `timeout`
+does, so the stage gets the signal itself) once the first epoch's checkpoint exists; the same
+command then resumes into the same MLflow run and ends it FINISHED.
 """
 
 from __future__ import annotations
@@ -71,6 +72,21 @@ def test_a_stop_signal_raises_a_keyboard_interrupt_naming_it(signum, code):
     assert signals.signal_name(caught.value) == signum.name
     assert signals.exit_code(caught.value) == code
     assert signal.getsignal(signum) is before  # restored
+
+
+def test_a_signal_ignored_by_nohup_stays_ignored():
+    # Before: the SIGHUP handler replaced nohup's SIG_IGN, so `nohup tfstack run ...` stopped
+    # KILLED when the terminal closed.
+    before = signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    try:
+        with signals.stop_on_signals():
+            assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+            os.kill(os.getpid(), signal.SIGHUP)
+            time.sleep(0.2)  # no Stopped: the run goes on
+            assert signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL  # still handled
+        assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
 
 
 def test_a_repeated_stop_signal_does_not_interrupt_the_unwinding():
@@ -178,5 +194,31 @@ def test_dvc_repro_stopped_by_a_signal_ends_killed_and_resumes(
     while the_run(project).info.status == "RUNNING" and time.monotonic() < deadline:
         time.sleep(0.1)
     assert_stopped(project, stdout + stderr, signal.SIGTERM)  # PR_SET_PDEATHSIG sends SIGTERM
+    stopped = the_run(project).info.run_id
+    assert_resumed(project, sh(project, "dvc", "repro"), stopped)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_dvc_repro_whose_process_group_gets_a_signal_ends_killed_by_it_and_resumes(
+    template, tmp_path, monkeypatch, signum
+):
+    # A closed terminal sends SIGHUP to its foreground job's process group, `timeout` SIGTERM:
+    # DVC, the shell between (dash) and the stage all get it. The stage's SIGTERM from
+    # PR_SET_PDEATHSIG, once DVC is gone, arrives within the grace period and is ignored.
+    monkeypatch.setenv("SHELL", "/bin/sh")
+    project = dvc_project(template, tmp_path / "dvc", LONG_RUN)
+    process = start(project, "dvc", "repro", own_group=True)
+    try:
+        wait_for_checkpoint(project, process)
+        os.killpg(process.pid, signum)
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode != 0
+    deadline = time.monotonic() + 120
+    while the_run(project).info.status == "RUNNING" and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert_stopped(project, stdout + stderr, signum)  # the stage names the signal it got
     stopped = the_run(project).info.run_id
     assert_resumed(project, sh(project, "dvc", "repro"), stopped)

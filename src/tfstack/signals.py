@@ -77,7 +77,9 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
     """Raise `Stopped` in the main thread on each of ``signals`` while the block runs.
 
     The previous handlers are restored afterwards. Outside the main thread (where Python cannot
-    install handlers) this does nothing.
+    install handlers) this does nothing. A signal the process was started ignoring keeps being
+    ignored: under ``nohup tfstack run ...`` SIGHUP is ignored (a closed terminal must not stop
+    the run), and a handler installed here would undo that.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -92,7 +94,10 @@ def stop_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None]:
         first[:] = [now]
         raise Stopped(signum)
 
-    previous = {signum: signal.signal(signum, handler) for signum in signals}
+    previous = {}
+    for signum in signals:
+        if signal.getsignal(signum) is not signal.SIG_IGN:  # nohup's SIGHUP stays ignored
+            previous[signum] = signal.signal(signum, handler)
     try:
         yield
     finally:

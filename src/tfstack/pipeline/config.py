@@ -32,7 +32,12 @@ from tfstack.pipeline.schema import (
     TrainConfig,
     known_keys,
 )
-from tfstack.pipeline.value_checks import Bound, check_choice, check_number
+from tfstack.pipeline.value_checks import (
+    Bound,
+    check_choice,
+    check_finite_everywhere,
+    check_number,
+)
 from tfstack.vocabulary import (
     APPLICATION_FAMILIES,
     APPLICATIONS_PREFIX,
@@ -186,6 +191,7 @@ def _check_no_ops(config: Config) -> None:
         "data.path": config.data.path,
         "data.path_column": config.data.path_column,
         "data.label_column": config.data.label_column,
+        "output_dir": config.output_dir,  # '' would write the outputs into the project root
     }
     components = {"base": config.components.base, "head": config.components.head}
     components.update({f"extra.{k}": c for k, c in config.components.extra.items()})
@@ -393,6 +399,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     from tfstack.pipeline.promote import check_register
 
     check_register(config.tracking)
+    check_finite_everywhere(config)  # the numbers no check above names, e.g. in layer configs
     return config
 
 

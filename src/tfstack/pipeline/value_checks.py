@@ -6,7 +6,9 @@ line naming the key and what to set.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from collections.abc import Mapping
 from typing import Any, NamedTuple
 
 from tfstack.errors import ConfigError
@@ -38,3 +40,30 @@ def check_number(key: str, value: Any, bound: Bound) -> None:
             f"at least {lowest:g}" if inclusive else "positive" if lowest == 0 else f"> {lowest}"
         )
         raise ConfigError(f"{key}={value} must be {least}{f' ({hint})' if hint else ''}.")
+
+
+def check_finite_everywhere(config: Any) -> None:
+    """Refuse a non-finite float anywhere in the config, naming its key.
+
+    The keys with bounds are checked (with their own hints) before; this sweep covers the
+    rest, such as ``preprocess.offset`` and the numbers of ``augment.layers`` and
+    ``train.callbacks`` entries, which Keras would take and turn into nan weights or inputs.
+    """
+    pending: list[tuple[str, Any]] = [("", config)]
+    while pending:
+        key, value = pending.pop()
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(
+                f"{key}={value} is not a finite number. Set {key} to a finite number."
+            )
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            items = [(f.name, getattr(value, f.name)) for f in dataclasses.fields(value)]
+        elif isinstance(value, Mapping):
+            items = [(str(name), item) for name, item in value.items()]
+        elif isinstance(value, list | tuple):
+            pending.extend((f"{key}[{i}]", item) for i, item in reversed(list(enumerate(value))))
+            continue
+        else:
+            continue
+        prefix = f"{key}." if key else ""
+        pending.extend((f"{prefix}{name}", item) for name, item in reversed(items))
