@@ -211,6 +211,27 @@ def test_promote_parent_takes_the_best_finished_child_by_the_objective(uri, caps
 
 
 @pytest.mark.slow
+def test_promote_parent_last_without_a_sweep_takes_the_best_pipeline_run(uri, capsys):
+    # dvc repro, then dvc exp run -S freeze=joint: two top-level runs, no sweep parent. The best
+    # epoch of val_accuracy decides; a failed run and a sweep's child are not candidates.
+    _run(uri, "dvc", history=[0.5, 0.6], model=_classifier(0))
+    best = _run(uri, "dvc", history=[0.7, 0.65], model=_classifier(1))
+    _run(uri, "dvc", history=[0.99], status="FAILED")
+    code = cli.main(
+        ["promote", "--parent", "last", "--name", "dvc-best", "--alias", "champion",
+         "--tracking-uri", uri, "--experiment", "dvc", "--config-dir", str(CONF)]
+    )  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert f"the classifier of run {best})" in out
+    picked = "picked as the best of the experiment's 2 runs (no sweep) by max val_accuracy (0.7)"
+    assert picked in out
+    version = MlflowClient(uri).get_model_version_by_alias("dvc-best", "champion")
+    assert version.run_id == best and version.tags["picked_among_runs"] == "2"
+    assert "sweep_parent_run_id" not in version.tags
+
+
+@pytest.mark.slow
 def test_promote_errors_are_one_line_and_register_nothing(uri, capsys):
     no_model = _run(uri, "errors", history=[0.5])
     failed = _run(uri, "errors", history=[0.5], status="FAILED")
@@ -224,7 +245,7 @@ def test_promote_errors_are_one_line_and_register_nothing(uri, capsys):
         (["--parent", no_model], f"run {no_model} has no sweep objective"),
         (["--parent", empty], f"sweep parent run {empty} has no FINISHED child run"),
         (["--parent", no_metric], "logged the objective metric val_accuracy (max)"),
-        (["--parent", "last", "--experiment", "no-sweeps"], "--parent last: no sweep in"),
+        (["--parent", "last", "--experiment", "no-sweeps"], "has no sweep and no FINISHED run"),
         ([no_model, "--alias", "v1"], "--alias='v1' is reserved by MLflow"),
     ]
     for arguments, message in cases:

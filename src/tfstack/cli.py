@@ -218,7 +218,7 @@ def _reproduce(args) -> int:
 
 
 def _promote(args) -> int:
-    from tfstack.pipeline.promote import promote, registered_text
+    from tfstack.pipeline.promote import picked_text, promote, registered_text
 
     args.overrides = [f"tracking.uri={args.tracking_uri}"] if args.tracking_uri else []
     args.overrides += [f"tracking.experiment={args.experiment}"] if args.experiment else []
@@ -232,6 +232,8 @@ def _promote(args) -> int:
         experiment=config.tracking.experiment,
     )
     print(f"tfstack promote: registered {registered_text(found)}")
+    if picked_text(found["objective"]):
+        print(f"  picked as {picked_text(found['objective'])}")
     print(f"  load it with mlflow.pyfunc.load_model('{found['model_uri']}') ({uri})")
     return 0
 

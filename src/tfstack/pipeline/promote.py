@@ -37,7 +37,8 @@ def version_tags(run: dict[str, Any], objective: dict[str, Any] | None = None) -
 
     Args:
         run: A run as `tfstack.tracking.get_run` returns it.
-        objective: ``{"metric", "mode", "value", "parent_run_id"}`` when a sweep picked it.
+        objective: ``{"metric", "mode", "value", "parent_run_id"}`` when a sweep picked it
+            (``parent_run_id`` None and ``runs`` when it was picked among pipeline runs).
     """
     tags: dict[str, Any] = {key: run["tags"][key] for key in RUN_TAGS if key in run["tags"]}
     tags.update(
@@ -47,7 +48,10 @@ def version_tags(run: dict[str, Any], objective: dict[str, Any] | None = None) -
     if objective is not None:
         tags["objective"] = f"{objective['mode']} {objective['metric']}"
         tags[f"best_{objective['metric']}"] = objective["value"]
-        tags["sweep_parent_run_id"] = objective["parent_run_id"]
+        if objective["parent_run_id"]:
+            tags["sweep_parent_run_id"] = objective["parent_run_id"]
+        else:  # picked among the experiment's pipeline runs (no sweep)
+            tags["picked_among_runs"] = objective["runs"]
     return tags
 
 
@@ -75,7 +79,6 @@ def best_child(uri: str, parent: dict[str, Any]) -> tuple[dict[str, Any], dict[s
         PromoteError: No objective, no finished child, or no child logged the objective metric.
     """
     from tfstack import tracking
-    from tfstack.pipeline.sweeps import best_of_history, pick_best
 
     objective = parse_objective(parent)
     children = tracking.search_runs(uri, parent["experiment"], parent_run_id=parent["run_id"])
@@ -85,23 +88,69 @@ def best_child(uri: str, parent: dict[str, Any]) -> tuple[dict[str, Any], dict[s
             f"failed, or the sweep is still running. Check it with `tfstack compare --parent "
             f"{parent['run_id']}`, or promote a run by its id."
         )
+    run, value = best_run(uri, children, objective)
+    if run is None:
+        raise PromoteError(
+            f"no FINISHED child of sweep parent run {parent['run_id']} logged the objective "
+            f"metric {objective['metric']} ({objective['mode']}): nothing to rank them by. "
+            "Promote a run by its id."
+        )
+    return run, {**objective, "value": value, "parent_run_id": parent["run_id"]}
+
+
+def best_run(
+    uri: str, runs: list[dict[str, Any]], objective: dict[str, str]
+) -> tuple[dict[str, Any] | None, float | None]:
+    """The run with the best epoch of ``objective`` (ties: the earlier job), and that value.
+
+    ``(None, None)`` when no run logged the metric.
+    """
+    from tfstack import tracking
+    from tfstack.pipeline.sweeps import best_of_history, pick_best
+
     metric, mode = objective["metric"], objective["mode"]
     scored = []
-    for index, child in enumerate(children):
-        history = tracking.metric_history(uri, child["run_id"], metric)
+    for index, run in enumerate(runs):
+        history = tracking.metric_history(uri, run["run_id"], metric)
         rows = [{"epoch": step, metric: value} for step, value in history]
         value, _ = best_of_history(rows, metric, mode)
         if history:
-            job = child["tags"].get("sweep_job", "")
+            job = run["tags"].get("sweep_job", "")
             order = int(job) if job.isdigit() else index  # ties: the earlier job, as the sweep
-            scored.append({"value": value, "job": order, "run": child})
+            scored.append({"value": value, "job": order, "run": run})
     if not scored:
-        raise PromoteError(
-            f"no FINISHED child of sweep parent run {parent['run_id']} logged the objective "
-            f"metric {metric} ({mode}): nothing to rank them by. Promote a run by its id."
-        )
+        return None, None
     best = pick_best(scored, mode)
-    return best["run"], {**objective, "value": best["value"], "parent_run_id": parent["run_id"]}
+    return best["run"], best["value"]
+
+
+def best_pipeline_run(uri: str, experiment: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """With no sweep: the best of the experiment's FINISHED top-level runs (``dvc repro``,
+    ``dvc exp run``, ``tfstack run``), by the sweeps' default objective.
+
+    A DVC project's experiments are its sweep: each ``dvc exp run -S ...`` is one run, and none
+    has a parent run.
+
+    Raises:
+        PromoteError: The experiment has no finished run, or none logged the objective metric.
+    """
+    from tfstack import tracking
+    from tfstack.pipeline.sweeps import DEFAULT_OBJECTIVE
+
+    runs = [
+        run
+        for run in tracking.search_runs(uri, experiment)
+        if tracking.PARENT_RUN_TAG not in run["tags"]
+    ]
+    objective = dict(DEFAULT_OBJECTIVE)
+    run, value = best_run(uri, runs, objective) if runs else (None, None)
+    if run is None:
+        raise PromoteError(
+            f"--parent last: experiment {experiment!r} ({uri}) has no sweep and no FINISHED run "
+            f"that logged {objective['metric']}. Run `dvc repro` or `tfstack run -m ...` first, "
+            "name the experiment (--experiment NAME), or promote a run by its id."
+        )
+    return run, {**objective, "value": value, "parent_run_id": None, "runs": len(runs)}
 
 
 def promote(
@@ -138,7 +187,10 @@ def promote(
     if parent is not None:
         if parent == "last":
             parent = _latest_sweep(uri, experiment or "tfstack")
-        run, objective = best_child(uri, tracking.get_run(uri, parent))
+        if parent is None:
+            run, objective = best_pipeline_run(uri, experiment or "tfstack")
+        else:
+            run, objective = best_child(uri, tracking.get_run(uri, parent))
     else:
         run = tracking.get_run(uri, run_id)
         if run["status"] != "FINISHED":
@@ -159,19 +211,15 @@ def promote(
     }
 
 
-def _latest_sweep(uri: str, experiment: str) -> str:
-    """The experiment's most recent sweep parent (``--parent last``)."""
+def _latest_sweep(uri: str, experiment: str) -> str | None:
+    """The experiment's most recent sweep parent (``--parent last``); None if it has none."""
     from tfstack.compare import CompareError
     from tfstack.pipeline.compare import latest_sweep_parent
 
     try:
         return latest_sweep_parent(uri, experiment)
-    except CompareError as err:
-        raise PromoteError(
-            f"--parent last: no sweep in experiment {experiment!r} ({uri}). Run `tfstack run -m "
-            f"...` first, name the sweep's experiment (--experiment NAME), or promote a run by "
-            f"its id."
-        ) from err
+    except CompareError:
+        return None
 
 
 def check_names(name: str | None, alias: str | None, *, name_key: str, alias_key: str) -> None:
@@ -283,4 +331,19 @@ def registered_text(registered: dict[str, Any]) -> str:
     return (
         f"{registered['model_uri']} (version {registered['version']} of {registered['name']}: "
         f"the {registered['model_name']} of run {registered['run_id']})"
+    )
+
+
+def picked_text(objective: dict[str, Any] | None) -> str | None:
+    """How ``--parent`` picked the run: ``the best of sweep X by max val_accuracy (0.94)``."""
+    if objective is None:
+        return None
+    among = (
+        f"sweep {objective['parent_run_id']}"
+        if objective["parent_run_id"]
+        else f"the experiment's {objective['runs']} runs (no sweep)"
+    )
+    return (
+        f"the best of {among} by {objective['mode']} {objective['metric']} "
+        f"({objective['value']:.4g})"
     )
