@@ -329,7 +329,10 @@ def compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> k
     state saved with the stacked model reloads onto the right variables.
     """
     model.optimizer.build(model.trainable_variables)
-    other.compile(optimizer=model.optimizer, loss=loss, metrics=list(metrics))
+    # XLA as the model was compiled (train.jit_compile).
+    other.compile(
+        optimizer=model.optimizer, loss=loss, metrics=list(metrics), jit_compile=model.jit_compile
+    )
     return other
 
 
