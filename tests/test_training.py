@@ -571,3 +571,32 @@ def test_an_op_xla_cannot_compile_is_named_with_the_setting(without_op_determini
     with pytest.raises(TrainingError, match="XLA cannot compile PyFunc") as err, xla_errors():
         model.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0)
     assert "train.jit_compile=true" in str(err.value)
+
+
+def test_evaluation_after_a_cached_phase_reuses_its_frozen_part_and_gives_the_same_numbers():
+    from tfstack import evaluation
+    from tfstack.frozen_features import inference_split
+
+    keras.utils.set_random_seed(0)
+    model = build_stacked("sequential", make_base(), make_head()).model
+    x, y = make_data(32)
+    (result,) = run_schedule(
+        model,
+        _frozen_phase(epochs=1),
+        ArrayDataset(x, y, batch_size=8, shuffle=True, seed=0),
+        loss=LOSS,
+        metrics=["accuracy"],
+        feature_extractors=["base"],
+        verbose=0,
+        cache_frozen=True,
+    )
+    assert result.cached
+    split = inference_split(model, ["base"])
+    assert split is inference_split(model, ["base"])  # the trained split, traced once
+    assert split.frozen.predict_function is not None
+    x_test, y_test = make_data(24, seed=3)
+    kwargs = {"task": "classification", "batch_size": 8}
+    once = evaluation.evaluate(model, x_test, y_test, feature_extractors=["base"], **kwargs)
+    whole = evaluation.evaluate(model, x_test, y_test, **kwargs)
+    assert once.metrics == whole.metrics
+    np.testing.assert_array_equal(once.outputs, whole.outputs)

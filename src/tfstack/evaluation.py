@@ -154,9 +154,9 @@ def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequen
     """
     split = None
     if feature_extractors:
-        from tfstack.frozen_features import split_frozen
+        from tfstack.frozen_features import inference_split
 
-        split, _ = split_frozen(model, feature_extractors)
+        split = inference_split(model, feature_extractors)
     compiled = model.get_compile_config()
     if split is not None and not split.frozen.losses and compiled:
         import keras

@@ -213,6 +213,7 @@ def fit_phase(
         fit_model = frozen_features.compiled_like(
             model, split.trainable, loss=loss, metrics=metrics
         )
+        frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
         fit_train = train_data.with_inputs(frozen_features.frozen_outputs(split.frozen, train_data))
         if val_data is not None:
             fit_val = val_data.with_inputs(frozen_features.frozen_outputs(split.frozen, val_data))
