@@ -160,9 +160,19 @@ def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequen
     compiled = model.get_compile_config()
     if split is not None and not split.frozen.losses and compiled:
         import keras
+        import tensorflow as tf
 
-        batches = None if _is_dataset(x) else batch_size
-        features = split.frozen.predict(x, batch_size=batches, verbose=0)
+        # Batches of inputs alone, as a cached phase fed the frozen part: its traced predict
+        # function serves them (an array, or (x, y) batches, would be traced anew).
+        if _is_dataset(x):
+            inputs = x.map(lambda *batch: batch[0])
+        elif isinstance(x, np.ndarray):
+            inputs = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        else:
+            inputs = x
+        features = split.frozen.predict(
+            inputs, batch_size=None if inputs is not x else batch_size, verbose=0
+        )
         rest = split.trainable
         # Its loss, metrics and jit_compile; no optimizer (it measures, never trains).
         settings = keras.saving.deserialize_keras_object(compiled)
