@@ -1,7 +1,8 @@
 """A run's fixed costs, the frozen phase against its physical limit, and XLA on this machine.
 
-    .venv/bin/python benchmarks/fixed_costs.py            # (g), (i) and jit_compile, ~6 min
+    .venv/bin/python benchmarks/fixed_costs.py            # (g), (i) and jit_compile
     .venv/bin/python benchmarks/fixed_costs.py --quick    # fewer epochs and repeats
+    .venv/bin/python benchmarks/fixed_costs.py --repeats 1  # as for the README (24 min, loaded)
 
 The case (issue 16): a MobileNetV2 base (alpha 0.35, 32x32, ``weights=None``) saved as a
 ``.keras`` component, a dense head, 1,400 samples in an ``.npz`` (20% of them validation),
