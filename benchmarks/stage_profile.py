@@ -114,6 +114,38 @@ TARGETS = {
         "EpochLogger.on_train_end": "tracking",
     },
 }
+# With TFSTACK_BENCH_DETAIL=1 (benchmarks/fixed_costs.py), the fixed costs of a run one by one:
+# the pipeline's stage functions as stages.py calls them, each plot, each model save and load,
+# each logged model. Innermost wins, so a model save inside log_keras_model is "model_save".
+DETAIL_TARGETS = {
+    "tfstack.pipeline.stages": {
+        "build": "build",
+        "evaluate": "evaluate_other",
+        "load_model": "model_load",
+        "log_build_report": "tracking",
+        "served_example": "evaluate_other",
+    },
+    "tfstack.evaluation": {
+        "evaluate": "test_predictions",
+        "confusion_figure": "plots",
+        "regression_figure": "plots",
+        "learning_curve_figure": "plots",
+    },
+    "matplotlib.figure": {"Figure.savefig": "plots"},
+    "tfstack.diagrams": {"draw": "diagrams", "draw_phases": "diagrams"},
+    "tfstack.frozen_features": {"frozen_outputs": "training"},
+    "keras.src.models.model": {"Model.save": "model_save"},
+    "keras.saving": {"load_model": "model_load"},
+    "keras.models": {"load_model": "model_load"},
+    "tfstack.tracking": {
+        "log_keras_model": "log_model",
+        "log_classifier_model": "log_classifier",
+        "log_figure": "plots",
+    },
+}
+if os.environ.get("TFSTACK_BENCH_DETAIL"):
+    for _module, _targets in DETAIL_TARGETS.items():
+        TARGETS.setdefault(_module, {}).update(_targets)
 _patched: set[str] = set()
 
 

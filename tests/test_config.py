@@ -112,6 +112,10 @@ def test_stable_interface_keys_exist():
         (["data=npz"], "data.path"),
         (["components.head.path="], "components.head.path is not set"),
         (["freeze.unfreeze_pattern=^conv"], """'freeze.unfreeze_pattern="^conv"'"""),
+        (["train.jit_compile=always"], "train.jit_compile='always' is not valid. Expected auto"),
+        (["train.jit_compile=1"], "train.jit_compile=1 is not valid"),
+        # Keras runs no XLA under op determinism: true would be ignored with a warning
+        (["train.jit_compile=true"], "Set train.deterministic=false, or train.jit_compile=auto"),
     ],
 )
 def test_mistakes_fail_with_the_key_named(overrides, message):
@@ -295,3 +299,10 @@ def test_modules_without_trust_are_refused_before_anything_runs():
         compose(["components.base.modules=[mypkg.layers]"], config_dir=CONF)
     trusted = ["components.base.modules=[mypkg.layers]", "components.base.trust_code=true"]
     assert compose(trusted, config_dir=CONF).components.base.modules == ["mypkg.layers"]
+
+
+def test_jit_compile_takes_auto_true_and_false():
+    assert compose([], config_dir=CONF).train.jit_compile == "auto"
+    for value, expected in (("true", True), ("false", False)):
+        overrides = [f"train.jit_compile={value}", "train.deterministic=false"]
+        assert compose(overrides, config_dir=CONF).train.jit_compile is expected

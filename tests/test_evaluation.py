@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 from matplotlib.image import imread
@@ -210,3 +211,25 @@ def test_the_docstring_example_of_evaluate_runs(tmp_path, monkeypatch):
     runner.run(test)
     assert runner.summarize(verbose=False).failed == 0
     assert imread(tmp_path / "confusion_matrix.png").std() > 0
+
+
+def test_evaluate_on_the_frozen_part_once_gives_the_two_pass_numbers():
+    from conftest import make_base, make_data, make_head
+
+    from tfstack.stacking import build_stacked
+
+    keras.utils.set_random_seed(0)
+    model = build_stacked("sequential", make_base(), make_head()).model
+    model.get_layer("base").trainable = False
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(*make_data(32), epochs=1, batch_size=8, verbose=0)
+    x, y = make_data(40, seed=1)
+    kwargs = {"task": "classification", "batch_size": 8}
+    two_pass = evaluation.evaluate(model, x, y, **kwargs)
+    one_pass = evaluation.evaluate(model, x, y, feature_extractors=["base"], **kwargs)
+    assert one_pass.metrics == two_pass.metrics  # the loss from the same logits, bit for bit
+    np.testing.assert_array_equal(one_pass.outputs, two_pass.outputs)
+    # A base that trains has no frozen part to run once: evaluated as a whole, same numbers.
+    model.get_layer("base").trainable = True
+    joint = evaluation.evaluate(model, x, y, feature_extractors=["base"], **kwargs)
+    assert joint.metrics == two_pass.metrics

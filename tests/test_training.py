@@ -519,3 +519,84 @@ def test_the_loop_orders_epochs_by_seed_and_epoch_so_a_resumed_run_is_the_uninte
     ]
     assert [r.history for r in results] == [r.history for r in whole_results]
     assert checkpoints.read_state(directory).epochs_done == 4
+
+
+def test_jit_compile_reaches_keras_and_a_model_without_xla_support_is_refused():
+    from tfstack.errors import TrainingError
+    from tfstack.training import compile_phase
+
+    keras.utils.set_random_seed(0)
+    model = build_stacked("sequential", make_base(), make_head()).model
+    phase = Phase("train", 1, FreezePolicy("frozen"), 0.01)
+    options = {
+        "loss": "sparse_categorical_crossentropy",
+        "metrics": [],
+        "feature_extractors": ["base"],
+    }
+    compile_phase(model, phase, **options, jit_compile=False)
+    assert model.jit_compile is False
+    zoom = keras.Sequential(
+        [keras.Input((8, 8, 1)), keras.layers.RandomZoom(0.1, name="zoom")], name="augment"
+    )
+    augmented = build_stacked("sequential", make_base(), make_head(), front=[zoom]).model
+    with pytest.raises(TrainingError, match=r"zoom \(RandomZoom\)"):
+        compile_phase(augmented, phase, **options, jit_compile=True)
+
+
+class _HostOp(keras.layers.Layer):
+    """A layer whose op (a NumPy call) has no XLA kernel."""
+
+    def call(self, x):
+        y = tf.numpy_function(lambda a: a, [x], tf.float32)
+        return tf.ensure_shape(y, x.shape)
+
+
+@pytest.fixture
+def without_op_determinism():
+    """Keras compiles no XLA under op determinism (train.jit_compile=true needs it off)."""
+    from tensorflow.python.framework import config
+
+    config.disable_op_determinism()
+    yield
+    tf.config.experimental.enable_op_determinism()
+
+
+def test_an_op_xla_cannot_compile_is_named_with_the_setting(without_op_determinism):
+    from tfstack.errors import TrainingError
+    from tfstack.guards import xla_errors
+
+    model = keras.Sequential([keras.Input((4,)), _HostOp(), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse", jit_compile=True)
+    x = np.zeros((4, 4), "float32")
+    with pytest.raises(TrainingError, match="XLA cannot compile PyFunc") as err, xla_errors():
+        model.fit(x, np.zeros((4, 2), "float32"), epochs=1, verbose=0)
+    assert "train.jit_compile=true" in str(err.value)
+
+
+def test_evaluation_after_a_cached_phase_reuses_its_frozen_part_and_gives_the_same_numbers():
+    from tfstack import evaluation
+    from tfstack.frozen_features import inference_split
+
+    keras.utils.set_random_seed(0)
+    model = build_stacked("sequential", make_base(), make_head()).model
+    x, y = make_data(32)
+    (result,) = run_schedule(
+        model,
+        _frozen_phase(epochs=1),
+        ArrayDataset(x, y, batch_size=8, shuffle=True, seed=0),
+        loss=LOSS,
+        metrics=["accuracy"],
+        feature_extractors=["base"],
+        verbose=0,
+        cache_frozen=True,
+    )
+    assert result.cached
+    split = inference_split(model, ["base"])
+    assert split is inference_split(model, ["base"])  # the trained split, traced once
+    assert split.frozen.predict_function is not None
+    x_test, y_test = make_data(24, seed=3)
+    kwargs = {"task": "classification", "batch_size": 8}
+    once = evaluation.evaluate(model, x_test, y_test, feature_extractors=["base"], **kwargs)
+    whole = evaluation.evaluate(model, x_test, y_test, **kwargs)
+    assert once.metrics == whole.metrics
+    np.testing.assert_array_equal(once.outputs, whole.outputs)

@@ -62,6 +62,7 @@ def evaluate(
     loss=None,
     metrics: Sequence = (),
     class_names: Sequence[str] | None = None,
+    feature_extractors: Sequence[str] = (),
 ) -> Evaluation:
     """Metrics, the task's figure and its table of a trained model on ``(x, y)``.
 
@@ -83,6 +84,12 @@ def evaluate(
         metrics: The Keras metrics to compile with when ``model`` is not compiled.
         class_names: One name per class, in class-id order: the confusion matrix's tick labels
             and the values of its table's rows (default: class ids).
+        feature_extractors: Names of the model's frozen feature extractors. When the model can
+            be cut after them (`tfstack.frozen_features.split_frozen`), their part runs once
+            over ``x`` and the rest (compiled as the model is) is evaluated and predicts on its
+            outputs, in the same batches: the same numbers as ``model.evaluate`` and
+            ``model.predict``, which would each run (and trace) the whole model, and decode
+            streamed images twice.
 
     Returns:
         An `Evaluation`.
@@ -111,13 +118,7 @@ def evaluate(
                 "loss=... (and metrics=[...]), e.g. the loss it was trained with, or compile it."
             )
         model.compile(loss=loss, metrics=list(metrics))
-    if _is_dataset(x):
-        # Batches of (x, y) streamed from disk: Keras takes the batches as they come.
-        scores = model.evaluate(x, verbose=0, return_dict=True)
-        outputs = model.predict(x, verbose=0)
-    else:
-        scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
-        outputs = model.predict(x, batch_size=batch_size, verbose=0)
+    scores, outputs = _scores_and_outputs(model, x, y, batch_size, feature_extractors)
     measured = {name: float(value) for name, value in scores.items()}
     measured.update(task_metrics(y, outputs, task))
     if task == "regression":
@@ -141,6 +142,50 @@ def evaluate(
         outputs=outputs,
         confusion_matrix=matrix,
     )
+
+
+def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequence[str]):
+    """``model.evaluate``'s scores and ``model.predict``'s outputs, in one pass when it can.
+
+    With a cut after the frozen feature extractors (and no regularization loss in the part
+    before it, which ``evaluate``'s loss would add), the part before the cut predicts once; the
+    part after it, compiled from the model's compile config, evaluates and predicts on those
+    outputs in the same batches, so the loss still comes from the same logits.
+    """
+    split = None
+    if feature_extractors:
+        from tfstack.frozen_features import inference_split
+
+        split = inference_split(model, feature_extractors)
+    compiled = model.get_compile_config()
+    if split is not None and not split.frozen.losses and compiled:
+        import keras
+        import tensorflow as tf
+
+        # Batches of inputs alone, as a cached phase fed the frozen part: its traced predict
+        # function serves them (an array, or (x, y) batches, would be traced anew).
+        if _is_dataset(x):
+            inputs = x.map(lambda *batch: batch[0])
+        elif isinstance(x, np.ndarray):
+            inputs = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
+        else:
+            inputs = x
+        features = split.frozen.predict(
+            inputs, batch_size=None if inputs is not x else batch_size, verbose=0
+        )
+        rest = split.trainable
+        # Its loss, metrics and jit_compile; no optimizer (it measures, never trains).
+        settings = keras.saving.deserialize_keras_object(compiled)
+        settings.pop("optimizer", None)
+        rest.compile(**settings)
+        scores = rest.evaluate(features, y, batch_size=batch_size, verbose=0, return_dict=True)
+        return scores, rest.predict(features, batch_size=batch_size, verbose=0)
+    if _is_dataset(x):
+        # Batches of (x, y) streamed from disk: Keras takes the batches as they come.
+        scores = model.evaluate(x, verbose=0, return_dict=True)
+        return scores, model.predict(x, verbose=0)
+    scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
+    return scores, model.predict(x, batch_size=batch_size, verbose=0)
 
 
 def predict_labels(probabilities: np.ndarray, task: str) -> np.ndarray:

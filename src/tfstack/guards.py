@@ -70,3 +70,39 @@ def determinism_errors(setting: str = "train.deterministic") -> Iterator[None]:
             f"{setting}=false to run it anyway (runs are then not bit-for-bit repeatable), or "
             f"replace the layer that uses {op}."
         ) from err
+
+
+def is_xla_error(error: BaseException) -> bool:
+    """Whether XLA refused to compile a training step (``jit_compile=True``, an op without XLA).
+
+    ``jit_compile=True`` has must-compile semantics: a graph with an op that has no XLA kernel on
+    the device fails at its first step with ``InvalidArgumentError: Detected unsupported
+    operations when trying to compile graph ... on XLA_CPU_JIT: <Op> (No registered ...)``.
+    """
+    import tensorflow as tf
+
+    text = str(error).lower()
+    return isinstance(error, tf.errors.InvalidArgumentError) and (
+        "unsupported operations when trying to compile" in text
+    )
+
+
+@contextlib.contextmanager
+def xla_errors(setting: str = "train.jit_compile") -> Iterator[None]:
+    """Re-raise XLA's refusal to compile an op as a `TrainingError` naming the op and setting.
+
+    Raises:
+        TrainingError: ``setting`` is true and an op of the model has no XLA kernel here.
+    """
+    try:
+        yield
+    except Exception as err:
+        if not is_xla_error(err):
+            raise
+        found = re.search(r"on XLA_\w+: (\w+) \(", str(err))
+        op = found.group(1) if found else op_name(err)
+        raise TrainingError(
+            f"XLA cannot compile {op} on this device, and {setting}=true asks for XLA: every "
+            f"op of a training step must have an XLA kernel. Set {setting}=auto (Keras then "
+            f"decides) or false, or replace the layer that uses {op}."
+        ) from err

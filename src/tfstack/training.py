@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ from tfstack.early_stopping import (
     stopped_at_checkpoint,
 )
 from tfstack.epoch_callbacks import EpochCheckpoint, EpochOrder, StopOnNonFiniteLoss, batches_of
+from tfstack.errors import TrainingError
 from tfstack.freezing import FreezeReport, apply_freeze_policy
 from tfstack.lr_schedules import LrScheduleSpec
 from tfstack.phase_results import PhaseResult, epochs_in
@@ -64,6 +66,7 @@ def compile_phase(
     metrics: Sequence,
     feature_extractors: list[str],
     learning_rate=None,
+    jit_compile: bool | str = "auto",
 ) -> FreezeReport:
     """Apply a phase's freeze policy, then compile with a fresh optimizer.
 
@@ -75,17 +78,50 @@ def compile_phase(
         feature_extractors: names of the feature-extractor components.
         learning_rate: the optimizer's ``learning_rate`` instead of ``phase.lr``: a Keras
             schedule over the phase's steps (`tfstack.lr_schedules`).
+        jit_compile: Keras's ``compile(jit_compile=...)``: ``"auto"`` (XLA where Keras judges
+            it supported: not on a CPU-only machine, under a distribution strategy or op
+            determinism), True or False.
 
     Returns:
         The freeze report with the checked parameter counts.
+
+    Raises:
+        TrainingError: ``jit_compile=True`` and Keras runs the model without XLA.
     """
     report = apply_freeze_policy(model, phase.freeze, feature_extractors=feature_extractors)
     rate = phase.lr if learning_rate is None else learning_rate
     optimizer = make_optimizer(
         phase.optimizer, rate, model=model, lr_multipliers=phase.lr_multipliers
     )
-    model.compile(optimizer=optimizer, loss=loss, metrics=list(metrics))
+    with warnings.catch_warnings():  # Keras's fallback warning becomes the error below
+        warnings.filterwarnings("ignore", message=".*doesn't support `jit_compile=True`")
+        model.compile(
+            optimizer=optimizer, loss=loss, metrics=list(metrics), jit_compile=jit_compile
+        )
+    if jit_compile is True and not model.jit_compile:
+        raise TrainingError(_no_xla_reason(model))
     return report
+
+
+def _no_xla_reason(model: keras.Model) -> str:
+    """Why Keras compiles ``model`` without XLA although ``jit_compile=True`` was asked for."""
+    from tfstack import _keras_compat
+
+    layers = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in _keras_compat.flatten_layers(model)
+        if not getattr(layer, "supports_jit", True)
+    ]
+    if layers:
+        why = f"these layers do not support XLA: {', '.join(layers[:5])}"
+    else:
+        why = "TensorFlow's op determinism is on (Keras runs no XLA under it)"
+    return (
+        f"train.jit_compile=true, but Keras would train model {model.name!r} without XLA: "
+        f"{why}. Set train.jit_compile=auto or false"
+        + ("" if layers else ", or train.deterministic=false")
+        + "."
+    )
 
 
 def fit_phase(
@@ -104,6 +140,7 @@ def fit_phase(
     cache_frozen: bool = False,
     learning_rate=None,
     class_weight: dict[int, float] | None = None,
+    jit_compile: bool | str = "auto",
 ) -> PhaseResult:
     """Freeze, recompile and fit one phase.
 
@@ -139,6 +176,8 @@ def fit_phase(
         learning_rate: what the optimizer gets instead of ``phase.lr`` (see `compile_phase`).
         class_weight: ``{class index: weight}`` for Keras ``fit`` (`tfstack.class_weights`);
             Keras weighs each sample by its label, cached phases included.
+        jit_compile: XLA or not (see `compile_phase`); a cached phase's trainable part and an
+            inference-mode view are compiled as the model was.
 
     Returns:
         The phase result, with Keras's history for the phase.
@@ -153,6 +192,7 @@ def fit_phase(
         metrics=metrics,
         feature_extractors=feature_extractors,
         learning_rate=learning_rate,
+        jit_compile=jit_compile,
     )
     logger.info(
         "Phase %d %r: %d epochs from epoch %d, lr=%g, freeze=%s, trainable=%d",
@@ -173,6 +213,7 @@ def fit_phase(
         fit_model = frozen_features.compiled_like(
             model, split.trainable, loss=loss, metrics=metrics
         )
+        frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
         fit_train = train_data.with_inputs(frozen_features.frozen_outputs(split.frozen, train_data))
         if val_data is not None:
             fit_val = val_data.with_inputs(frozen_features.frozen_outputs(split.frozen, val_data))
@@ -247,6 +288,7 @@ def run_schedule(
     early_stopping: EarlyStoppingSpec | Sequence[EarlyStoppingSpec | None] | None = None,
     lr_schedule: LrScheduleSpec | Sequence[LrScheduleSpec | None] | None = None,
     class_weight: dict[int, float] | None = None,
+    jit_compile: bool | str = "auto",
 ) -> list[PhaseResult]:
     """Run every phase in order, continuing the global epoch count; checkpoint and resume.
 
@@ -284,6 +326,7 @@ def run_schedule(
         lr_schedule: one learning-rate schedule for every phase, or one per phase (None:
             constant); see `tfstack.lr_schedules`. A resumed phase continues its schedule.
         class_weight: ``{class index: weight}`` for every phase's ``fit`` (see `fit_phase`).
+        jit_compile: every phase's XLA setting (see `compile_phase`).
 
     Returns:
         One PhaseResult per phase, including the phases and epochs a resumed run had done.
@@ -373,6 +416,7 @@ def run_schedule(
                 verbose=verbose,
                 cache_frozen=cache_frozen,
                 class_weight=class_weight,
+                jit_compile=jit_compile,
             )
         result.planned_epochs = phase.epochs
         result.early_stopping = None if rule is None else rule.to_dict()

@@ -36,6 +36,7 @@ from tfstack.pipeline.value_checks import (
     Bound,
     check_choice,
     check_finite_everywhere,
+    check_jit_compile,
     check_number,
 )
 from tfstack.vocabulary import (
@@ -353,6 +354,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
         check_choice(config.stacking.merge, MERGES, "stacking.merge")
     check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
     check_choice(config.train.resume, RESUME_MODES, "train.resume")
+    check_jit_compile(config.train)
     check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")
     check_choice(config.data.format, DATA_FORMATS, "data.format", "data")
     if config.data.color_mode is not None:

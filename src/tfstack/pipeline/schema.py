@@ -206,6 +206,8 @@ class TrainConfig:
     # User callbacks (issue 14): {class_name: EarlyStopping, config: {...}} entries naming
     # keras.callbacks classes, or {_target_: my.module.Class, ...} (needs trust_code=true).
     callbacks: list[Any] = field(default_factory=list)
+    # XLA (issue 16): auto (Keras's default), true or false; passed to model.compile.
+    jit_compile: Any = "auto"
 
 
 @dataclass

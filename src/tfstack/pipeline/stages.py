@@ -288,6 +288,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             early_stopping=early_stopping_rules(config, phases),
             lr_schedule=lr_schedule_specs(config, phases),
             class_weight=weights,
+            jit_compile=config.train.jit_compile,
         )
     if run.run_id:
         log_phases(run, results, model)
@@ -357,6 +358,11 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
             loss=config.train.loss,
             metrics=config.train.metrics,
             class_names=names,
+            # One pass of the frozen part over the test set (not under a strategy: its
+            # variables are mirrored).
+            feature_extractors=feature_extractor_names(config)
+            if config.distribute.kind == "none"
+            else (),
         )
     metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
@@ -377,14 +383,18 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     for name, fig in figures.items():
         with atomic_path(plots / name) as tmp:
             fig.savefig(tmp, format="png")
-        run.figure(fig, f"evaluation/{name}")
+    # The files as written: each figure is rendered once.
+    run.files([plots / name for name in figures], "evaluation")
     write_json(out / "metrics.json", metrics)
     run.metrics(metrics)
     if run.run_id and config.tracking.log_model:
         from tfstack import tracking
 
         example = served_example(test_ds)  # uint8 for images, as a client sends them
-        uri = tracking.log_keras_model(run.run_id, model, example, name="model")
+        # The signature from the test predictions' first rows (no new predict of the model).
+        uri = tracking.log_keras_model(
+            run.run_id, model, example, name="model", predictions=result.outputs
+        )
         logger.info("Logged the trained model as %s", uri)
         if names is not None:
             trained = paths.stage("train") / "model.keras"
@@ -397,6 +407,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
                 names,
                 name="classifier",
                 safe_mode=safe_mode_for(trained, config, stage="train"),
+                keras_file=trained,  # the file train wrote of this model, not saved again
             )
             logger.info("Logged the classifier (class names and probabilities) as %s", uri)
     return metrics
@@ -431,7 +442,7 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
     if made_by_demo:
         preflight.check_inputs(config, paths, stage="run")
     from tfstack import checkpoints
-    from tfstack.guards import determinism_errors
+    from tfstack.guards import determinism_errors, xla_errors
     from tfstack.pipeline import resume
     from tfstack.pipeline.output_lock import exclusive
 
@@ -440,7 +451,12 @@ def run_all(config: Config, paths: Paths, *, tags: dict | None = None) -> tuple[
         # A killed execution of this config resumes into its own run (train.resume=auto).
         run.run_id = resume.run_to_resume(config, paths, run)
         resume.end_orphaned_run(run, keep=run.run_id)
-        with run.stage("run", continue_run=False), determinism_errors(), precision(config):
+        with (
+            run.stage("run", continue_run=False),
+            determinism_errors(),
+            xla_errors(),
+            precision(config),
+        ):
             result = build(config, paths, run)  # its report logs stage_seconds_build
             start = time.perf_counter()
             model, _ = train(config, paths, run, model=result.model, keep_checkpoint=True)
@@ -485,9 +501,14 @@ def run_stage(name: str, config: Config, paths: Paths) -> tuple[RunLog, object]:
 
 
 def _run_stage(name: str, config: Config, paths: Paths, run: RunLog):
-    from tfstack.guards import determinism_errors
+    from tfstack.guards import determinism_errors, xla_errors
 
-    with run.stage(name, continue_run=name != "build"), determinism_errors(), precision(config):
+    with (
+        run.stage(name, continue_run=name != "build"),
+        determinism_errors(),
+        xla_errors(),
+        precision(config),
+    ):
         if name == "build":
             result = build(config, paths, run)
         elif name == "train":

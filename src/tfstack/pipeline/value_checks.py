@@ -22,6 +22,26 @@ def check_choice(value: Any, choices: tuple[str, ...], key: str, group: str | No
         )
 
 
+def check_jit_compile(train) -> None:
+    """``train.jit_compile``: auto, true or false; true needs op determinism off.
+
+    Keras compiles no XLA under TensorFlow's op determinism (``train.deterministic=true``), so
+    true there would be ignored with a warning; it is refused instead.
+    """
+    value = train.jit_compile
+    if not (value == "auto" or isinstance(value, bool)):
+        raise ConfigError(
+            f"train.jit_compile={value!r} is not valid. Expected auto, true or false "
+            "(set train.jit_compile=VALUE)."
+        )
+    if value is True and train.deterministic:
+        raise ConfigError(
+            "train.jit_compile=true cannot apply under train.deterministic=true: Keras compiles "
+            "no XLA under TensorFlow's op determinism. Set train.deterministic=false, or "
+            "train.jit_compile=auto."
+        )
+
+
 class Bound(NamedTuple):
     """The lowest value a number of the config may take, and a hint shown when it is below."""
 

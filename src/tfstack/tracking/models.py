@@ -10,6 +10,7 @@ import importlib.metadata
 import json
 import logging
 import os
+import shutil
 import tempfile
 import time
 import zipfile
@@ -76,6 +77,7 @@ def log_keras_model(
     *,
     name: str = "model",
     pip_requirements: list[str] | None = None,
+    predictions: np.ndarray | None = None,
 ) -> str:
     """Log a Keras model with the MLflow TensorFlow flavor, with a signature and input example.
 
@@ -94,6 +96,9 @@ def log_keras_model(
         name: Model name (`runs:/<run_id>/<name>` also resolves to it).
         pip_requirements: Requirements recorded with the model; None uses
             `default_pip_requirements()` (pinned installed versions, no slow inference).
+        predictions: The model's outputs for ``input_example`` (or more rows), when the caller
+            has them: the signature takes their dtype and shape. None predicts the 5 rows here
+            (for a large model, a new trace of its predict function: seconds).
 
     Returns:
         The model URI, `models:/<model_id>`.
@@ -104,14 +109,20 @@ def log_keras_model(
     from mlflow.models import infer_signature
 
     example = np.asarray(input_example)[:5]
-    predictions = model.predict(example, verbose=0)
+    if predictions is None:
+        predictions = model.predict(example, verbose=0)
+    elif not isinstance(predictions, (list, tuple, dict)):
+        predictions = np.asarray(predictions)[: len(example)]
     if isinstance(predictions, (list, tuple)):
         predictions = dict(zip(model.output_names, predictions, strict=True))
     return _log_model(
         run_id,
         name,
-        mlflow.tensorflow.log_model,
-        model,
+        # Model.log with the flavor, as mlflow.tensorflow.log_model does, without the reload.
+        mlflow.models.Model.log,
+        artifact_path=None,
+        flavor=_WithoutServingCheck(mlflow.tensorflow),
+        model=model,
         signature=infer_signature(example, predictions),
         input_example=example,
         pip_requirements=pip_requirements,
@@ -128,6 +139,7 @@ def log_classifier_model(
     name: str = "classifier",
     safe_mode: bool = True,
     pip_requirements: list[str] | None = None,
+    keras_file: str | Path | None = None,
 ) -> str:
     """Log a Keras classifier as an MLflow pyfunc model that answers with class names.
 
@@ -148,6 +160,8 @@ def log_classifier_model(
         safe_mode: Whether the model loads with Keras's safe mode (False only for a model
             whose code tfstack trusted).
         pip_requirements: As for `log_keras_model`.
+        keras_file: ``model`` as saved already (a ``.keras`` file of this very model, e.g. the
+            train stage's): logged as it is instead of saving the model once more.
 
     Returns:
         The model URI, ``models:/<model_id>``.
@@ -170,7 +184,10 @@ def log_classifier_model(
     )
     with tempfile.TemporaryDirectory(prefix="tfstack-classifier-") as scratch:
         keras_path = Path(scratch) / "model.keras"
-        model.save(keras_path)
+        if keras_file is None:
+            model.save(keras_path)
+        else:
+            shutil.copyfile(keras_file, keras_path)  # MLflow copies it under this name
         names_path = Path(scratch) / "class_names.json"
         names_path.write_text(json.dumps(names), encoding="utf-8")
         return _log_model(
@@ -179,7 +196,7 @@ def log_classifier_model(
             # Model.log, not mlflow.pyfunc.log_model, which does not pass a run id on.
             mlflow.models.Model.log,
             artifact_path=None,
-            flavor=mlflow.pyfunc,
+            flavor=_WithoutServingCheck(mlflow.pyfunc),
             python_model=classifier.__file__,
             artifacts={"keras_model": str(keras_path), "class_names": str(names_path)},
             model_config={"modules": registered_modules(keras_path), "safe_mode": safe_mode},
@@ -216,6 +233,31 @@ def registered_modules(keras_file: Path) -> list[str]:
     return sorted({registered[key].__module__ for key in used if key in registered})
 
 
+class _WithoutServingCheck:
+    """A flavor module whose ``Model.log`` skips MLflow's check of the input example.
+
+    After saving, ``Model.log`` loads the saved model again (``mlflow.pyfunc.load_model``: a
+    Keras load) and predicts the serving example with it, a new trace of the model's predict
+    function: 7-8 s per logged MobileNetV2 on this machine, twice per classification run, and
+    a failure there is only a logged warning. The model logged here is the one that just
+    predicted the example (`log_keras_model`'s signature) and the classifier's load and
+    predict are tested (``tests/test_tracking.py``), so the check is skipped:
+    ``validate_serving_input=False``, which Model.log reads and the flavors' ``save_model``
+    would refuse.
+    """
+
+    def __init__(self, flavor) -> None:
+        self.flavor = flavor
+        self.__name__ = flavor.__name__
+
+    def save_model(self, *args, **kwargs):
+        kwargs.pop("validate_serving_input", None)
+        return self.flavor.save_model(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self.flavor, name)
+
+
 def _log_model(
     run_id: str,
     name: str,
@@ -228,8 +270,8 @@ def _log_model(
     """Create a LoggedModel in the run's experiment and log a model into it with ``log``.
 
     ``hide_custom_objects`` keeps the TensorFlow flavor's pickle of Keras's registered classes
-    out (`_without_global_custom_objects`); the pyfunc classifier pickles nothing and needs them
-    registered, since MLflow loads it once to check the input example.
+    out (`_without_global_custom_objects`); the pyfunc classifier pickles nothing and keeps them
+    registered. Neither is loaded again to check its input example (`_WithoutServingCheck`).
     """
     run = get_tracked_run(run_id)
     requirements = default_pip_requirements() if pip_requirements is None else pip_requirements
@@ -254,6 +296,7 @@ def _log_model(
             pip_requirements=requirements,
             run_id=run_id,
             model_id=logged_model.model_id,
+            validate_serving_input=False,  # see _WithoutServingCheck
             **kwargs,
         )
     logger.info(
