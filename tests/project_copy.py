@@ -15,6 +15,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -174,3 +175,47 @@ def dvc_project(template: Path, destination: Path, overrides: list[str] = ()) ->
     sh(destination, "git", "add", "-A")
     sh(destination, "git", "commit", "-q", "-m", "project copy")
     return destination
+
+
+def wheel_venv(tmp_path: Path) -> Path:
+    """A venv with tfstack's wheel installed (not editable) and the test venv's packages behind,
+    as ``pip install tfstack-*.whl`` gives a user (the dependencies come from the test venv, as
+    this machine reaches no index with TensorFlow's wheels in the test's time).
+
+    The wheel is built from a copy of the sources (no stale build/ of the checkout). A ``.pth``
+    line appends this interpreter's site-packages after the fresh venv's own: the installed
+    wheel's tfstack comes first, and the ``.pth`` files of the appended directory (the editable
+    install of the checkout) are not processed.
+    """
+    sources = tmp_path / "sources"
+    shutil.copytree(
+        ROOT / "src", sources / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
+    )
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, sources / name)
+    wheels = tmp_path / "wheels"
+    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
+    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
+    subprocess.run([*build, str(sources)], check=True, capture_output=True, timeout=600)
+    venv = tmp_path / "venv"
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
+    python = venv / "bin" / "python"
+    site = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    (Path(site) / "test_venv_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    wheel = next(wheels.glob("tfstack-*.whl"))
+    install = [*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q"]
+    subprocess.run([*install, str(wheel)], check=True, capture_output=True, timeout=600)
+    return venv
+
+
+def wheel_env(venv: Path) -> dict:
+    """`env()` with the wheel's venv first on PATH and no checkout src/ on PYTHONPATH."""
+    environment = env()
+    environment.pop("PYTHONPATH", None)  # the checkout's src/ must not shadow the wheel
+    environment["PATH"] = f"{venv / 'bin'}:{environment['PATH']}"
+    return environment

@@ -4,17 +4,14 @@ them. The slow test installs the wheel (not editable) into a fresh venv and runs
 
 from __future__ import annotations
 
-import shutil
 import subprocess
-import sys
-import sysconfig
 from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 from conftest import make_base, make_data, make_head
-from project_copy import PACKAGED_CONF, ROOT, env
+from project_copy import PACKAGED_CONF, ROOT, wheel_env, wheel_venv
 
 from tfstack.errors import ConfigError
 from tfstack.pipeline.compose import compose, compose_yaml
@@ -102,48 +99,12 @@ def test_a_conf_that_does_not_search_the_package_says_how_to_fix_it(tmp_path):
         compose([], config_dir=tmp_path / "elsewhere")
 
 
-def _fresh_venv(tmp_path: Path) -> Path:
-    """A venv with tfstack's wheel installed (not editable) and the test venv's packages behind.
-
-    The wheel is built from a copy of the sources (no stale build/ of the checkout). A ``.pth``
-    line appends this interpreter's site-packages after the fresh venv's own: the installed
-    wheel's tfstack comes first, and the ``.pth`` files of the appended directory (the editable
-    install of the checkout) are not processed.
-    """
-    sources = tmp_path / "sources"
-    shutil.copytree(
-        ROOT / "src", sources / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info")
-    )
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, sources / name)
-    wheels = tmp_path / "wheels"
-    pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--no-input"]
-    build = [*pip, "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels)]
-    subprocess.run([*build, str(sources)], check=True, capture_output=True, timeout=600)
-    venv = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True)
-    python = venv / "bin" / "python"
-    site = subprocess.run(
-        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-        check=True,
-        capture_output=True,
-        text=True,
-    ).stdout.strip()
-    (Path(site) / "test_venv_packages.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    wheel = next(wheels.glob("tfstack-*.whl"))
-    install = [*pip, "--python", str(python), "install", "--no-deps", "--no-index", "-q"]
-    subprocess.run([*install, str(wheel)], check=True, capture_output=True, timeout=600)
-    return venv
-
-
 @pytest.mark.slow
 def test_the_installed_wheel_runs_in_a_directory_without_conf(tmp_path):
     from mlflow.tracking import MlflowClient
 
-    venv = _fresh_venv(tmp_path)
-    environment = env()
-    environment.pop("PYTHONPATH", None)  # the checkout's src/ must not shadow the wheel
-    environment["PATH"] = f"{venv / 'bin'}:{environment['PATH']}"
+    venv = wheel_venv(tmp_path)
+    environment = wheel_env(venv)
     where = subprocess.run(
         [str(venv / "bin" / "python"), "-c", "import tfstack.conf; print(tfstack.conf.__file__)"],
         env=environment,

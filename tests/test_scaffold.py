@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import yaml
 from conftest import make_base, make_head
-from project_copy import PACKAGED_CONF, sh, tfstack
+from project_copy import PACKAGED_CONF, wheel_env, wheel_venv
 
 from tfstack import cli
 from tfstack.pipeline.compose import compose_yaml
@@ -149,8 +149,21 @@ def _images(folder: Path, classes: int = 3, per_class: int = 8) -> None:
 
 
 @pytest.mark.slow
-def test_init_then_dvc_repro_then_exp_run_give_two_complete_runs(tmp_path):
+def test_wheel_then_init_dvc_repro_exp_run_promote_and_predict(tmp_path):
+    # The "Done when", as a user types it: the wheel installed (not editable), then in an
+    # empty git repository with two saved models and an image folder: tfstack init, dvc repro,
+    # dvc exp run -S freeze=joint, tfstack promote --parent last, tfstack predict models:/...
     from mlflow.tracking import MlflowClient
+
+    venv = wheel_venv(tmp_path / "install")
+    environment = wheel_env(venv)
+
+    def user(*args: str) -> subprocess.CompletedProcess:
+        done = subprocess.run(
+            args, cwd=repo, env=environment, capture_output=True, text=True, timeout=900
+        )
+        assert done.returncode == 0, (args, done.stdout[-2000:], done.stderr[-3000:])
+        return done
 
     repo = _git_repo(tmp_path / "repo")
     (repo / "models").mkdir()
@@ -158,34 +171,25 @@ def test_init_then_dvc_repro_then_exp_run_give_two_complete_runs(tmp_path):
     make_head(in_features=8, classes=3).save(repo / "models" / "head.keras")
     _images(repo / "images")
     args = ["--base", "models/base.keras", "--head", "models/head.keras", "--data", "images"]
-    done = tfstack(repo, "init", *args)
-    assert done.returncode == 0, done.stderr[-3000:]
+    done = user("tfstack", "init", *args)
     assert "tfstack init: ran dvc init -q" in done.stdout
+    where = user("python", "-c", "import tfstack; print(tfstack.__file__)").stdout.strip()
+    assert Path(where).is_relative_to(venv), where  # the wheel's tfstack, not the checkout's
     data = yaml.safe_load((repo / "conf" / "data" / "project.yaml").read_text())
     assert data["color_mode"] == "grayscale"  # read from the base's input, (8, 8, 1)
     assert data["test_fraction"] == 0.2  # images/ has no test/ folder
-    # The project replaces the packaged train/default.yaml with a one-epoch copy.
+    # The project replaces the packaged train/default.yaml with a short, quiet copy.
     (repo / "conf" / "train").mkdir()
     text = (PACKAGED_CONF / "train" / "default.yaml").read_text()
     text = re.sub(
-        r"(?m)^verbose: \d+", "verbose: 0", re.sub(r"(?m)^epochs: \d+", "epochs: 1", text)
+        r"(?m)^verbose: \d+", "verbose: 0", re.sub(r"(?m)^epochs: \d+", "epochs: 2", text)
     )
     (repo / "conf" / "train" / "default.yaml").write_text(text)
-    sh(repo, "tfstack", "params")
-    sh(repo, "git", "add", "-A")
-    sh(
-        repo,
-        "git",
-        "-c",
-        "user.email=ci@example.com",
-        "-c",
-        "user.name=ci",
-        "commit",
-        "-qm",
-        "init",
-    )
+    user("tfstack", "params")
+    user("git", "add", "-A")
+    user("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "init")
 
-    sh(repo, "dvc", "repro")
+    user("dvc", "repro")
     lock = yaml.safe_load((repo / "dvc.lock").read_text())
     assert {dep["path"] for dep in lock["stages"]["build"]["deps"]} >= {
         "models/base.keras",
@@ -193,7 +197,7 @@ def test_init_then_dvc_repro_then_exp_run_give_two_complete_runs(tmp_path):
         "images",
     }
     assert set(lock["stages"]) == {"build", "train", "evaluate"}
-    sh(repo, "dvc", "exp", "run", "-S", "freeze=joint")
+    user("dvc", "exp", "run", "-S", "freeze=joint")
 
     store = f"sqlite:///{repo / 'mlflow.db'}"
     client = MlflowClient(store)
@@ -205,3 +209,23 @@ def test_init_then_dvc_repro_then_exp_run_give_two_complete_runs(tmp_path):
     for run in runs:
         assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
         assert run.data.params["data.path"] == "images"
+
+    # The better of the two by its best epoch's val_accuracy becomes digits@champion.
+    done = user("tfstack", "promote", "--parent", "last", "--name", "digits", "--alias", "champion")
+
+    def rank(run) -> tuple[float, int]:  # the best epoch; a tie goes to the earlier run
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")
+        return max(m.value for m in history), -run.info.start_time
+
+    best = max(runs, key=rank)
+    assert f"of run {best.info.run_id})" in done.stdout, done.stdout
+    assert "picked as the best of the experiment's 2 runs (no sweep)" in done.stdout
+    version = client.get_model_version_by_alias("digits", "champion")
+    assert version.run_id == best.info.run_id and version.tags["freeze"] in ("frozen", "joint")
+
+    done = user("tfstack", "predict", "models:/digits@champion", "images/", "--output", "p.csv")
+    rows = (repo / "p.csv").read_text().splitlines()
+    assert rows[0] == "path,label,p_class_0,p_class_1,p_class_2"
+    assert len(rows) == 1 + 3 * 8  # every image of every class folder
+    assert {row.split(",")[1] for row in rows[1:]} <= {"class_0", "class_1", "class_2"}
+    assert all(row.startswith("images/class_") for row in rows[1:])

@@ -24,7 +24,7 @@ import mlflow.artifacts
 from mlflow.exceptions import MlflowException
 
 from tfstack.errors import TrackingError
-from tfstack.tracking.models import _process_tracking_uri
+from tfstack.tracking.models import process_tracking_uri
 from tfstack.tracking.queries import get_run, read_artifact_text
 from tfstack.tracking.store import reading_store
 
@@ -135,7 +135,7 @@ def fetch_model(model_uri: str, tracking_uri: str, destination: Path) -> Fetched
     try:
         # MLflow resolves runs:/ and models:/ through the process-wide store, whatever
         # tracking_uri says: set it for the download only.
-        with _quiet_downloads(), _process_tracking_uri(tracking_uri):
+        with _quiet_downloads(), process_tracking_uri(tracking_uri):
             local = mlflow.artifacts.download_artifacts(
                 artifact_uri=download_uri,
                 dst_path=str(destination),
