@@ -82,6 +82,28 @@ def test_without_graphviz_there_is_one_warning_and_no_file(stacked, tmp_path, mo
     assert len(warnings) == 1 and "apt-get install graphviz" in warnings[0]
 
 
+def test_a_crashing_dot_costs_the_picture_not_the_run(stacked, tmp_path, monkeypatch, caplog):
+    # Graphviz's dot killed mid-layout (SIGABRT, seen on an overloaded machine): a warning per
+    # picture, no file and no temporary left, and draw returns instead of raising.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    dot = bin_dir / "dot"
+    script = 'case "$1" in -V|-Tps) exit 0;; esac'  # Keras's check passes; layouts die
+    dot.write_text(f"#!/bin/sh\n{script}\nkill -ABRT $$\n")
+    dot.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    assert missing_tools() is None
+    out = tmp_path / "out"
+    out.mkdir()
+    assert draw(stacked, out / "stacked") == []
+    assert list(out.iterdir()) == []
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 2 and all("Graphviz's dot failed" in w for w in warnings), warnings
+    # A dot that dies in Keras's own check too: one line saying so, instead of a traceback.
+    dot.write_text("#!/bin/sh\nkill -ABRT $$\n")
+    assert missing_tools().startswith("Graphviz's `dot` program failed (")
+
+
 def test_inspect_plot_writes_the_diagram_or_says_in_one_line_why_not(
     stacked, tmp_path, capsys, monkeypatch
 ):

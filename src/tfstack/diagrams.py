@@ -34,7 +34,11 @@ def missing_tools() -> str | None:
 
     if not model_visualization.check_pydot():
         return "pydot is not installed (pip install pydot)"
-    if not model_visualization.check_graphviz():
+    try:
+        works = model_visualization.check_graphviz()
+    except Exception as err:  # pydot's AssertionError when dot dies (e.g. killed by a signal)
+        return f"Graphviz's `dot` program failed ({str(err).strip()[:200]})"
+    if not works:
         return (
             "Graphviz's `dot` program is not installed "
             "(Debian/Ubuntu: apt-get install graphviz; macOS: brew install graphviz)"
@@ -90,8 +94,19 @@ def draw(
     written = []
     for extension in formats:
         path = stem.with_name(f"{stem.name}.{extension}")
-        with atomic_path(path) as tmp:
-            dot.write(str(tmp), format=extension)
+        try:
+            with atomic_path(path) as tmp:
+                dot.write(str(tmp), format=extension)
+        except Exception as err:  # pydot raises what Graphviz's dot said (killed, out of memory)
+            # A picture is not worth a run: say so once, keep the text summaries.
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+            logger.warning(
+                "No %s diagram %s: Graphviz's dot failed (%s). The text summaries stay.",
+                extension,
+                path.name,
+                first,
+            )
+            continue
         written.append(path)
     return written
 
