@@ -8,6 +8,7 @@
                                              run, one nested run per job (``pipeline.sweeps``)
 ``tfstack compare [--parent ID] [--filter F]`` the runs grouped by freeze x stacking x schedule
 ``tfstack reproduce RUN_ID``                 re-run a run from its logged config, diff the metrics
+``tfstack cache list|clear [KEY ...]``        the shared frozen-feature cache (`feature_cache`)
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -95,6 +96,12 @@ def _parser() -> argparse.ArgumentParser:
     reproduce.add_argument("run_id", help="the MLflow run id to re-run")
     reproduce.add_argument("overrides", nargs="*", help=tracking_help)
     reproduce.add_argument("--config-dir", default="conf", help="the Hydra config directory")
+    cache = commands.add_parser("cache", help="list or clear the shared frozen-feature cache")
+    cache.add_argument("action", choices=("list", "clear"), help="list: show; clear: remove")
+    cache.add_argument("keys", nargs="*", help="clear: only these keys (or key prefixes)")
+    cache.add_argument("--dir", help="the cache directory (default: as tfstack run finds it)")
+    cache.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (train.*)")
+    cache.add_argument("--config-dir", default="conf", help="the Hydra config directory")
     return parser
 
 
@@ -295,6 +302,10 @@ def _command(args, debug: bool) -> int:
             return _compare(args)
         if args.command == "reproduce":
             return _reproduce(args)
+        if args.command == "cache":
+            from tfstack.pipeline import cache_command
+
+            return cache_command.main(args)
         config = _load_config(args)
         if config.distribute.cpu_replicas:
             # Logical CPU devices can only be made before TensorFlow starts its runtime.
