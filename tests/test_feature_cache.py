@@ -184,6 +184,17 @@ def test_a_job_killed_while_writing_leaves_no_entry_and_the_next_computes_it(tmp
     assert not (tmp_path / "cache" / leftover[0]).exists()
 
 
+def test_bfloat16_features_come_back_as_bfloat16(tmp_path):
+    import ml_dtypes
+
+    features = np.linspace(0, 1, 12, dtype=np.float32).reshape(4, 3).astype(ml_dtypes.bfloat16)
+    cache = FeatureCache(tmp_path, max_bytes=10**6)
+    cache.store("key", [features], {})
+    (loaded,) = cache.load("key")
+    assert loaded.dtype == ml_dtypes.bfloat16
+    np.testing.assert_array_equal(loaded.astype(np.float32), features.astype(np.float32))
+
+
 def test_an_unreadable_entry_is_a_miss_and_is_removed(tmp_path):
     cache = FeatureCache(tmp_path, max_bytes=10**6)
     cache.store("key", [np.zeros((4, 2))], {})

@@ -111,8 +111,8 @@ class FeatureCache:
         try:
             meta = json.loads((entry / META).read_text(encoding="utf-8"))
             arrays = [
-                np.load(entry / f"{i}.npy", mmap_mode="r", allow_pickle=False)
-                for i in range(int(meta["arrays"]))
+                _as_dtype(np.load(entry / f"{i}.npy", mmap_mode="r", allow_pickle=False), dtype)
+                for i, dtype in zip(range(int(meta["arrays"])), meta["dtypes"], strict=True)
             ]
             if [list(a.shape) for a in arrays] != meta["shapes"]:
                 raise ValueError(f"shapes {[a.shape for a in arrays]} differ from {META}'s")
@@ -181,7 +181,7 @@ class FeatureCache:
             tmp.mkdir(parents=True)
             for i, array in enumerate(arrays):
                 with open(tmp / f"{i}.npy", "wb") as f:
-                    np.save(f, np.ascontiguousarray(array), allow_pickle=False)
+                    np.save(f, _storable(np.ascontiguousarray(array)), allow_pickle=False)
                     f.flush()
                     os.fsync(f.fileno())
             with open(tmp / META, "w", encoding="utf-8") as f:
@@ -306,6 +306,22 @@ class FeatureCache:
             with contextlib.suppress(OSError):
                 if now - leftover.stat().st_mtime > _STALE_SECONDS:
                     shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _storable(array: np.ndarray) -> np.ndarray:
+    """``array``, or its bits as unsigned integers for a dtype ``.npy`` cannot name (bfloat16)."""
+    if array.dtype.kind == "V":  # ml_dtypes' bfloat16 and float8 types: saved as raw void
+        return array.view(f"u{array.dtype.itemsize}")
+    return array
+
+
+def _as_dtype(array: np.ndarray, name: str) -> np.ndarray:
+    """The stored array as the dtype it was stored from (`_storable` undone)."""
+    if str(array.dtype) == name:
+        return array
+    import ml_dtypes  # installed with TensorFlow and Keras
+
+    return array.view(getattr(ml_dtypes, name))
 
 
 def listing(cache: FeatureCache) -> str:
