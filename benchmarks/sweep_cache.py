@@ -156,12 +156,17 @@ def run_sweep(where: Path, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env.update({"DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
     env.pop("TFSTACK_FEATURE_CACHE", None)
-    if args.no_diagrams:  # a `dot` that fails: tfstack finds no Graphviz and draws nothing
+    if args.no_diagrams:  # PATH without `dot`: tfstack finds no Graphviz and draws nothing
         shim = where / "bin"
         shim.mkdir()
-        (shim / "dot").write_text("#!/bin/sh\nexit 1\n")
-        (shim / "dot").chmod(0o755)
-        env["PATH"] = f"{shim}:{env['PATH']}"
+        folders = env["PATH"].split(os.pathsep)
+        with_dot = [f for f in folders if (Path(f) / "dot").exists()]
+        for folder in with_dot:
+            for tool in Path(folder).iterdir():
+                if tool.name != "dot" and not (shim / tool.name).exists():
+                    (shim / tool.name).symlink_to(tool)
+        kept = [f for f in folders if f not in with_dot]
+        env["PATH"] = os.pathsep.join([*kept, str(shim)])
     project = where / "project"
     shutil.copytree(ROOT / "conf", project / "conf")
     script = where / "plain_keras.py"
