@@ -60,6 +60,14 @@ def data():
     return make_data()
 
 
+@pytest.fixture(autouse=True)
+def feature_cache_dir(tmp_path_factory, monkeypatch):
+    """The shared frozen-feature cache of `tfstack run` in a test: its own, never ~/.cache."""
+    directory = tmp_path_factory.mktemp("feature_cache")
+    monkeypatch.setenv("TFSTACK_FEATURE_CACHE", str(directory))
+    return directory
+
+
 @pytest.fixture(scope="session")
 def template(tmp_path_factory):
     """The shrunk demo project, prepared and pretrained once per session; tests use a `project`."""

@@ -12,6 +12,7 @@
 ``tfstack init [--base P --head P --data P]`` scaffold conf/, dvc.yaml, ... into this git repo
 ``tfstack promote (RUN_ID|--parent ID|last) --name N --alias A``  register a run's model (a sweep's
                                              best by its objective) and move the alias
+``tfstack cache list|clear [KEY ...]``        the shared frozen-feature cache (`feature_cache`)
 
 Overrides are Hydra overrides of ``conf/`` (``stacking=adapter freeze=joint train.epochs=3``).
 With ``--params FILE`` a stage reads the config DVC composed into ``params.yaml`` instead.
@@ -136,6 +137,12 @@ def _parser() -> argparse.ArgumentParser:
     promote.add_argument("--tracking-uri", help="the store (default: as tfstack run's)")
     promote.add_argument("--experiment", help="where --parent last looks (default: as tfstack run)")
     promote.add_argument("--config-dir", default="conf", help="the Hydra config directory")
+    cache = commands.add_parser("cache", help="list or clear the shared frozen-feature cache")
+    cache.add_argument("action", choices=("list", "clear"), help="list: show; clear: remove")
+    cache.add_argument("keys", nargs="*", help="clear: only these keys (or key prefixes)")
+    cache.add_argument("--dir", help="the cache directory (default: as tfstack run finds it)")
+    cache.add_argument("--overrides", nargs="*", default=[], help="Hydra overrides (train.*)")
+    cache.add_argument("--config-dir", default="conf", help="the Hydra config directory")
     return parser
 
 
@@ -393,6 +400,10 @@ def _command(args, debug: bool) -> int:
             return 0
         if args.command == "promote":
             return _promote(args)
+        if args.command == "cache":
+            from tfstack.pipeline import cache_command
+
+            return cache_command.main(args)
         config = _load_config(args)
         if config.distribute.cpu_replicas:
             # Logical CPU devices can only be made before TensorFlow starts its runtime.

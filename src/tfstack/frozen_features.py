@@ -21,6 +21,7 @@ so history, metric names and per-epoch logs are the same.
 
 from __future__ import annotations
 
+import logging
 import math
 import weakref
 from collections.abc import Sequence
@@ -32,6 +33,8 @@ from tfstack import _keras_compat
 from tfstack.datasets import IndexedDataset
 from tfstack.errors import TrainingError
 from tfstack.freezing import get_component
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -372,3 +375,79 @@ def inference_split(model: keras.Model, feature_extractors: Sequence[str]) -> Fr
     if split is not None and trained is not None and trained.cut == split.cut:
         return trained
     return split
+
+
+@dataclass
+class CachedFeatures:
+    """The frozen part's outputs of a phase's splits, and where they came from.
+
+    Attributes:
+        outputs: ``{"train": ..., "val": ...}``: per split, one array (or a list, one per cut
+            tensor) with one row per sample in input order.
+        status: ``hit`` (every split read from the shared cache), ``miss`` (one or more
+            computed and stored) or ``off`` (no shared cache, or the data cannot be hashed).
+        keys: The shared cache's key of each split (`tfstack.feature_keys.entry_key`).
+    """
+
+    outputs: dict
+    status: str
+    keys: dict[str, str]
+
+
+def phase_features(split: FrozenSplit, datasets: dict, cache=None) -> CachedFeatures:
+    """The frozen part's outputs for each split, from the shared cache ``cache`` if given.
+
+    Args:
+        split: The phase's `FrozenSplit`.
+        datasets: ``{"train": IndexedDataset, "val": IndexedDataset or None}``.
+        cache: A `tfstack.feature_cache.FeatureCache`, or None (compute, keep nothing).
+
+    Returns:
+        The outputs, the cache status and the keys.
+    """
+    from tfstack import feature_keys
+
+    present = {name: data for name, data in datasets.items() if data is not None}
+    digests = {}
+    if cache is not None:
+        digests = {name: feature_keys.data_digest(data) for name, data in present.items()}
+    if cache is None or None in digests.values():
+        if cache is not None:
+            logger.info("Not using the feature cache: %s cannot be hashed", type(present["train"]))
+        outputs = {name: frozen_outputs(split.frozen, data) for name, data in present.items()}
+        return CachedFeatures(outputs, "off", {})
+    model = feature_keys.model_digest(split.frozen)
+    environment = feature_keys.environment()
+    outputs, keys, hits = {}, {}, []
+    for name, data in present.items():
+        key = feature_keys.entry_key(model, digests[name], environment)
+
+        def compute(data=data):
+            result = frozen_outputs(split.frozen, data)
+            return list(result) if isinstance(result, list | tuple) else [result]
+
+        meta = {
+            "model": split.frozen.name,
+            "cut": list(split.cut),
+            "data": f"{name} split, {_describe(data)}",
+            **environment,
+        }
+        arrays, hit = cache.get_or_compute(key, compute, meta)
+        outputs[name] = arrays[0] if len(arrays) == 1 else arrays
+        keys[name] = key
+        hits.append(hit)
+        logger.info("Feature cache %s for the %s split: %s", "hit" if hit else "miss", name, key)
+    return CachedFeatures(outputs, "hit" if all(hits) else "miss", keys)
+
+
+def _describe(data: IndexedDataset) -> str:
+    """``1400 samples, arrays (32, 32, 3) float32`` or ``1400 image files under /data``."""
+    files = getattr(data, "files", None)
+    if files is not None:
+        import os
+
+        return f"{len(data)} image files under {os.path.commonpath(files) if files else '?'}"
+    x = getattr(data, "x", None)
+    arrays = x if isinstance(x, list | tuple) else [x]
+    shapes = ", ".join(f"{tuple(a.shape[1:])} {a.dtype}" for a in arrays if hasattr(a, "shape"))
+    return f"{len(data)} samples, arrays {shapes}"

@@ -39,6 +39,9 @@ class PhaseResult:
     seconds: float = 0.0
     cached: bool = False
     cache_note: str = ""
+    # The shared feature cache (`tfstack.feature_cache`): hit, miss or off; each split's key.
+    cache: str = "off"
+    cache_keys: dict[str, str] = field(default_factory=dict)
     inference_mode: list[str] = field(default_factory=list)
     planned_epochs: int | None = None
     early_stopping: dict[str, Any] | None = None
@@ -67,6 +70,8 @@ class PhaseResult:
             "seconds": self.seconds,
             "cached": self.cached,
             "cache_note": self.cache_note,
+            "cache": self.cache,
+            "cache_keys": self.cache_keys,
             "inference_mode": self.inference_mode,
             "early_stopping": self.early_stopping,
             "stopped_epoch": self.stopped_epoch,
@@ -92,6 +97,8 @@ class PhaseResult:
             seconds=record.get("seconds", 0.0),
             cached=record.get("cached", False),
             cache_note=record.get("cache_note", ""),
+            cache=record.get("cache", "off"),
+            cache_keys=dict(record.get("cache_keys", {})),
             inference_mode=list(record.get("inference_mode", [])),
             planned_epochs=record.get("planned_epochs", record["epochs"]),
             early_stopping=record.get("early_stopping"),

@@ -32,7 +32,7 @@ import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import keras
 import tensorflow as tf
@@ -54,6 +54,9 @@ from tfstack.lr_schedules import LrScheduleSpec
 from tfstack.phase_results import PhaseResult, epochs_in
 from tfstack.schedules import Phase, make_optimizer
 from tfstack.user_callbacks import FullModelCallbacks
+
+if TYPE_CHECKING:
+    from tfstack.feature_cache import FeatureCache
 
 logger = logging.getLogger(__name__)
 
@@ -138,6 +141,7 @@ def fit_phase(
     callbacks: Sequence[keras.callbacks.Callback] = (),
     verbose: int | str = "auto",
     cache_frozen: bool = False,
+    feature_cache: FeatureCache | None = None,
     learning_rate=None,
     class_weight: dict[int, float] | None = None,
     jit_compile: bool | str = "auto",
@@ -173,6 +177,9 @@ def fit_phase(
         callbacks: Keras callbacks for this phase.
         verbose: Keras ``fit`` verbosity.
         cache_frozen: train on cached outputs of the frozen part when the phase allows it.
+        feature_cache: a shared on-disk cache of those outputs (`tfstack.feature_cache`): read
+            from it when another run stored them, else computed and stored (None: computed,
+            kept for the phase only). The result's ``cache`` says ``hit``, ``miss`` or ``off``.
         learning_rate: what the optimizer gets instead of ``phase.lr`` (see `compile_phase`).
         class_weight: ``{class index: weight}`` for Keras ``fit`` (`tfstack.class_weights`);
             Keras weighs each sample by its label, cached phases included.
@@ -206,6 +213,7 @@ def fit_phase(
     )
     start = time.perf_counter()
     split, note = None, "cache_frozen is off"
+    features = None
     if cache_frozen:
         split, note = frozen_features.plan_cache(model, feature_extractors, train_data, val_data)
     fit_model, fit_train, fit_val = model, batches_of(train_data), batches_of(val_data)
@@ -214,9 +222,12 @@ def fit_phase(
             model, split.trainable, loss=loss, metrics=metrics
         )
         frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
-        fit_train = train_data.with_inputs(frozen_features.frozen_outputs(split.frozen, train_data))
+        features = frozen_features.phase_features(
+            split, {"train": train_data, "val": val_data}, feature_cache
+        )
+        fit_train = train_data.with_inputs(features.outputs["train"])
         if val_data is not None:
-            fit_val = val_data.with_inputs(frozen_features.frozen_outputs(split.frozen, val_data))
+            fit_val = val_data.with_inputs(features.outputs["val"])
         logger.info(
             "Phase %d %r: %s once; training %r on them", index, phase.name, note, fit_model.name
         )
@@ -264,6 +275,8 @@ def fit_phase(
         seconds=seconds,
         cached=split is not None,
         cache_note=note,
+        cache="off" if features is None else features.status,
+        cache_keys={} if features is None else features.keys,
         inference_mode=inference,
     )
 
@@ -281,6 +294,7 @@ def run_schedule(
     callbacks_for_phase: Callable[[Phase, int], list] | None = None,
     verbose: int | str = "auto",
     cache_frozen: bool = False,
+    feature_cache: FeatureCache | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: TrainingState | None = None,
     checkpoint_key: str = "",
@@ -315,6 +329,7 @@ def run_schedule(
         verbose: Keras ``fit`` verbosity.
         cache_frozen: in phases that allow it, train on cached outputs of the frozen part
             (see `fit_phase`).
+        feature_cache: the shared on-disk cache of those outputs (see `fit_phase`).
         checkpoint_dir: write a checkpoint there after every epoch (None: no checkpoints).
         resume_from: a checkpoint read from ``checkpoint_dir`` (`tfstack.checkpoints.read_state`)
             to continue from; the caller has checked it belongs to this run (its key and run id).
@@ -415,6 +430,7 @@ def run_schedule(
                 feature_extractors=feature_extractors,
                 verbose=verbose,
                 cache_frozen=cache_frozen,
+                feature_cache=feature_cache,
                 class_weight=class_weight,
                 jit_compile=jit_compile,
             )

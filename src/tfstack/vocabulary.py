@@ -49,6 +49,9 @@ NAMED_WEIGHTS = "imagenet"
 CACHE_MODES = ("auto", "off")
 """Frozen-feature caching (``train.cache_frozen``)."""
 
+FEATURE_CACHE_MODES = ("shared", "off")
+"""The shared on-disk frozen-feature cache (``train.feature_cache``, `tfstack.feature_cache`)."""
+
 RESUME_MODES = ("auto", "off")
 """Per-epoch checkpoints and resuming a killed run (``train.resume``)."""
 

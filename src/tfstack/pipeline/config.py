@@ -48,6 +48,7 @@ from tfstack.vocabulary import (
     DATA_FORMATS,
     DATA_OPTIONS,
     DISTRIBUTE_KINDS,
+    FEATURE_CACHE_MODES,
     FREEZE_OPTIONS,
     FREEZE_POLICIES,
     INTERPOLATIONS,
@@ -107,6 +108,7 @@ _LOWER_BOUNDS: dict[str, Bound] = {
     ),
     "schedule.lr_decay": Bound(0, False, "phase k trains at train.lr * lr_decay**k, e.g. 0.5"),
     "freeze.unfreeze_last": Bound(1, True, "use freeze=frozen to train the head only"),
+    "train.feature_cache_max_gb": Bound(0, False, "e.g. 10; train.feature_cache=off turns it off"),
     "distribute.cpu_replicas": Bound(0, True, "0 keeps the devices as they are"),
     "demo.target_train_per_class": Bound(1, True),
     "demo.pretrain_epochs": Bound(1, True),
@@ -353,6 +355,7 @@ def validate(cfg: Any, *, source: str = "config") -> Config:
     if config.stacking.merge is not None:
         check_choice(config.stacking.merge, MERGES, "stacking.merge")
     check_choice(config.train.cache_frozen, CACHE_MODES, "train.cache_frozen")
+    check_choice(config.train.feature_cache, FEATURE_CACHE_MODES, "train.feature_cache")
     check_choice(config.train.resume, RESUME_MODES, "train.resume")
     check_jit_compile(config.train)
     check_choice(config.distribute.kind, DISTRIBUTE_KINDS, "distribute.kind", "distribute")

@@ -78,17 +78,24 @@ def log_build_report(run: RunLog, build_dir: Path) -> None:
 
 
 def log_phases(run: RunLog, results, model) -> None:
-    """Tag each phase: cached or not, its epochs (``first-last``, or ``none``) and, with early
-    stopping, its ``stopped_epoch`` and ``best_epoch`` (also metrics), and the epoch whose
-    weights the trained model holds (``weights_from_epoch``); and the frozen components whose
-    random layers ran in inference mode (``phase.<i>.inference_mode``); and each phase's
-    learning-rate schedule (``phase.<i>.lr_schedule``)."""
+    """Tag each phase: cached or not (``phase.<i>.cache``: the shared feature cache's ``hit``,
+    ``miss`` or ``off``; ``phase.<i>.cache_key``: its entries), its epochs (``first-last``, or
+    ``none``) and, with early stopping, its ``stopped_epoch`` and ``best_epoch`` (also
+    metrics), and the epoch whose weights the trained model holds (``weights_from_epoch``);
+    and the frozen components whose random layers ran in inference mode
+    (``phase.<i>.inference_mode``); and each phase's learning-rate schedule
+    (``phase.<i>.lr_schedule``)."""
     from tfstack.tracking import log_tags
 
     tags = {}
     stopping = {}
     for r in results:
         tags[f"phase.{r.index}.cached"] = str(r.cached).lower()
+        # The shared feature cache: hit, miss or off, and each split's entry key.
+        tags[f"phase.{r.index}.cache"] = r.cache
+        if r.cache_keys:
+            keys = ",".join(f"{split}={key}" for split, key in r.cache_keys.items())
+            tags[f"phase.{r.index}.cache_key"] = keys
         # The whole phase, also when this process ran only its last epochs.
         last = r.initial_epoch + r.epochs - 1
         tags[f"phase.{r.index}.epochs"] = f"{r.initial_epoch}-{last}" if r.epochs else "none"

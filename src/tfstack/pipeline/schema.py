@@ -191,6 +191,11 @@ class TrainConfig:
     loss: str = MISSING
     metrics: list[str] = MISSING
     cache_frozen: str = "auto"
+    # The shared on-disk cache of those features (shared | off); its directory (null:
+    # $TFSTACK_FEATURE_CACHE, else ~/.cache/tfstack/features) and size limit (LRU eviction).
+    feature_cache: str = "shared"
+    feature_cache_dir: str | None = None
+    feature_cache_max_gb: float = 10.0
     deterministic: bool = True
     verbose: int = 1
     # auto: checkpoint every epoch and resume a killed run of the same config; off: neither.

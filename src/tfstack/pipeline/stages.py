@@ -48,6 +48,7 @@ from tfstack.pipeline.schema import Config
 from tfstack.pipeline.train_options import (
     apply_precision,
     class_weights,
+    feature_cache,
     log_class_weights,
     log_precision,
     precision,
@@ -281,6 +282,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             callbacks_for_phase=per_phase,
             verbose=config.train.verbose,
             cache_frozen=config.train.cache_frozen == "auto",
+            feature_cache=feature_cache(config),
             checkpoint_dir=directory if resumable else None,
             resume_from=state,
             checkpoint_key=resume.checkpoint_key(config, paths),

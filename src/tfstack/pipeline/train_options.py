@@ -6,6 +6,7 @@ names; the run records them as ``class_weight.<class name>`` tags and the
 ``training/class_weight.json`` artifact. The precision is a Keras dtype policy, set for a
 stage's whole execution (`precision`) and on the loaded components (`apply_precision`); the run
 records ``precision`` and how many layers compute under each policy (``precision.layers``).
+``train.feature_cache*`` give the shared frozen-feature cache (`feature_cache`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,16 @@ def _setting(config: Config):
     """``train.class_weight`` as given (a plain dict or string), for the artifact."""
     setting = config.train.class_weight
     return dict(setting) if isinstance(setting, dict) else setting
+
+
+def feature_cache(config: Config):
+    """The shared frozen-feature cache ``train.feature_cache*`` names, or None when off."""
+    if config.train.feature_cache == "off" or config.train.cache_frozen == "off":
+        return None
+    from tfstack.feature_cache import FeatureCache, resolve_root
+
+    root = resolve_root(config.train.feature_cache_dir)
+    return FeatureCache(root, max_bytes=int(config.train.feature_cache_max_gb * 1e9))
 
 
 def precision(config: Config):
