@@ -42,17 +42,13 @@ def store_uri(explicit: str | None, root: Path) -> str:
     """
     if explicit:
         return explicit
-    from tfstack.pipeline.run_log import tracking_uri
+    from tfstack.pipeline.run_log import resolve_tracking_uri, tracking_uri
 
     if (root / "conf" / "config.yaml").is_file():
         from tfstack.pipeline.compose import compose
 
         return tracking_uri(compose([], config_dir=root / "conf"), root)
-    from tfstack import tracking
-    from tfstack.pipeline.paths import main_project_root
-
-    found = os.environ.get("TFSTACK_TRACKING_URI") or os.environ.get("MLFLOW_TRACKING_URI")
-    return found or tracking.default_tracking_uri(main_project_root(root))
+    return resolve_tracking_uri(None, root)  # no conf/: as tfstack run with tracking.uri null
 
 
 def predict(

@@ -57,7 +57,12 @@ def git_commit(root: Path) -> str | None:
 
 
 def tracking_uri(config: Config, root: Path) -> str:
-    """The tracking URI: ``tracking.uri``, else ``TFSTACK_TRACKING_URI``, else MLflow's own
+    """The tracking URI of ``config`` (`resolve_tracking_uri` of its ``tracking.uri``)."""
+    return resolve_tracking_uri(config.tracking.uri, root)
+
+
+def resolve_tracking_uri(configured: str | None, root: Path) -> str:
+    """The tracking URI: ``configured``, else ``TFSTACK_TRACKING_URI``, else MLflow's own
     ``MLFLOW_TRACKING_URI`` (set by ``mlflow run``), else sqlite at the workspace root.
 
     A relative sqlite path is made absolute against the workspace root, so queued DVC
@@ -66,7 +71,7 @@ def tracking_uri(config: Config, root: Path) -> str:
     from tfstack import tracking
 
     uri = (
-        config.tracking.uri
+        configured
         or os.environ.get("TFSTACK_TRACKING_URI")
         or os.environ.get("MLFLOW_TRACKING_URI")
     )
