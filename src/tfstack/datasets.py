@@ -115,7 +115,8 @@ class IndexedDataset:
 
         Args:
             inputs: One array, or a list of arrays, with one row per sample in input order
-                (e.g. a feature extractor's outputs for `input_batches`).
+                (e.g. a feature extractor's outputs for `input_batches`); or those rows in
+                files (`tfstack.feature_streaming.StoredFeatures`), read batch by batch.
 
         Returns:
             A dataset of ``(inputs_batch, y_batch)``; a list of arrays gives a tuple of batches.
@@ -125,6 +126,15 @@ class IndexedDataset:
         """
         import tensorflow as tf
 
+        if hasattr(inputs, "batches") and hasattr(inputs, "rows"):
+            # Features in files (tfstack.feature_streaming.StoredFeatures): each index batch
+            # of the shared order is read from them, so they never are all in memory.
+            if len(inputs) != self._n:
+                raise DataError(
+                    f"inputs have {len(inputs)} rows but the dataset has {self._n} samples; "
+                    "give one row per sample, in the order of x."
+                )
+            return shard_by_data(inputs.batches(self._order, self._y))
         arrays = list(inputs) if isinstance(inputs, list | tuple) else [inputs]
         for array in arrays:
             if len(array) != self._n:

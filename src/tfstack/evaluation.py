@@ -63,6 +63,7 @@ def evaluate(
     metrics: Sequence = (),
     class_names: Sequence[str] | None = None,
     feature_extractors: Sequence[str] = (),
+    feature_memory_mb: float | None = None,
 ) -> Evaluation:
     """Metrics, the task's figure and its table of a trained model on ``(x, y)``.
 
@@ -90,6 +91,9 @@ def evaluate(
             outputs, in the same batches: the same numbers as ``model.evaluate`` and
             ``model.predict``, which would each run (and trace) the whole model, and decode
             streamed images twice.
+        feature_memory_mb: Above this many MB those outputs are written batch by batch to a
+            temporary directory (removed at the end) and read back batch by batch, never held
+            whole (`tfstack.feature_streaming`); None keeps them in memory.
 
     Returns:
         An `Evaluation`.
@@ -118,7 +122,9 @@ def evaluate(
                 "loss=... (and metrics=[...]), e.g. the loss it was trained with, or compile it."
             )
         model.compile(loss=loss, metrics=list(metrics))
-    scores, outputs = _scores_and_outputs(model, x, y, batch_size, feature_extractors)
+    scores, outputs = _scores_and_outputs(
+        model, x, y, batch_size, feature_extractors, feature_memory_mb
+    )
     measured = {name: float(value) for name, value in scores.items()}
     measured.update(task_metrics(y, outputs, task))
     if task == "regression":
@@ -144,7 +150,9 @@ def evaluate(
     )
 
 
-def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequence[str]):
+def _scores_and_outputs(
+    model, x, y, batch_size: int, feature_extractors: Sequence[str], memory_mb: float | None
+):
     """``model.evaluate``'s scores and ``model.predict``'s outputs, in one pass when it can.
 
     With a cut after the frozen feature extractors (and no regularization loss in the part
@@ -170,14 +178,16 @@ def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequen
             inputs = tf.data.Dataset.from_tensor_slices(x).batch(batch_size)
         else:
             inputs = x
-        features = split.frozen.predict(
-            inputs, batch_size=None if inputs is not x else batch_size, verbose=0
-        )
         rest = split.trainable
         # Its loss, metrics and jit_compile; no optimizer (it measures, never trains).
         settings = keras.saving.deserialize_keras_object(compiled)
         settings.pop("optimizer", None)
         rest.compile(**settings)
+        if inputs is not x and _over_budget(split.frozen, len(y), memory_mb):
+            return _streamed_scores_and_outputs(split.frozen, rest, inputs, y, batch_size)
+        features = split.frozen.predict(
+            inputs, batch_size=None if inputs is not x else batch_size, verbose=0
+        )
         scores = rest.evaluate(features, y, batch_size=batch_size, verbose=0, return_dict=True)
         return scores, rest.predict(features, batch_size=batch_size, verbose=0)
     if _is_dataset(x):
@@ -186,6 +196,36 @@ def _scores_and_outputs(model, x, y, batch_size: int, feature_extractors: Sequen
         return scores, model.predict(x, verbose=0)
     scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return scores, model.predict(x, batch_size=batch_size, verbose=0)
+
+
+def _over_budget(frozen, n: int, memory_mb: float | None) -> bool:
+    """Whether the frozen part's outputs for ``n`` samples exceed ``memory_mb`` (and can stream)."""
+    if memory_mb is None:
+        return False
+    from tfstack import feature_streaming
+
+    size = feature_streaming.expected_bytes(frozen, n)
+    return size is not None and size > memory_mb * 1e6 and feature_streaming.can_stream(frozen)
+
+
+def _streamed_scores_and_outputs(frozen, rest, inputs, y, batch_size: int):
+    """As the in-memory path, with the frozen part's outputs in a temporary directory's files.
+
+    Written batch by batch, then read back in input order in batches of ``batch_size`` (the
+    in-memory path's batches), so the scores and predictions are the same.
+    """
+    import tensorflow as tf
+
+    from tfstack import feature_streaming
+
+    stored = feature_streaming.temporary_features(frozen, inputs, len(y), name="test")
+    try:
+        order = tf.data.Dataset.range(len(y)).batch(batch_size)
+        batches = stored.batches(order, tf.convert_to_tensor(np.asarray(y)))
+        scores = rest.evaluate(batches, verbose=0, return_dict=True)
+        return scores, rest.predict(batches, verbose=0)
+    finally:
+        stored.close()
 
 
 def predict_labels(probabilities: np.ndarray, task: str) -> np.ndarray:

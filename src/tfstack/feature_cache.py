@@ -12,6 +12,8 @@ else ``$XDG_CACHE_HOME/tfstack/features``, else ``~/.cache/tfstack/features``)::
     <key>/meta.json        what the entry holds (model, cut, data, rows, bytes); its mtime is
                            the entry's last use (touched on every hit, for LRU eviction)
     <key>/0.npy, 1.npy ... one array per output of the frozen part, one row per sample
+                           (row-major; `get_or_write` appends them batch by batch, so an
+                           entry never has to fit in memory: `tfstack.feature_streaming`)
     .locks/<key>.lock      held (fcntl) while one job computes the key: the others wait
     .tmp-<key>-*/          an entry being written, renamed to <key>/ when complete
 
@@ -125,6 +127,92 @@ class FeatureCache:
             return None
         return arrays
 
+    def open_files(self, key: str):
+        """The entry as `tfstack.feature_streaming.StoredFeatures` (read by rows), or None.
+
+        Nothing is loaded: the files are opened, so they stay readable if the entry is evicted
+        meanwhile. A hit marks the entry as used.
+        """
+        from tfstack.feature_streaming import StoredFeatures
+
+        entry = self.path(key)
+        try:
+            meta = json.loads((entry / META).read_text(encoding="utf-8"))
+            paths = [entry / f"{i}.npy" for i in range(int(meta["arrays"]))]
+            stored = StoredFeatures(paths, meta["dtypes"])
+            if [list(s) for s in stored.shapes] != meta["shapes"]:
+                stored.close()
+                raise ValueError(f"shapes {stored.shapes} differ from {META}'s")
+            os.utime(entry / META)
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            logger.warning("Feature cache entry %s is unreadable (%s); computing it", entry, err)
+            self._remove(entry)
+            return None
+        return stored
+
+    def get_or_write(
+        self,
+        key: str,
+        write: Callable[[Path], Sequence[str]],
+        meta: dict[str, Any],
+        *,
+        expected_bytes: int | None = None,
+    ):
+        """The entry as files (`open_files`), written batch by batch under its lock if absent.
+
+        The entry is written into its temporary directory by ``write`` (which returns the
+        dtype of each ``<i>.npy`` it wrote), opened, then renamed into place, as `store` does.
+
+        Args:
+            key: The entry's key.
+            write: Writes ``0.npy``, ``1.npy``, ... into the directory it is given.
+            meta: What the entry holds (as for `get_or_compute`).
+            expected_bytes: The entry's size if known: larger than ``max_bytes``, nothing is
+                written here (None is returned, to write elsewhere).
+
+        Returns:
+            ``(stored, hit)``, or ``(None, False)`` when the entry cannot be stored here (too
+            large, or the directory is not writable): the caller writes the features elsewhere.
+        """
+        stored = self.open_files(key)
+        if stored is not None:
+            return stored, True
+        if expected_bytes is not None and expected_bytes > self.max_bytes:
+            self._too_large(expected_bytes)
+            return None, False
+        with self._lock(key):
+            stored = self.open_files(key)
+            if stored is not None:
+                return stored, True
+            tmp = self._temporary(key)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                logger.warning("Could not store features in %s: %s", self.root, err)
+                return None, False
+            try:
+                dtypes = list(write(tmp))
+                stored = self._open_written(tmp, dtypes)
+                if stored.nbytes > self.max_bytes:
+                    self._too_large(stored.nbytes)
+                    shutil.rmtree(tmp, ignore_errors=True)  # its files stay open for this run
+                    return stored, False
+                record = self._record(key, stored.shapes, dtypes, stored.nbytes, meta)
+                self._commit(tmp, key, record)
+            except OSError as err:
+                logger.warning("Could not store features in %s: %s", self.root, err)
+                shutil.rmtree(tmp, ignore_errors=True)
+                if stored is not None:
+                    return stored, False
+                return None, False
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        self.evict(keep=key)
+        return stored, False
+
     def get_or_compute(
         self,
         key: str,
@@ -160,23 +248,11 @@ class FeatureCache:
         """
         size = sum(int(a.nbytes) for a in arrays)
         if size > self.max_bytes:
-            logger.warning(
-                "Features of %.1f MB exceed the feature cache's limit (%.1f MB): not stored; "
-                "raise train.feature_cache_max_gb to keep them",
-                size / 1e6,
-                self.max_bytes / 1e6,
-            )
+            self._too_large(size)
             return False
-        tmp = self.root / f"{_TMP}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        record = {
-            **meta,
-            "key": key,
-            "arrays": len(arrays),
-            "shapes": [list(a.shape) for a in arrays],
-            "dtypes": [str(a.dtype) for a in arrays],
-            "bytes": size,
-            "created": time.time(),
-        }
+        tmp = self._temporary(key)
+        shapes = [a.shape for a in arrays]
+        record = self._record(key, shapes, [str(a.dtype) for a in arrays], size, meta)
         try:
             tmp.mkdir(parents=True)
             for i, array in enumerate(arrays):
@@ -184,23 +260,63 @@ class FeatureCache:
                     np.save(f, _storable(np.ascontiguousarray(array)), allow_pickle=False)
                     f.flush()
                     os.fsync(f.fileno())
-            with open(tmp / META, "w", encoding="utf-8") as f:
-                json.dump(record, f, indent=1, default=str)
-                f.flush()
-                os.fsync(f.fileno())
-            try:
-                os.replace(tmp, self.path(key))
-            except OSError as err:
-                if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
-                    raise
-                logger.info("Feature cache entry %s was stored by another job first", key)
-                shutil.rmtree(tmp, ignore_errors=True)
+            if not self._commit(tmp, key, record):
                 return False
         except OSError as err:
             logger.warning("Could not store features in %s: %s", self.root, err)
             shutil.rmtree(tmp, ignore_errors=True)
             return False
         self.evict(keep=key)
+        return True
+
+    def _temporary(self, key: str) -> Path:
+        return self.root / f"{_TMP}{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+    def _too_large(self, size: int) -> None:
+        logger.warning(
+            "Features of %.1f MB exceed the feature cache's limit (%.1f MB): not stored; "
+            "raise train.feature_cache_max_gb to keep them",
+            size / 1e6,
+            self.max_bytes / 1e6,
+        )
+
+    @staticmethod
+    def _record(key: str, shapes, dtypes, size: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """``meta.json``: the caller's ``meta`` and what the files hold."""
+        return {
+            **meta,
+            "key": key,
+            "arrays": len(shapes),
+            "shapes": [list(s) for s in shapes],
+            "dtypes": list(dtypes),
+            "bytes": size,
+            "created": time.time(),
+        }
+
+    @staticmethod
+    def _open_written(tmp: Path, dtypes: Sequence[str]):
+        from tfstack.feature_streaming import StoredFeatures
+
+        return StoredFeatures([tmp / f"{i}.npy" for i in range(len(dtypes))], dtypes)
+
+    def _commit(self, tmp: Path, key: str, record: dict[str, Any]) -> bool:
+        """Write ``meta.json`` into ``tmp`` and rename it into place; False if another job won.
+
+        Raises:
+            OSError: writing or renaming failed (``tmp`` is left for the caller to remove).
+        """
+        with open(tmp / META, "w", encoding="utf-8") as f:
+            json.dump(record, f, indent=1, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.replace(tmp, self.path(key))
+        except OSError as err:
+            if err.errno not in (errno.ENOTEMPTY, errno.EEXIST):
+                raise
+            logger.info("Feature cache entry %s was stored by another job first", key)
+            shutil.rmtree(tmp, ignore_errors=True)
+            return False
         return True
 
     def entries(self) -> list[Entry]:

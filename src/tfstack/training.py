@@ -142,6 +142,7 @@ def fit_phase(
     verbose: int | str = "auto",
     cache_frozen: bool = False,
     feature_cache: FeatureCache | None = None,
+    feature_memory_mb: float | None = None,
     learning_rate=None,
     class_weight: dict[int, float] | None = None,
     jit_compile: bool | str = "auto",
@@ -180,6 +181,8 @@ def fit_phase(
         feature_cache: a shared on-disk cache of those outputs (`tfstack.feature_cache`): read
             from it when another run stored them, else computed and stored (None: computed,
             kept for the phase only). The result's ``cache`` says ``hit``, ``miss`` or ``off``.
+        feature_memory_mb: above this budget (MB, train and validation) those outputs stream
+            through files, never all in memory (`tfstack.feature_streaming`); None: in memory.
         learning_rate: what the optimizer gets instead of ``phase.lr`` (see `compile_phase`).
         class_weight: ``{class index: weight}`` for Keras ``fit`` (`tfstack.class_weights`);
             Keras weighs each sample by its label, cached phases included.
@@ -222,15 +225,15 @@ def fit_phase(
             model, split.trainable, loss=loss, metrics=metrics
         )
         frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
+        splits = {"train": train_data, "val": val_data}
         features = frozen_features.phase_features(
-            split, {"train": train_data, "val": val_data}, feature_cache
+            split, splits, feature_cache, memory_mb=feature_memory_mb
         )
         fit_train = train_data.with_inputs(features.outputs["train"])
         if val_data is not None:
             fit_val = val_data.with_inputs(features.outputs["val"])
-        logger.info(
-            "Phase %d %r: %s once; training %r on them", index, phase.name, note, fit_model.name
-        )
+        how = f"{note} once" + (" (streamed from disk)" if features.streamed else "")
+        logger.info("Phase %d %r: %s; training %r on them", index, phase.name, how, fit_model.name)
     elif cache_frozen:
         logger.info("Phase %d %r: not caching frozen outputs: %s", index, phase.name, note)
     # Cached phases run the frozen part in inference mode already (predict).
@@ -256,17 +259,21 @@ def fit_phase(
         )
     # Also in a cached phase: its batches are drawn from the same index order.
     order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
-    history = fit_model.fit(
-        fit_train,
-        validation_data=fit_val,
-        epochs=initial_epoch + phase.epochs,
-        initial_epoch=initial_epoch,
-        callbacks=[StopOnNonFiniteLoss(phase.name), *order, *callbacks],
-        verbose=verbose,
-        # A tf.data pipeline shuffles itself (seeded); Keras's own shuffle applies to arrays only.
-        shuffle=not isinstance(fit_train, tf.data.Dataset),
-        class_weight=class_weight,
-    )
+    try:
+        history = fit_model.fit(
+            fit_train,
+            validation_data=fit_val,
+            epochs=initial_epoch + phase.epochs,
+            initial_epoch=initial_epoch,
+            callbacks=[StopOnNonFiniteLoss(phase.name), *order, *callbacks],
+            verbose=verbose,
+            # A tf.data pipeline shuffles itself (seeded); Keras's shuffle is for arrays only.
+            shuffle=not isinstance(fit_train, tf.data.Dataset),
+            class_weight=class_weight,
+        )
+    finally:
+        if features is not None:
+            features.close()  # streamed features: their files; a temporary directory goes
     seconds = time.perf_counter() - start
     return PhaseResult(
         **_phase_fields(phase, index, initial_epoch),
@@ -295,6 +302,7 @@ def run_schedule(
     verbose: int | str = "auto",
     cache_frozen: bool = False,
     feature_cache: FeatureCache | None = None,
+    feature_memory_mb: float | None = None,
     checkpoint_dir: Path | None = None,
     resume_from: TrainingState | None = None,
     checkpoint_key: str = "",
@@ -330,6 +338,7 @@ def run_schedule(
         cache_frozen: in phases that allow it, train on cached outputs of the frozen part
             (see `fit_phase`).
         feature_cache: the shared on-disk cache of those outputs (see `fit_phase`).
+        feature_memory_mb: above this budget, those outputs stream from disk (see `fit_phase`).
         checkpoint_dir: write a checkpoint there after every epoch (None: no checkpoints).
         resume_from: a checkpoint read from ``checkpoint_dir`` (`tfstack.checkpoints.read_state`)
             to continue from; the caller has checked it belongs to this run (its key and run id).
@@ -431,6 +440,7 @@ def run_schedule(
                 verbose=verbose,
                 cache_frozen=cache_frozen,
                 feature_cache=feature_cache,
+                feature_memory_mb=feature_memory_mb,
                 class_weight=class_weight,
                 jit_compile=jit_compile,
             )

@@ -109,6 +109,7 @@ _LOWER_BOUNDS: dict[str, Bound] = {
     "schedule.lr_decay": Bound(0, False, "phase k trains at train.lr * lr_decay**k, e.g. 0.5"),
     "freeze.unfreeze_last": Bound(1, True, "use freeze=frozen to train the head only"),
     "train.feature_cache_max_gb": Bound(0, False, "e.g. 10; train.feature_cache=off turns it off"),
+    "train.feature_memory_mb": Bound(0, True, "0 streams every frozen feature from disk"),
     "distribute.cpu_replicas": Bound(0, True, "0 keeps the devices as they are"),
     "demo.target_train_per_class": Bound(1, True),
     "demo.pretrain_epochs": Bound(1, True),

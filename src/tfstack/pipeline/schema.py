@@ -196,6 +196,9 @@ class TrainConfig:
     feature_cache: str = "shared"
     feature_cache_dir: str | None = None
     feature_cache_max_gb: float = 10.0
+    # Frozen features larger than this (MB, train + validation; test in evaluate) are extracted
+    # batch by batch to disk and read back by batches, never held whole (issue 16).
+    feature_memory_mb: float = 1024.0
     deterministic: bool = True
     verbose: int = 1
     # auto: checkpoint every epoch and resume a killed run of the same config; off: neither.

@@ -283,6 +283,7 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
             verbose=config.train.verbose,
             cache_frozen=config.train.cache_frozen == "auto",
             feature_cache=feature_cache(config),
+            feature_memory_mb=config.train.feature_memory_mb,
             checkpoint_dir=directory if resumable else None,
             resume_from=state,
             checkpoint_key=resume.checkpoint_key(config, paths),
@@ -365,6 +366,7 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
             feature_extractors=feature_extractor_names(config)
             if config.distribute.kind == "none"
             else (),
+            feature_memory_mb=config.train.feature_memory_mb,
         )
     metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
