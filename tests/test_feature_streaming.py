@@ -79,6 +79,8 @@ def test_a_phase_trained_on_streamed_features_equals_the_in_memory_one(caplog):
         streamed = _fit(streamed_model, _data(), memory_mb=0)  # any feature is over 0 MB
 
     assert "exceed train.feature_memory_mb=0: streaming them from disk" in caplog.text
+    assert "streamed from disk" in streamed.cache_note
+    assert "streamed" not in in_memory.cache_note
 
     assert in_memory.cached and streamed.cached and streamed.cache == "off"
     _assert_same_training(streamed_model, streamed, memory_model, in_memory)

@@ -232,8 +232,9 @@ def fit_phase(
         fit_train = train_data.with_inputs(features.outputs["train"])
         if val_data is not None:
             fit_val = val_data.with_inputs(features.outputs["val"])
-        how = f"{note} once" + (" (streamed from disk)" if features.streamed else "")
-        logger.info("Phase %d %r: %s; training %r on them", index, phase.name, how, fit_model.name)
+        if features.streamed:  # in phases.json: over feature_memory_mb, read from files
+            note += "; streamed from disk, over the feature memory budget"
+        logger.info("Phase %d %r: %s; training %r on them", index, phase.name, note, fit_model.name)
     elif cache_frozen:
         logger.info("Phase %d %r: not caching frozen outputs: %s", index, phase.name, note)
     # Cached phases run the frozen part in inference mode already (predict).
