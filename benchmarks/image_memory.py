@@ -1,6 +1,6 @@
 """Peak memory and images/s of a frozen phase on an image folder at 1x, 4x and 16x its size.
 
-    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~6-13 min)
+    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~15 min)
     .venv/bin/python benchmarks/image_memory.py --quick    # 250, 1000, 4000 images, 1 epoch
 
 It writes 32x32 RGB PNGs in 5 class folders (``train/<class>/``, in a temporary folder) and, for
@@ -24,6 +24,16 @@ dense head, with a Rescaling(1/255) in front: the question is the input pipeline
 the model stays small enough that decoding the files is most of the work, and 2 shared cores
 run the whole benchmark in minutes (a MobileNetV2 would add the same fixed weights to both sides
 and multiply the plain side's time by its forward pass each epoch).
+
+Issue 16 (h) adds, on the same folders: each tfstack way cached (``cache_frozen`` on; ``tfstack
+run`` with an empty shared cache of its own, so a miss that writes the entry) and uncached
+(``train.cache_frozen=off``: the base runs on every batch of every epoch), and a second base,
+``unpooled``, whose features are the last conv layer's 4x4x128 map (8 kB per image, 164 MB at
+20,000 images), the size at which holding them shows in the RSS. Its cached ways run with
+``train.feature_memory_mb`` at twice its 1x features (so 1x keeps them in memory and 4x and 16x
+stream them from disk, `tfstack.feature_streaming`), and once without a budget (in memory) for
+comparison. The (h) table prints peak RSS and images/s of every way at 1x, 4x and 16x;
+``--ways NAME ...`` runs only those (and prints their JSON).
 
 Printed per size: peak RSS, RSS growth from just before the data is read to the peak, images/s
 (training images x epochs / seconds of listing the files and training: ``find_image_folder`` +
@@ -50,8 +60,30 @@ SEED = 42
 IMAGE_SIZE = (32, 32)
 CLASSES = ["apple", "bear", "car", "dog", "egg"]
 FEATURES = 64
+UNPOOLED = (4, 4, 128)  # the unpooled base's feature map: 8 kB per image
 FACTORS = (1, 4, 16)
-WAYS = ("tfstack", "keras")  # in a worker process of this script; "tfstack run" is the CLI
+BASES = ("pooled", "unpooled")
+STREAMED = "budget"  # the unpooled base's streaming budget, set from the sizes in main()
+# Each way: a worker process of this script (library, keras) or the CLI (cli, `tfstack run`).
+WAYS = {
+    "tfstack": {"way": "library", "base": "pooled", "cached": True, "memory_mb": None},
+    "keras": {"way": "keras", "base": "pooled", "cached": False, "memory_mb": None},
+    "tfstack run": {"way": "cli", "base": "pooled", "cached": True, "memory_mb": None},
+    "library uncached": {"way": "library", "base": "pooled", "cached": False, "memory_mb": None},
+    "run uncached": {"way": "cli", "base": "pooled", "cached": False, "memory_mb": None},
+    "unpooled library streamed": {
+        "way": "library", "base": "unpooled", "cached": True, "memory_mb": STREAMED,
+    },
+    "unpooled library in memory": {
+        "way": "library", "base": "unpooled", "cached": True, "memory_mb": None,
+    },
+    "unpooled run streamed": {
+        "way": "cli", "base": "unpooled", "cached": True, "memory_mb": STREAMED,
+    },
+    "unpooled run uncached": {
+        "way": "cli", "base": "unpooled", "cached": False, "memory_mb": None,
+    },
+}  # fmt: skip
 RUN_TIMEOUT_S = 900
 
 # ---------------------------------------------------------------------------------------------
@@ -106,12 +138,25 @@ def _status_kb(field: str) -> int:
     raise RuntimeError(f"no {field} in /proc/self/status")
 
 
-def components():
-    """The frozen base (32x32x3 -> 64 features) and the head (64 -> 5 classes), seeded."""
+def components(base_kind: str = "pooled"):
+    """The frozen base (32x32x3 -> features) and the head (features -> 5 classes), seeded.
+
+    ``pooled``: 64 features (global pooling); ``unpooled``: the last conv layer's 4x4x128 map
+    (2,048 floats, 8 kB per image), which the head flattens.
+    """
     import keras
 
     keras.utils.set_random_seed(SEED)
     layers = keras.layers
+    if base_kind == "pooled":
+        top = [
+            layers.Conv2D(FEATURES, 3, activation="relu", name="conv3"),
+            layers.GlobalAveragePooling2D(name="pool"),  # (batch, 4, 4, 64) -> (batch, 64)
+        ]
+        head_layers = [keras.Input((FEATURES,))]
+    else:
+        top = [layers.Conv2D(UNPOOLED[-1], 3, activation="relu", name="conv3")]  # (b, 4, 4, 128)
+        head_layers = [keras.Input(UNPOOLED), layers.Flatten(name="flatten")]  # -> (b, 2048)
     base = keras.Sequential(
         [
             keras.Input((*IMAGE_SIZE, 3)),
@@ -119,14 +164,12 @@ def components():
             layers.MaxPooling2D(name="pool1"),
             layers.Conv2D(32, 3, activation="relu", name="conv2"),
             layers.MaxPooling2D(name="pool2"),
-            layers.Conv2D(FEATURES, 3, activation="relu", name="conv3"),
-            layers.GlobalAveragePooling2D(name="pool"),  # (batch, 4, 4, 64) -> (batch, 64)
+            *top,
         ],
         name="base",
     )
     head = keras.Sequential(
-        [keras.Input((FEATURES,)), layers.Dense(len(CLASSES), activation="softmax")],
-        name="head",
+        [*head_layers, layers.Dense(len(CLASSES), activation="softmax")], name="head"
     )
     rescale = keras.Sequential(
         [keras.Input((*IMAGE_SIZE, 3)), layers.Rescaling(1 / 255, name="rescale")],
@@ -135,13 +178,17 @@ def components():
     return rescale, base, head
 
 
-def run_tfstack(folder: Path, epochs: int, batch_size: int) -> dict:
-    """The library's frozen, cached phase on the folder: seconds of `run_schedule`."""
+def feature_floats(base_kind: str) -> int:
+    return FEATURES if base_kind == "pooled" else UNPOOLED[0] * UNPOOLED[1] * UNPOOLED[2]
+
+
+def run_tfstack(folder: Path, epochs: int, batch_size: int, spec: dict) -> dict:
+    """The library's frozen phase on the folder (cached or not): seconds of `run_schedule`."""
     from tfstack import FreezePolicy, build_stacked, make_schedule, run_schedule
     from tfstack.image_files import ImageOptions, find_image_folder
     from tfstack.images import ImageDataset
 
-    rescale, base, head = components()
+    rescale, base, head = components(spec["base"])
     model = build_stacked("sequential", base, head, front=[rescale]).model
     phases = make_schedule(
         "single", epochs=epochs, lr=1e-3, optimizer="adam", freeze=FreezePolicy("frozen")
@@ -165,7 +212,8 @@ def run_tfstack(folder: Path, epochs: int, batch_size: int) -> dict:
         loss="sparse_categorical_crossentropy",
         metrics=["accuracy"],
         feature_extractors=["base"],
-        cache_frozen=True,
+        cache_frozen=spec["cached"],
+        feature_memory_mb=spec["memory_mb"],
         verbose=0,
     )
     seconds = time.perf_counter() - start
@@ -175,16 +223,17 @@ def run_tfstack(folder: Path, epochs: int, batch_size: int) -> dict:
         "before_data_kb": before_data,
         "cached": results[0].cached,
         "cache_note": results[0].cache_note,
+        "streamed": "streamed from disk" in results[0].cache_note,
         "accuracy": results[0].history["accuracy"][-1],
     }
 
 
-def run_keras(folder: Path, epochs: int, batch_size: int) -> dict:
+def run_keras(folder: Path, epochs: int, batch_size: int, spec: dict) -> dict:
     """``image_dataset_from_directory`` and ``fit`` with the base frozen: seconds of both."""
     import keras
     import tensorflow as tf
 
-    rescale, base, head = components()
+    rescale, base, head = components(spec["base"])
     base.trainable = False
     model = keras.Sequential([keras.Input((*IMAGE_SIZE, 3)), rescale, base, head], name="stacked")
     model.compile(
@@ -212,58 +261,72 @@ def run_keras(folder: Path, epochs: int, batch_size: int) -> dict:
     }
 
 
-def worker(way: str, folder: Path, epochs: int, batch_size: int) -> None:
+def worker(spec: dict, folder: Path, epochs: int, batch_size: int) -> None:
     """Run one way in this process and print its measurements as one JSON line."""
-    if way == "components":
+    if spec["way"] == "components":
         save_components(folder)
         return
-    run = run_tfstack if way == "tfstack" else run_keras
-    row = run(folder, epochs, batch_size)
+    run = run_tfstack if spec["way"] == "library" else run_keras
+    row = run(folder, epochs, batch_size, spec)
     row["peak_kb"] = _status_kb("VmHWM")
     row["images_per_s"] = row["n"] * epochs / row["seconds"]
     print("RESULT " + json.dumps(row))
 
 
-def measure(way: str, folder: Path, epochs: int, batch_size: int) -> dict:
+def measure(spec: dict, folder: Path, epochs: int, batch_size: int) -> dict:
     """One run in a fresh interpreter (so the peak RSS is this run's alone)."""
-    command = [sys.executable, __file__, "--worker", way, "--folder", str(folder)]
+    command = [sys.executable, __file__, "--worker", json.dumps(spec), "--folder", str(folder)]
     command += ["--epochs", str(epochs), "--batch-size", str(batch_size)]
     started = time.perf_counter()
     done = subprocess.run(command, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
     lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
     if done.returncode != 0 or not lines:
-        raise RuntimeError(f"{way} on {folder} failed ({done.returncode}):\n{done.stderr[-3000:]}")
+        raise RuntimeError(f"{spec} on {folder} failed ({done.returncode}):\n{done.stderr[-3000:]}")
     row = json.loads(lines[-1].removeprefix("RESULT "))
     row["process_seconds"] = time.perf_counter() - started
     return row
 
 
 def save_components(project: Path) -> None:
-    """``base.keras`` and ``head.keras`` of `components` in ``project`` (the CLI loads files)."""
-    _, base, head = components()
-    base.save(project / "base.keras")
-    head.save(project / "head.keras")
+    """``base-<kind>.keras`` and ``head-<kind>.keras`` of both bases (the CLI loads files)."""
+    for kind in BASES:
+        _, base, head = components(kind)
+        base.save(project / f"base-{kind}.keras")
+        head.save(project / f"head-{kind}.keras")
 
 
 def make_project(where: Path) -> Path:
-    """A folder with the project's conf/ and the two components, for ``tfstack run``."""
+    """A folder with the project's conf/ and the components, for ``tfstack run``."""
     import shutil
 
     project = where / "project"
     shutil.copytree(Path(__file__).resolve().parents[1] / "conf", project / "conf")
-    command = [sys.executable, __file__, "--worker", "components", "--folder", str(project)]
+    spec = json.dumps({"way": "components"})
+    command = [sys.executable, __file__, "--worker", spec, "--folder", str(project)]
     subprocess.run(command, check=True, capture_output=True, timeout=RUN_TIMEOUT_S)
     return project
 
 
-def measure_cli(project: Path, folder: Path, epochs: int, batch_size: int) -> dict:
-    """``tfstack run`` on the folder in ``project``: the child's peak RSS and its phase's speed."""
-    out = project / f"outputs-{folder.name}"
+def measure_cli(project: Path, folder: Path, epochs: int, batch_size: int, spec: dict) -> dict:
+    """``tfstack run`` on the folder in ``project``: the child's peak RSS and its phase's speed.
+
+    Cached, its features go to a shared cache in ``project`` (empty for each run: a miss).
+    """
+    import shutil
+
+    name = f"{folder.name}-{spec['base']}-{'cached' if spec['cached'] else 'uncached'}"
+    out = project / f"outputs-{name}"
+    cache_dir = project / f"feature-cache-{name}"
+    shutil.rmtree(cache_dir, ignore_errors=True)
+    kind = spec["base"]
     overrides = [
         "data=images",
         f"data.path={folder}",
-        f"components.base.path={project / 'base.keras'}",
-        f"components.head.path={project / 'head.keras'}",
+        f"components.base.path={project / f'base-{kind}.keras'}",
+        f"components.head.path={project / f'head-{kind}.keras'}",
+        f"train.cache_frozen={'auto' if spec['cached'] else 'off'}",
+        f"train.feature_cache_dir={cache_dir}",
+        f"train.feature_memory_mb={spec['memory_mb'] if spec['memory_mb'] is not None else 1e9}",
         "preprocess=rescale",
         "freeze=frozen",
         "schedule=single",
@@ -277,7 +340,7 @@ def measure_cli(project: Path, folder: Path, epochs: int, batch_size: int) -> di
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env["TFSTACK_TRACKING_URI"] = ""
     started = time.perf_counter()
-    with open(project / f"run-{folder.name}.log", "w") as log:
+    with open(project / f"run-{name}.log", "w") as log:
         child = subprocess.Popen(
             [str(Path(sys.executable).parent / "tfstack"), "run", *overrides],
             cwd=project,
@@ -288,14 +351,16 @@ def measure_cli(project: Path, folder: Path, epochs: int, batch_size: int) -> di
         _, status, usage = os.wait4(child.pid, 0)
         child.returncode = os.waitstatus_to_exitcode(status)
     if child.returncode != 0:
-        text = (project / f"run-{folder.name}.log").read_text()
+        text = (project / f"run-{name}.log").read_text()
         raise RuntimeError(f"tfstack run on {folder} failed ({child.returncode}):\n{text[-3000:]}")
     (phase,) = json.loads((out / "train" / "phases.json").read_text())
     n = sum(1 for _ in (folder / "train").rglob("*.png"))
+    shutil.rmtree(cache_dir, ignore_errors=True)
     return {
         "n": n,
         "seconds": phase["seconds"],
         "cached": phase["cached"],
+        "streamed": "streamed from disk" in (phase.get("cache_note") or ""),
         "peak_kb": usage.ru_maxrss,  # kB on Linux
         "images_per_s": n * epochs / phase["seconds"],
         "process_seconds": time.perf_counter() - started,
@@ -347,7 +412,7 @@ def report(results: dict) -> str:
         f"{last['decoded_mb'] - first['decoded_mb']:.0f} MB and the cached features by "
         f"{last['features_mb'] - first['features_mb']:.1f} MB; the peak RSS grows by:"
     )
-    for way in (*WAYS, "tfstack run"):
+    for way in ("tfstack", "keras", "tfstack run"):
         grew = _mb(last[way]["peak_kb"] - first[way]["peak_kb"])
         lines.append(
             f"  {way:<12} {_mb(first[way]['peak_kb']):5.0f} -> {_mb(last[way]['peak_kb']):5.0f} "
@@ -364,24 +429,71 @@ def report(results: dict) -> str:
     return "\n".join(lines)
 
 
+def report_h(results: dict) -> str:
+    """(h): peak RSS (MB) and images/s per way and size, cached and uncached, both bases."""
+    sizes = results["sizes"]
+    budget = results["streaming_budget_mb"]
+    lines = [
+        "(h) peak RSS MB / images per s; cached = cache_frozen=auto (the library without a "
+        "shared cache, tfstack run with an empty one: a miss), uncached = cache_frozen=off; "
+        f"streamed = train.feature_memory_mb={budget:g} (the unpooled base's features stream "
+        "from disk above it), in memory = no budget"
+    ]
+    for kind, label in (("pooled", "64 floats"), ("unpooled", "4x4x128 = 8 kB")):
+        names = [name for name, spec in WAYS.items() if spec["base"] == kind]
+        floats = feature_floats(kind)
+        lines += ["", f"base {kind} ({label} per image)"]
+        header = f"{'':>4} {'images':>6} {'features MB':>11}"
+        for name in names:
+            header += f" | {name.removeprefix('unpooled '):>20}"
+        lines.append(header)
+        for size, row in sizes.items():
+            text = f"{size:>4} {row['n']:>6} {row['n'] * floats * 4 / 1e6:>11.1f}"
+            for name in names:
+                r = row[name]
+                mark = "(s)" if r.get("streamed") else ""
+                text += f" | {_mb(r['peak_kb']):>8.0f} {r['images_per_s']:>7.0f} {mark:>3}"
+            lines.append(text)
+        first, last = list(sizes.values())[0], list(sizes.values())[-1]
+        grown = ", ".join(
+            f"{name.removeprefix('unpooled ')} "
+            f"{_mb(last[name]['peak_kb'] - first[name]['peak_kb']):+.0f}"
+            for name in names
+        )
+        lines.append(f"peak RSS growth 1x -> 16x, MB: {grown}; (s): streamed from disk")
+    not_cached = [
+        f"{size} {name}"
+        for size, row in sizes.items()
+        for name, spec in WAYS.items()
+        if spec["cached"] and spec["way"] != "keras" and not row[name]["cached"]
+    ]
+    if not_cached:
+        lines.append(f"WARNING: not cached: {', '.join(not_cached)}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="5x fewer images and 1 epoch")
     parser.add_argument("--json", type=Path, help="also write the results here")
-    parser.add_argument("--worker", choices=[*WAYS, "components"], help=argparse.SUPPRESS)
+    parser.add_argument("--ways", nargs="*", help="only these ways (no tables)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)  # a way's spec, as JSON
     parser.add_argument("--folder", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--epochs", type=int, default=3, help=argparse.SUPPRESS)
     parser.add_argument("--batch-size", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.folder, args.epochs, args.batch_size)
+        worker(json.loads(args.worker), args.folder, args.epochs, args.batch_size)
         return 0
 
     from bench import machine  # benchmarks/ is this script's folder, first on sys.path
 
     epochs = 1 if args.quick else args.epochs
     per_class = 50 if args.quick else 250  # 1x: 250 or 1250 images
+    # Twice the unpooled features at 1x: 1x holds them in memory, 4x and 16x stream.
+    budget = round(2 * per_class * len(CLASSES) * feature_floats("unpooled") * 4 / 1e6, 1)
     results: dict = {
+        "streaming_budget_mb": budget,
         "machine": machine(),
         "command": " ".join(sys.argv),
         "epochs": epochs,
@@ -404,15 +516,25 @@ def main(argv: list[str] | None = None) -> int:
                 "decoded_mb": n * IMAGE_SIZE[0] * IMAGE_SIZE[1] * 3 * 4 / 2**20,
                 "features_mb": n * FEATURES * 4 / 2**20,
             }
-            for way in WAYS:
-                print(f"{factor}x ({n} images): {way} ...", flush=True)
-                row[way] = measure(way, folder, epochs, args.batch_size)
-            print(f"{factor}x ({n} images): tfstack run ...", flush=True)
-            row["tfstack run"] = measure_cli(project, folder, epochs, args.batch_size)
+            for name, spec in WAYS.items():
+                if args.ways and name not in args.ways:
+                    continue
+                print(f"{factor}x ({n} images): {name} ...", flush=True)
+                if spec["memory_mb"] == STREAMED:
+                    spec = {**spec, "memory_mb": budget}
+                if spec["way"] == "cli":
+                    row[name] = measure_cli(project, folder, epochs, args.batch_size, spec)
+                else:
+                    row[name] = measure(spec, folder, epochs, args.batch_size)
             results["sizes"][f"{factor}x"] = row
     results["bench_seconds"] = time.perf_counter() - started
     print()
-    print(report(results))
+    if not args.ways:
+        print(report(results))
+        print()
+        print(report_h(results))
+    else:
+        print(json.dumps(results["sizes"], indent=1))
     print(f"\n(benchmark took {results['bench_seconds']:.0f} s: {results['command']})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -139,6 +139,21 @@ def test_a_failure_while_extracting_removes_the_files():
     assert _temporary_dirs() == before
 
 
+def test_streamed_features_larger_than_the_cache_limit_train_without_an_entry(tmp_path):
+    before = _temporary_dirs()
+    cache = FeatureCache(tmp_path / "cache", max_bytes=100)  # smaller than any split's features
+    memory_model, streamed_model = _model(), _model()
+    in_memory = _fit(memory_model, _data(), memory_mb=None)
+    streamed = _fit(streamed_model, _data(), memory_mb=0, cache=cache)
+
+    assert streamed.cache == "miss" and cache.entries() == []
+    assert not (tmp_path / "cache").exists() or not [
+        p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".tmp-")
+    ]
+    _assert_same_training(streamed_model, streamed, memory_model, in_memory)
+    assert _temporary_dirs() == before
+
+
 _WORKER = textwrap.dedent(
     """
     import json, sys

@@ -208,6 +208,8 @@ class FeatureCache:
                     return stored, False
                 return None, False
             except BaseException:
+                if stored is not None:
+                    stored.close()
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         self.evict(keep=key)
