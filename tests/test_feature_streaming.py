@@ -272,3 +272,20 @@ def test_test_features_over_the_budget_stream_to_the_same_metrics_and_outputs(ca
         assert result.metrics == in_memory.metrics
         np.testing.assert_array_equal(result.outputs, in_memory.outputs)
     assert _temporary_dirs() == before
+
+
+def test_an_entry_stored_from_memory_reads_as_rows_and_bfloat16_stays_bfloat16(tmp_path):
+    import ml_dtypes
+
+    cache = FeatureCache(tmp_path, max_bytes=10**6)
+    features = np.arange(24, dtype=np.float32).reshape(8, 3)
+    halves = features.astype(ml_dtypes.bfloat16)
+    cache.store("key", [features, halves], {})  # as the in-memory path (and older runs) stored it
+    stored = cache.open_files("key")
+    try:
+        first, second = stored.rows(np.array([5, 1, 2]))
+        np.testing.assert_array_equal(first, features[[5, 1, 2]])
+        assert second.dtype == ml_dtypes.bfloat16
+        np.testing.assert_array_equal(second.astype(np.float32), features[[5, 1, 2]])
+    finally:
+        stored.close()
