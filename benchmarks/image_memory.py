@@ -1,7 +1,8 @@
 """Peak memory and images/s of a frozen phase on an image folder at 1x, 4x and 16x its size.
 
-    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~15 min)
+    .venv/bin/python benchmarks/image_memory.py            # 1250, 5000, 20000 images (~5 min)
     .venv/bin/python benchmarks/image_memory.py --quick    # 250, 1000, 4000 images, 1 epoch
+                                                           # (as long: 27 processes' start-up)
 
 It writes 32x32 RGB PNGs in 5 class folders (``train/<class>/``, in a temporary folder) and, for
 each size, trains the same stacked model with a frozen base, each way in a fresh subprocess so
