@@ -16,7 +16,9 @@ stacked model's layers and variables, so fitting it trains the stacked model's h
 The trainable part is compiled like the stacked model (`compiled_like`: same loss, metrics and
 fresh optimizer, discriminative rates included) and fitted on the cached outputs in the batches
 and order the uncached phase would use (`tfstack.datasets.IndexedDataset`: arrays or image files),
-so history, metric names and per-epoch logs are the same.
+so history, metric names and per-epoch logs are the same. Outputs larger than the phase's
+memory budget (``feature_memory_mb``) are not held: `phase_features` streams them through files
+(`tfstack.feature_streaming`), read back in the same batches and order.
 """
 
 from __future__ import annotations
