@@ -109,6 +109,34 @@ def test_synchronized_batchnorm_is_switched_only_while_training():
     assert [layer.get_config()["synchronized"] for layer in norms] == [False, False]
 
 
+def test_synchronized_batchnorm_keeps_the_feature_cache_key_and_one_process_decides_alone(
+    tmp_path,
+):
+    """The workers' frozen part (BatchNormalization synchronized) has the single process's key."""
+    import numpy as np
+    from conftest import make_base, make_head
+
+    from tfstack.distribute import WorkersFeatureCache, on_every_worker
+    from tfstack.feature_cache import FeatureCache
+    from tfstack.feature_keys import model_digest
+    from tfstack.stacking import build_stacked
+
+    model = build_stacked("sequential", make_base(), make_head()).model
+    alone = model_digest(model)
+    with synchronized_batchnorm(model):
+        assert model_digest(model) == alone
+    model.get_layer("base").get_layer("bn1").epsilon = 0.5  # this changes the outputs: a miss
+    assert model_digest(model) != alone
+
+    strategy = make_strategy("none")
+    assert on_every_worker(strategy, True) and not on_every_worker(strategy, False)
+    cache = WorkersFeatureCache(FeatureCache(tmp_path, max_bytes=10**6), strategy)
+    first = cache.get_or_compute("k", lambda: [np.arange(4.0)], {})
+    again = cache.get_or_compute("k", lambda: [np.zeros(4)], {})
+    assert (first[1], again[1]) == (False, True)
+    np.testing.assert_array_equal(again[0][0], np.arange(4.0))
+
+
 @pytest.mark.parametrize(
     ("cluster", "task", "chief"),
     [
@@ -237,7 +265,11 @@ def test_two_workers_train_like_one_process_and_only_the_chief_logs(
 
     overrides = [f"freeze={freeze}", f"schedule={schedule}", *extra]
     _sh(project, "tfstack", "run", *overrides)
-    (chief_code, chief_log), (worker_code, worker_log) = _two_workers(project, overrides)
+    # With early stopping the workers get a cache of their own: they miss, compute together,
+    # and the chief stores; otherwise they read what the single process stored.
+    worker_cache = project / "workers_feature_cache"
+    workers = [*overrides, f"train.feature_cache_dir={worker_cache}"] if extra else overrides
+    (chief_code, chief_log), (worker_code, worker_log) = _two_workers(project, workers)
     assert chief_code == 0, chief_log[-3000:]
     assert worker_code == 0, worker_log[-3000:]
     assert "tfstack run: worker 1 of 2 done (the chief logs the run)" in worker_log
@@ -254,6 +286,14 @@ def test_two_workers_train_like_one_process_and_only_the_chief_logs(
     assert multi.data.tags["distribute"] == "multi_worker"
     assert multi.data.metrics["replicas"] == 2
     assert single.data.tags.get("distribute") is None
+    if freeze == "frozen":
+        assert single.data.tags["phase.0.cache"] == "miss"
+        assert multi.data.tags["phase.0.cache_key"] == single.data.tags["phase.0.cache_key"]
+        if extra:  # computed by both workers, stored by the chief: train and val
+            assert multi.data.tags["phase.0.cache"] == "miss"
+            assert len(list(worker_cache.glob("*/meta.json"))) == 2
+        else:  # found by both workers in what the single process stored
+            assert multi.data.tags["phase.0.cache"] == "hit"
     for name in ("test_loss", "val_loss", "loss"):
         assert multi.data.metrics[name] == pytest.approx(single.data.metrics[name], rel=1e-4), name
     assert multi.data.metrics["test_accuracy"] == pytest.approx(

@@ -231,6 +231,61 @@ def barrier(strategy: tf.distribute.Strategy) -> None:
     logger.info("All %d replicas joined", int(all_reduce_one()))
 
 
+def on_every_worker(strategy: tf.distribute.Strategy, flag: bool) -> bool:
+    """Whether ``flag`` holds on every worker of the cluster (``flag`` itself outside one).
+
+    Every worker must call it at the same point: it is an all-reduce (of the workers where the
+    flag does not hold, which must be none).
+    """
+    if not is_multi_worker(strategy):
+        return flag
+
+    @tf.function  # eagerly, TensorFlow warns of the overhead of every collective
+    def count_false(value):
+        return strategy.reduce("SUM", strategy.run(lambda: value), axis=None)
+
+    return float(count_false(tf.constant(0.0 if flag else 1.0))) == 0.0
+
+
+class WorkersFeatureCache:
+    """The shared frozen-feature cache as the workers of a cluster use it, all together.
+
+    Under a multi-worker strategy the frozen part's predict is collective: every worker runs it
+    on its share of each batch and all of them get every output. So the workers decide together:
+    an entry is read only when every worker finds it (`on_every_worker`); otherwise every worker
+    computes it, and the chief stores it. No key lock is taken (a worker waiting for one would
+    leave the others inside the collective predict). Workers on machines without a common cache
+    directory therefore just compute, as without a cache.
+
+    Args:
+        cache: The `tfstack.feature_cache.FeatureCache` of this worker.
+        strategy: The multi-worker strategy.
+    """
+
+    def __init__(self, cache, strategy: tf.distribute.Strategy):
+        self.cache = cache
+        self.strategy = strategy
+
+    @property
+    def root(self):
+        return self.cache.root
+
+    def __repr__(self) -> str:
+        return f"WorkersFeatureCache({self.cache!r})"
+
+    def get_or_compute(self, key: str, compute, meta: dict):
+        """As `FeatureCache.get_or_compute`, decided by every worker together."""
+        import numpy as np
+
+        arrays = self.cache.load(key)
+        if on_every_worker(self.strategy, arrays is not None):
+            return arrays, True
+        arrays = [np.asarray(a) for a in compute()]
+        if is_chief(self.strategy):
+            self.cache.store(key, arrays, meta)
+        return arrays, False
+
+
 @contextlib.contextmanager
 def synchronized_batchnorm(model: keras.Model) -> Iterator[list[str]]:
     """While inside, every BatchNormalization in ``model`` normalizes over the global batch.

@@ -34,13 +34,30 @@ FORMAT = 1
 def model_digest(model) -> str:
     """sha256 of a Keras model's architecture and weights (what its outputs depend on)."""
     digest = hashlib.sha256()
-    config = json.dumps(model.get_config(), sort_keys=True, default=repr)
+    config = json.dumps(_inference_config(model.get_config()), sort_keys=True, default=repr)
     digest.update(config.encode())
     for variable in model.weights:
         value = np.ascontiguousarray(np.asarray(variable.numpy()))
         digest.update(f"\n{variable.path}\t{value.dtype}\t{value.shape}\n".encode())
         digest.update(value.tobytes())
     return digest.hexdigest()
+
+
+def _inference_config(config):
+    """``config`` without what does not change a frozen part's outputs in inference mode.
+
+    That is BatchNormalization's ``synchronized`` (batch statistics across replicas, in training
+    only), which multi-worker training turns on (``distribute.sync_batchnorm``): the workers
+    then find the features a single process stored.
+    """
+    if isinstance(config, list):
+        return [_inference_config(c) for c in config]
+    if not isinstance(config, dict):
+        return config
+    config = {k: _inference_config(v) for k, v in config.items()}
+    if config.get("class_name") == "BatchNormalization" and isinstance(config.get("config"), dict):
+        config["config"] = {k: v for k, v in config["config"].items() if k != "synchronized"}
+    return config
 
 
 def data_digest(data) -> str | None:

@@ -60,14 +60,17 @@ def feature_cache(config: Config):
     """The shared frozen-feature cache ``train.feature_cache*`` names, or None when off."""
     if config.train.feature_cache == "off" or config.train.cache_frozen == "off":
         return None
-    if config.distribute.kind == "multi_worker":
-        # Every worker must run the frozen part's collective predict together; a per-key lock
-        # or a hit on one worker only would leave the others waiting (the 2-worker test hung).
-        return None
     from tfstack.feature_cache import FeatureCache, resolve_root
 
     root = resolve_root(config.train.feature_cache_dir)
-    return FeatureCache(root, max_bytes=int(config.train.feature_cache_max_gb * 1e9))
+    cache = FeatureCache(root, max_bytes=int(config.train.feature_cache_max_gb * 1e9))
+    if config.distribute.kind == "multi_worker":
+        # Every worker must run the frozen part's collective predict together: they decide
+        # hit or miss together, and take no lock (one waiting for it hung the 2-worker test).
+        from tfstack.distribute import WorkersFeatureCache, make_strategy
+
+        return WorkersFeatureCache(cache, make_strategy("multi_worker"))
+    return cache
 
 
 def precision(config: Config):
