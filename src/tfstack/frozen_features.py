@@ -326,18 +326,89 @@ def plan_cache(
     return split_frozen(model, feature_extractors)
 
 
-def compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> keras.Model:
+def compiled_like(
+    model: keras.Model, other: keras.Model, *, loss, metrics, steps_per_execution: int = 1
+) -> keras.Model:
     """``other`` (made of ``model``'s layers) compiled with ``model``'s fresh optimizer.
 
     The optimizer is built on the stacked model's variables, in its order, so the optimizer
-    state saved with the stacked model reloads onto the right variables.
+    state saved with the stacked model reloads onto the right variables. ``steps_per_execution``
+    is Keras's (`cached_steps_per_execution` picks it for a cached phase).
     """
     model.optimizer.build(model.trainable_variables)
     # XLA as the model was compiled (train.jit_compile).
     other.compile(
-        optimizer=model.optimizer, loss=loss, metrics=list(metrics), jit_compile=model.jit_compile
+        optimizer=model.optimizer,
+        loss=loss,
+        metrics=list(metrics),
+        jit_compile=model.jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return other
+
+
+def cached_steps_per_execution(callbacks: Sequence, steps: int | None) -> tuple[int, str]:
+    """How many batches a cached phase's ``fit`` runs per call, and why.
+
+    On cached features a step is a small head's, and Keras's per-step work (a Python call,
+    the callbacks, the logs) outweighs it: 700 steps of a 20-epoch phase took seconds. With
+    ``steps_per_execution`` = one epoch's batches, Keras runs the epoch's steps in one
+    ``tf.while_loop`` (keras/src/backend/tensorflow/trainer.py: the same traced step, the same
+    batches in the same order, the last execution of an epoch stops when the data does), so
+    the weights and the per-epoch logs are those of one call per batch. What it changes: batch
+    hooks run once per execution. So it stays 1 when a callback has a batch hook (a user's
+    ``train.callbacks`` entry that does per-batch work, ModelCheckpoint, TensorBoard,
+    TerminateOnNaN...), under a distribution strategy (not measured there), and when the
+    number of batches is unknown. The phase loop's own `StopOnNonFiniteLoss` checks the loss
+    once per execution and names the batches of that execution.
+
+    Args:
+        callbacks: the phase's callbacks (a `tfstack.user_callbacks.FullModelCallbacks` is
+            looked into).
+        steps: batches per epoch of the training data (None: unknown).
+
+    Returns:
+        ``(n, reason)``: n is 1 with the reason, else the epoch's batches.
+    """
+    import tensorflow as tf
+
+    if not steps or steps <= 1:
+        return 1, "one batch per epoch" if steps else "the number of batches is unknown"
+    if tf.distribute.has_strategy():
+        return 1, "a distribution strategy is in scope"
+    for callback in _flat_callbacks(callbacks):
+        if getattr(callback, "batch_hooks_per_execution", False):  # StopOnNonFiniteLoss
+            continue
+        hooks = [h for h in _BATCH_HOOKS if not _is_default(getattr(callback, h, None))]
+        if hooks:
+            return 1, f"callback {type(callback).__name__} has a batch hook ({hooks[0]})"
+    return int(steps), f"{steps} batches per execution (one epoch)"
+
+
+_BATCH_HOOKS = (
+    "on_batch_begin",
+    "on_batch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+)
+
+
+def _is_default(method) -> bool:
+    """Keras marks the hooks a callback does not override (``keras.src.utils.python_utils``)."""
+    return method is None or getattr(method, "_is_default", False)
+
+
+def _flat_callbacks(callbacks: Sequence) -> list:
+    """The callbacks, with those a `FullModelCallbacks` forwards to in its place."""
+    from tfstack.user_callbacks import FullModelCallbacks
+
+    flat = []
+    for callback in callbacks:
+        inner = callback.callbacks if isinstance(callback, FullModelCallbacks) else [callback]
+        flat.extend(inner)
+    return flat
 
 
 def frozen_outputs(frozen: keras.Model, data: IndexedDataset):

@@ -217,9 +217,17 @@ def fit_phase(
     if cache_frozen:
         split, note = frozen_features.plan_cache(model, feature_extractors, train_data, val_data)
     fit_model, fit_train, fit_val = model, batches_of(train_data), batches_of(val_data)
+    # Also in a cached phase: its batches are drawn from the same index order.
+    order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
+    fit_callbacks = [StopOnNonFiniteLoss(phase.name), *order, *callbacks]
     if split is not None:
+        # A small head's steps: one call per epoch, unless a callback needs every batch.
+        per_call, why = frozen_features.cached_steps_per_execution(
+            fit_callbacks, getattr(train_data, "steps", None)
+        )
+        logger.info("Phase %d %r: steps_per_execution=%d: %s", index, phase.name, per_call, why)
         fit_model = frozen_features.compiled_like(
-            model, split.trainable, loss=loss, metrics=metrics
+            model, split.trainable, loss=loss, metrics=metrics, steps_per_execution=per_call
         )
         frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
         features = frozen_features.phase_features(
@@ -254,14 +262,12 @@ def fit_phase(
         logger.info(
             "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
         )
-    # Also in a cached phase: its batches are drawn from the same index order.
-    order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
     history = fit_model.fit(
         fit_train,
         validation_data=fit_val,
         epochs=initial_epoch + phase.epochs,
         initial_epoch=initial_epoch,
-        callbacks=[StopOnNonFiniteLoss(phase.name), *order, *callbacks],
+        callbacks=fit_callbacks,
         verbose=verbose,
         # A tf.data pipeline shuffles itself (seeded); Keras's own shuffle applies to arrays only.
         shuffle=not isinstance(fit_train, tf.data.Dataset),
