@@ -1,8 +1,8 @@
 """(f) A sweep of 8 head configurations over one frozen MobileNetV2, whole processes.
 
-    .venv/bin/python benchmarks/sweep_cache.py           # 2 rounds, about 10 min on 2 cores
+    .venv/bin/python benchmarks/sweep_cache.py           # 2 rounds, about 14 min on 2 busy cores
     .venv/bin/python benchmarks/sweep_cache.py --quick   # 5 epochs, 1 round, to try it out
-    .venv/bin/python benchmarks/sweep_cache.py --per-process   # also 8 `tfstack run` processes
+    .venv/bin/python benchmarks/sweep_cache.py --per-process   # + 8 `tfstack run`: about 19 min
 
 The sweep is 2 heads x 2 learning rates x 2 seeds over one frozen MobileNetV2 (alpha 0.35,
 32x32, ``weights=None``: nothing to download), 1,400 synthetic training samples (20% of them
