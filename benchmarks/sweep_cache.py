@@ -1,25 +1,33 @@
-"""(f) A sweep of 8 head configurations over one frozen MobileNetV2, whole processes, three ways.
+"""(f) A sweep of 8 head configurations over one frozen MobileNetV2, whole processes.
 
-    .venv/bin/python benchmarks/sweep_cache.py           # about 10 min on 2 busy cores
-    .venv/bin/python benchmarks/sweep_cache.py --quick   # fewer epochs, to try it out
+    .venv/bin/python benchmarks/sweep_cache.py           # 2 rounds, about 14 min on 2 busy cores
+    .venv/bin/python benchmarks/sweep_cache.py --quick   # 5 epochs, 1 round, to try it out
+    .venv/bin/python benchmarks/sweep_cache.py --per-process   # + 8 `tfstack run`: about 19 min
 
 The sweep is 2 heads x 2 learning rates x 2 seeds over one frozen MobileNetV2 (alpha 0.35,
 32x32, ``weights=None``: nothing to download), 1,400 synthetic training samples (20% of them
-validation), 20 epochs. Each job is one fresh process, and the three ways run interleaved (job
-1 of each, then job 2, ...), so the machine's load falls on all three alike:
+validation), 20 epochs, batch 32. The ways, each timed as whole processes:
 
-- ``tfstack run`` with the shared frozen-feature cache (its own, empty at the start): the first
-  job of each train/validation split extracts the features, the others read them;
-- ``tfstack run`` with ``train.feature_cache=off`` (each job extracts once, in its process);
-- a plain Keras script: load the base, freeze it, stack the head, ``fit``, ``evaluate``.
+- ``tfstack run -m components.head.path=A,B train.lr=0.001,0.003 seed=1,2`` with the shared
+  frozen-feature cache (its own, empty at the start): one process, Hydra's basic launcher runs
+  the 8 jobs in it, each its own MLflow run nested under the sweep's parent run. The first job
+  of each train/validation split (each seed) extracts the features, the others read them;
+- the same sweep with ``train.feature_cache=off`` (each job extracts once, in the process);
+- 8 plain Keras scripts, one process each: load the base, freeze it, stack the head, ``fit``,
+  ``evaluate``;
+- with ``--per-process``: 8 fresh ``tfstack run`` processes sharing the cache (what the workers
+  of ``dvc exp run --queue`` do).
 
-The tfstack runs track everything (params, per-epoch metrics, plots, test metrics) but do not
-log the model (``tracking.log_model=false``; ``--log-model`` logs it): logging a model is a
-fixed cost of its own, measured by the fixed-cost benchmark (i), and plain Keras saves nothing.
+The ways run one after another, in a rotated order each round (``--rounds``), so the machine's
+load falls on all of them alike; each way's time is its best round. The tfstack runs track
+everything (params, per-epoch metrics, plots, diagrams, test metrics) but do not log the model
+(``tracking.log_model=false``; ``--log-model`` logs it): logging a model is a fixed cost of its
+own, measured by the fixed-cost benchmark (i), and plain Keras saves nothing.
 
-It prints the summed wall time of each way's 8 processes and the ratios, and, for the cached
-runs, where their time goes (the train and evaluate stages as the runs' ``stage_seconds_*``
-metrics record them, the rest being start-up, imports, build, tracking and exit).
+It prints each way's wall time and the ratios, whether the shared-cache and cache-off sweeps
+wrote the same test metrics, and where a cached sweep job's time goes (its run's
+``stage_seconds_*`` metrics; the rest of the sweep is start-up, imports, the config checks, the
+parent run and the comparison at the end).
 """
 
 from __future__ import annotations
@@ -45,6 +53,7 @@ N_TRAIN, N_TEST, SIZE, CLASSES = 1400, 200, 32, 10
 HEADS = ("linear", "mlp")
 RATES = (0.001, 0.003)
 SEEDS = (1, 2)
+JOBS = list(itertools.product(HEADS, RATES, SEEDS))
 
 PLAIN_KERAS = """
 import sys
@@ -127,38 +136,69 @@ def _timed(command: list[str], cwd: Path, env: dict, log: Path, retries: int = 1
     return seconds
 
 
-def tfstack_command(where: Path, job: int, head: str, lr: float, seed: int, args, cache: str):
+def _common(where: Path, args, cache: str, uri: Path) -> list[str]:
+    """The overrides every tfstack job of a way shares."""
     return [
-        str(TFSTACK),
-        "run",
         "data=npz",
         f"data.path={where / 'data.npz'}",
         f"components.base.path={where / 'base.keras'}",
-        f"components.head.path={where / f'head_{head}.keras'}",
         "preprocess=none",
         "freeze=frozen",
         "schedule=single",
         f"train.epochs={args.epochs}",
         f"train.batch_size={args.batch_size}",
-        f"train.lr={lr}",
-        f"seed={seed}",
         "train.verbose=0",
         f"train.feature_cache={cache}",
-        f"train.feature_cache_dir={where / 'feature_cache'}",
-        f"output_dir={where / f'outputs-{cache}-{job}'}",
-        f"tracking.uri=sqlite:///{where / f'mlflow-{cache}.db'}",
+        f"train.feature_cache_dir={where / f'feature_cache-{uri.stem}'}",
+        f"tracking.uri=sqlite:///{uri}",
         *([] if args.log_model else ["tracking.log_model=false"]),
     ]
 
 
-def run_sweep(where: Path, args) -> dict:
-    """The 8 jobs of each way, interleaved; seconds per job and the cached runs' records."""
+def sweep_command(where: Path, args, cache: str, uri: Path, sweep_dir: Path) -> list[str]:
+    """One ``tfstack run -m`` over the 8 jobs (head slowest, seed fastest, as `jobs`)."""
+    heads = ",".join(str(where / f"head_{head}.keras") for head in HEADS)
+    return [
+        str(TFSTACK),
+        "run",
+        "-m",
+        *_common(where, args, cache, uri),
+        f"components.head.path={heads}",
+        f"train.lr={','.join(str(lr) for lr in RATES)}",
+        f"seed={','.join(str(seed) for seed in SEEDS)}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
+
+
+def job_command(where: Path, args, job: int, uri: Path, out: Path) -> list[str]:
+    """One job as its own ``tfstack run`` process, with the shared cache."""
+    head, lr, seed = JOBS[job]
+    return [
+        str(TFSTACK),
+        "run",
+        *_common(where, args, "shared", uri),
+        f"components.head.path={where / f'head_{head}.keras'}",
+        f"train.lr={lr}",
+        f"seed={seed}",
+        f"output_dir={out / str(job)}",
+    ]
+
+
+def plain_command(where: Path, args, job: int, script: Path) -> list[str]:
+    head, lr, seed = JOBS[job]
+    command = [sys.executable, str(script), str(where / "base.keras")]
+    command += [str(where / f"head_{head}.keras"), str(where / "data.npz"), str(lr), str(seed)]
+    return command + [str(args.epochs), str(args.batch_size)]
+
+
+def environment(where: Path, args) -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "MLFLOW_RUN_ID")}
     env.update({"DVC_NO_ANALYTICS": "1", "TF_CPP_MIN_LOG_LEVEL": "3"})
     env.pop("TFSTACK_FEATURE_CACHE", None)
+    env.pop("TFSTACK_PARENT_RUN_ID", None)
     if args.no_diagrams:  # PATH without `dot`: tfstack finds no Graphviz and draws nothing
         shim = where / "bin"
-        shim.mkdir()
+        shim.mkdir(exist_ok=True)
         folders = env["PATH"].split(os.pathsep)
         with_dot = [f for f in folders if (Path(f) / "dot").exists()]
         for folder in with_dot:
@@ -167,108 +207,145 @@ def run_sweep(where: Path, args) -> dict:
                     (shim / tool.name).symlink_to(tool)
         kept = [f for f in folders if f not in with_dot]
         env["PATH"] = os.pathsep.join([*kept, str(shim)])
-    project = where / "project"
-    shutil.copytree(ROOT / "conf", project / "conf")
-    script = where / "plain_keras.py"
-    script.write_text(PLAIN_KERAS)
-    seconds: dict[str, list[float]] = {"tfstack, shared cache": [], "tfstack, cache off": []}
-    seconds["plain Keras"] = []
-    jobs = list(itertools.product(HEADS, RATES, SEEDS))
-    if args.first_job > 1:  # the earlier jobs' shared-cache runs, untimed: they fill the cache
-        for job in range(min(len(SEEDS), args.first_job - 1)):
-            head, lr, seed = jobs[job]
-            command = tfstack_command(where, job, head, lr, seed, args, "shared")
-            _timed(command, project, env, where / f"warm{job}.log")
-    for job, (head, lr, seed) in enumerate(jobs):
-        if job + 1 < args.first_job:
-            continue
-        plain = [sys.executable, str(script), str(where / "base.keras")]
-        plain += [str(where / f"head_{head}.keras"), str(where / "data.npz"), str(lr), str(seed)]
-        plain += [str(args.epochs), str(args.batch_size)]
-        commands = {
-            "tfstack, shared cache": tfstack_command(where, job, head, lr, seed, args, "shared"),
-            "tfstack, cache off": tfstack_command(where, job, head, lr, seed, args, "off"),
-            "plain Keras": plain,
-        }
-        for name, command in commands.items():
-            log = where / f"job{job}-{name.replace(' ', '_').replace(',', '')}.log"
-            seconds[name].append(_timed(command, project, env, log))
-        print(
-            f"  job {job + 1}/8 {head} lr={lr} seed={seed}: "
-            + ", ".join(f"{k} {v[-1]:.1f} s" for k, v in seconds.items()),
-            flush=True,
-        )
-    timed = list(range(args.first_job - 1, len(jobs)))
-    return {"seconds": seconds, "records": records(where, "shared", timed), "jobs": jobs}
+    return env
 
 
-def records(where: Path, cache: str, timed: list[int]) -> list[dict]:
-    """Per timed job: its run's phase-0 cache tag, stage seconds and the phase's seconds."""
+def run_way(name: str, where: Path, args, round_: int, env: dict, project: Path) -> dict:
+    """One way, once: its wall seconds (summed over its processes) and where it wrote."""
+    tag = f"{name.split(',')[0].split()[0]}-{round_}"
+    if name == "plain Keras":
+        script = where / "plain_keras.py"
+        script.write_text(PLAIN_KERAS)
+        commands = [plain_command(where, args, job, script) for job in range(len(JOBS))]
+        per = [_timed(c, project, env, where / f"{tag}-{j}.log") for j, c in enumerate(commands)]
+        return {"seconds": sum(per), "per_process": per}
+    cache = "off" if "cache off" in name else "shared"
+    slug = "process" if "processes" in name else f"sweep-{cache}"
+    uri = where / f"mlflow-{slug}-{round_}.db"
+    out = where / f"{slug}-{round_}"
+    if "processes" in name:
+        commands = [job_command(where, args, job, uri, out) for job in range(len(JOBS))]
+        per = [_timed(c, project, env, where / f"{tag}-{j}.log") for j, c in enumerate(commands)]
+        return {"seconds": sum(per), "per_process": per, "uri": uri, "out": out}
+    command = sweep_command(where, args, cache, uri, out)
+    seconds = _timed(command, project, env, out.with_suffix(".log"))
+    return {"seconds": seconds, "uri": uri, "out": out}
+
+
+def job_records(result: dict) -> list[dict]:
+    """Per job (in job order): its run's phase-0 cache tag, stage seconds, run seconds, metrics."""
     from mlflow import MlflowClient
 
-    client = MlflowClient(f"sqlite:///{where / f'mlflow-{cache}.db'}")
+    client = MlflowClient(f"sqlite:///{result['uri']}")
     experiment = client.get_experiment_by_name("tfstack")
     runs = client.search_runs([experiment.experiment_id], order_by=["attributes.start_time ASC"])
+    runs = [run for run in runs if "stage_seconds_train" in run.data.metrics]  # not the parent
     out = []
-    for job, run in zip(timed, runs[-len(timed) :], strict=True):
-        phases_file = where / f"outputs-{cache}-{job}" / "train" / "phases.json"
-        phases = json.loads(phases_file.read_text())
+    for job, run in enumerate(runs[-len(JOBS) :]):
+        job_dir = result["out"] / str(job)
+        phases = json.loads((job_dir / "train" / "phases.json").read_text())
+        metrics = json.loads((job_dir / "evaluate" / "metrics.json").read_text())
+        record = {"cache": run.data.tags.get("phase.0.cache"), "phase": phases[0]["seconds"]}
+        record["run"] = (run.info.end_time - run.info.start_time) / 1000
+        record["metrics"] = metrics
         stages = {k: v for k, v in run.data.metrics.items() if k.startswith("stage_seconds_")}
-        out.append({"cache": run.data.tags.get("phase.0.cache"), "phase": phases[0]["seconds"]})
-        out[-1].update({k.removeprefix("stage_seconds_"): v for k, v in stages.items()})
+        record.update({k.removeprefix("stage_seconds_"): v for k, v in stages.items()})
+        out.append(record)
     return out
 
 
-def report(result: dict, args) -> str:
-    seconds = {name: sum(values) for name, values in result["seconds"].items()}
-    cached = seconds["tfstack, shared cache"]
+def run_all_ways(where: Path, args) -> dict:
+    """Every way once per round, in a rotated order each round; each way's rounds."""
+    env = environment(where, args)
+    project = where / "project"
+    shutil.copytree(ROOT / "conf", project / "conf")
+    ways = ["tfstack -m, shared cache", "tfstack -m, cache off", "plain Keras"]
+    if args.per_process:
+        ways.append("tfstack, 8 processes, shared cache")
+    rounds: dict[str, list[dict]] = {name: [] for name in ways}
+    for round_ in range(args.rounds):
+        for name in ways[round_ % len(ways) :] + ways[: round_ % len(ways)]:
+            result = run_way(name, where, args, round_, env, project)
+            if "uri" in result:
+                result["jobs"] = job_records(result)
+            rounds[name].append(result)
+            print(f"  round {round_ + 1}: {name}: {result['seconds']:.1f} s", flush=True)
+    return rounds
+
+
+def _best(rounds: list[dict]) -> dict:
+    return min(rounds, key=lambda r: r["seconds"])
+
+
+def _same_metrics(a: list[dict], b: list[dict]) -> float:
+    """The largest difference between two ways' test metrics, job by job."""
+    return max(
+        abs(x["metrics"][key] - y["metrics"][key])
+        for x, y in zip(a, b, strict=True)
+        for key in x["metrics"]
+    )
+
+
+def report(rounds: dict[str, list[dict]], args) -> str:
+    best = {name: _best(results) for name, results in rounds.items()}
+    plain = best["plain Keras"]["seconds"]
     lines = [
         f"(f) sweep of 8 head configurations (2 heads x 2 lr x 2 seeds), frozen MobileNetV2 "
         f"alpha 0.35 {SIZE}x{SIZE}, {N_TRAIN} samples, {args.epochs} epochs, batch "
-        f"{args.batch_size}; whole-process wall time of 8 fresh processes each"
+        f"{args.batch_size}; whole-process wall time, best of {args.rounds} round(s)"
         + ("" if args.log_model else " (tfstack: tracking.log_model=false)"),
     ]
-    for name, total in seconds.items():
-        per = ", ".join(f"{s:.1f}" for s in result["seconds"][name])
-        lines.append(f"  {name:<22} {total:7.1f} s   ({per})")
+    for name, result in best.items():
+        all_rounds = ", ".join(f"{r['seconds']:.1f}" for r in rounds[name])
+        per = result.get("per_process")
+        detail = f"; per process {', '.join(f'{s:.1f}' for s in per)}" if per else ""
+        lines.append(f"  {name:<36} {result['seconds']:7.1f} s   (rounds {all_rounds}{detail})")
+    for name, result in best.items():
+        if name != "plain Keras":
+            ratio = plain / result["seconds"]
+            target = " (target >= 6x)" if name == "tfstack -m, shared cache" else ""
+            lines.append(f"  plain Keras / {name}: {ratio:.2f}x{target}")
+    shared, off = best["tfstack -m, shared cache"], best["tfstack -m, cache off"]
+    lines.append(f"  cache off / shared cache (sweeps): {off['seconds'] / shared['seconds']:.2f}x")
     lines.append(
-        f"  ratio plain Keras / tfstack shared cache: {seconds['plain Keras'] / cached:.2f}x "
-        "(target >= 6x)"
+        "  test metrics, shared cache vs cache off, largest difference over the 8 jobs: "
+        f"{_same_metrics(shared['jobs'], off['jobs']):.2g}"
     )
-    lines.append(
-        f"  ratio tfstack cache off / tfstack shared cache: "
-        f"{seconds['tfstack, cache off'] / cached:.2f}x"
-    )
-    lines.append("  where the shared-cache runs' time goes (s; rest = start-up, imports, exit):")
-    first = args.first_job - 1
-    for job, (record, wall) in enumerate(
-        zip(result["records"], result["seconds"]["tfstack, shared cache"], strict=True), first
-    ):
-        staged = sum(record.get(k, 0.0) for k in ("build", "train", "evaluate"))
+    for name, result in best.items():
+        if "jobs" not in result:
+            continue
+        jobs = result["jobs"]
+        in_runs = sum(job["run"] for job in jobs)
         lines.append(
-            f"    job {job + 1}: cache {record['cache']:<4} wall {wall:5.1f}  build "
-            f"{record.get('build', 0):4.1f}  train {record.get('train', 0):4.1f} (phase "
-            f"{record['phase']:4.1f})  evaluate {record.get('evaluate', 0):4.1f}  rest "
-            f"{wall - staged:4.1f}"
+            f"  {name}: the 8 runs {in_runs:.1f} s, the rest {result['seconds'] - in_runs:.1f} s "
+            "(start-up, imports, config, parent run, comparison; per process: each's)"
         )
+        for job, record in enumerate(jobs):
+            staged = sum(record.get(k, 0.0) for k in ("build", "train", "evaluate"))
+            lines.append(
+                f"    job {job + 1}: cache {record['cache']:<6} run {record['run']:5.1f}  build "
+                f"{record.get('build', 0):4.1f}  train {record.get('train', 0):4.1f} (phase "
+                f"{record['phase']:4.1f})  evaluate {record.get('evaluate', 0):4.1f}  other "
+                f"{record['run'] - staged:4.1f}"
+            )
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="5 epochs instead of 20")
+    parser.add_argument("--quick", action="store_true", help="5 epochs and 1 round")
     parser.add_argument("--epochs", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=None, help="2 unless --quick")
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument(
+        "--per-process",
+        action="store_true",
+        help="also 8 fresh `tfstack run` processes with the shared cache (a DVC queue's way)",
+    )
     parser.add_argument(
         "--log-model",
         action="store_true",
         help="log the model in every run (the default here does not: its cost is (i)'s)",
-    )
-    parser.add_argument(
-        "--first-job",
-        type=int,
-        default=1,
-        help="start the sweep at this job (1-8), filling the cache with untimed runs first",
     )
     parser.add_argument(
         "--no-diagrams",
@@ -279,16 +356,20 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.epochs is None:
         args.epochs = 5 if args.quick else 20
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 2
     info = machine()
     print(f"machine: {json.dumps(info)}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tfstack-sweep-") as directory:
         where = Path(directory)
         write_inputs(where)
-        result = run_sweep(where, args)
-    text = report(result, args)
+        rounds = run_all_ways(where, args)
+    text = report(rounds, args)
     print(text)
+    print(f"load average at the end: {os.getloadavg()[0]:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"machine": info, **result}, indent=1))
+        measured = {"machine": info, "rounds": rounds}
+        Path(args.json).write_text(json.dumps(measured, indent=1, default=str))
     return 0
 
 

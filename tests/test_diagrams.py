@@ -132,3 +132,44 @@ def test_a_mixed_dtype_model_shows_each_layers_dtype(tmp_path):
     files = draw(keras.Model(inputs, outputs), tmp_path / "m", formats=["svg"])
     svg = files[0].read_text()
     assert "uint8" in svg and "float32" in svg
+
+
+def test_the_same_architecture_gives_the_same_files_and_is_laid_out_once(tmp_path, monkeypatch):
+    # A dot that notes each call: two jobs of a sweep drawing the same architecture run it once
+    # per format, and their files are byte-identical (node ids are numbered, not addresses).
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    calls = tmp_path / "calls"
+    wrapper = bin_dir / "dot"
+    wrapper.write_text(f'#!/bin/sh\necho "$1" >> {calls}\nexec {shutil.which("dot")} "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:/usr/bin:/bin")
+    first, second = (tmp_path / "job1", tmp_path / "job2")
+    models = []
+    for out in (first, second):
+        out.mkdir()
+        keras.utils.set_random_seed(0)
+        models.append(build_stacked("sequential", make_base(), make_head()).model)
+        draw(models[-1], out / "stacked")
+    assert models[0] is not models[1]
+    for suffix in ("png", "svg"):
+        assert (first / f"stacked.{suffix}").read_bytes() == (
+            second / f"stacked.{suffix}"
+        ).read_bytes()
+    rendered = [line for line in calls.read_text().split() if line in ("-Tpng", "-Tsvg")]
+    assert sorted(rendered) == ["-Tpng", "-Tsvg"]
+    # The picture is Graphviz's own of Keras's diagram: only the SVG's node titles differ.
+    dot = keras.utils.model_to_dot(
+        models[1],
+        show_shapes=True,
+        show_dtype=True,
+        show_layer_names=True,
+        expand_nested=True,
+        show_trainable=True,
+        dpi=96,
+    )
+    dot.write(str(tmp_path / "keras.png"), format="png")
+    assert (tmp_path / "keras.png").read_bytes() == (second / "stacked.png").read_bytes()
+    titles = re.findall(r"<title>([^<]*)</title>", (second / "stacked.svg").read_text())
+    assert "n0" in titles and "n1" in titles
+    assert not [t for t in titles if re.search(r"\d{8,}", t)]  # no memory address left

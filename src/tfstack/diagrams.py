@@ -14,6 +14,9 @@ one diagram per phase whose trainable set differs from the phase before.
 from __future__ import annotations
 
 import logging
+import re
+import shutil
+from collections import OrderedDict
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -92,11 +95,13 @@ def draw(
         dot.set("fontsize", "20")
     stem = Path(stem)
     written = []
+    source = canonical_source(dot)
     for extension in formats:
         path = stem.with_name(f"{stem.name}.{extension}")
         try:
+            picture = _render(dot, source, extension)
             with atomic_path(path) as tmp:
-                dot.write(str(tmp), format=extension)
+                tmp.write_bytes(picture)
         except Exception as err:  # pydot raises what Graphviz's dot said (killed, out of memory)
             # A picture is not worth a run: say so once, keep the text summaries.
             first = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
@@ -164,10 +169,73 @@ def trainable_signature(model: keras.Model) -> tuple[tuple[str, bool], ...]:
     return tuple((layer.name, bool(layer.trainable)) for layer in _all_layers(model))
 
 
+def canonical_source(dot) -> str:
+    """The diagram's Graphviz source with its node ids numbered in order of appearance.
+
+    `keras.utils.model_to_dot` names each node by its layer's ``id()``, a memory address that
+    differs in every process and job; the drawing does not show it (an SVG keeps it as each
+    node's ``<title>``). Numbered ``n0, n1, ...`` instead, the same architecture gives the same
+    source, so the same file, in every run, and a sweep's jobs draw it once (`_render`).
+    """
+    source = dot.to_string()
+    names = _node_names(dot)
+    numbers: dict[str, str] = {}
+
+    def number(match: re.Match) -> str:
+        name = match.group(0)
+        if name not in names:
+            return name
+        return numbers.setdefault(name, f"n{len(numbers)}")
+
+    # Node ids are bare integers of a dozen digits; labels are quoted and hold none this long.
+    return re.sub(r"(?<![\w.])\d{8,}(?![\w.])", number, source)
+
+
+def _node_names(graph) -> set[str]:
+    names = {node.get_name() for node in graph.get_nodes()}
+    for subgraph in graph.get_subgraphs():
+        names |= _node_names(subgraph)
+    return {name for name in names if name.isdigit()}
+
+
+# Pictures rendered in this process: (Graphviz source, format, the dot program) -> bytes. A
+# sweep's jobs draw the same few architectures; the last few (a MobileNetV2 PNG is about 1 MB)
+# are kept.
+_RENDERED: OrderedDict[tuple[str, str, str | None], bytes] = OrderedDict()
+_RENDERED_KEPT = 8
+
+
+def _render(dot, source: str, extension: str) -> bytes:
+    """Graphviz's ``dot -T<extension>`` of ``source``, the same as earlier in the process."""
+    key = (source, extension, shutil.which("dot"))
+    if key in _RENDERED:
+        _RENDERED.move_to_end(key)
+        return _RENDERED[key]
+    dot.to_string = lambda: source  # what pydot's create writes for dot to read
+    try:
+        picture = dot.create(format=extension)
+    finally:
+        del dot.to_string
+    _RENDERED[key] = picture
+    while len(_RENDERED) > _RENDERED_KEPT:
+        _RENDERED.popitem(last=False)
+    return picture
+
+
+# The `dot` program that passed the check in this process (a missing or failing one, or
+# another one on the PATH, is checked again).
+_CHECKED_DOT: list[str] = []
+
+
 def _tools_present() -> bool:
+    dot = shutil.which("dot")
+    if dot is not None and dot in _CHECKED_DOT:  # the check runs dot: 0.05-0.1 s per diagram
+        return True
     missing = missing_tools()
     if missing:
         logger.warning("No architecture diagram: %s. The text summaries stay.", missing)
+    elif dot is not None:
+        _CHECKED_DOT[:] = [dot]
     return missing is None
 
 

@@ -125,7 +125,9 @@ class EpochCheckpoint(keras.callbacks.Callback):
 class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """Raise a TrainingError naming the phase, epoch and batch when the loss is NaN or infinite.
 
-    The loss is checked after every batch, on Keras's callback thread (``async_safe``): reading it
+    The loss is checked after every batch (in a cached phase that runs one epoch's batches per
+    call, ``steps_per_execution``, after every call: the error then names that call's batches),
+    on Keras's callback thread (``async_safe``): reading it
     does not hold up the next step, and the error surfaces in ``fit`` one batch later at most,
     and always before the epoch's ``on_epoch_end`` callbacks (so no checkpoint records a diverged
     epoch). Measured: no cost over an epoch-end check, within the run-to-run noise of about 10%
@@ -133,6 +135,8 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
     """
 
     async_safe = True
+    # Its batch hook holds under steps_per_execution > 1 (tfstack.frozen_features).
+    batch_hooks_per_execution = True
 
     def __init__(self, phase: str):
         super().__init__()
@@ -143,7 +147,15 @@ class StopOnNonFiniteLoss(keras.callbacks.Callback):
         self.epoch = epoch
 
     def on_train_batch_end(self, batch, logs=None):
-        self._check((logs or {}).get("loss"), f"epoch {self.epoch + 1}, batch {batch + 1}")
+        # Called once per execution of `steps_per_execution` batches, with the last one's index;
+        # the loss is the epoch's running mean, non-finite once any batch's was.
+        per_call = getattr(self.model, "steps_per_execution", 1) or 1
+        if per_call > 1:
+            last = min(batch + 1, (self.params or {}).get("steps") or batch + 1)
+            where = f"batches {batch + 2 - per_call}-{last}"
+        else:
+            where = f"batch {batch + 1}"
+        self._check((logs or {}).get("loss"), f"epoch {self.epoch + 1}, {where}")
 
     def on_epoch_end(self, epoch, logs=None):
         self._check((logs or {}).get("loss"), f"epoch {epoch + 1}")

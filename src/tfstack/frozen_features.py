@@ -16,9 +16,9 @@ stacked model's layers and variables, so fitting it trains the stacked model's h
 The trainable part is compiled like the stacked model (`compiled_like`: same loss, metrics and
 fresh optimizer, discriminative rates included) and fitted on the cached outputs in the batches
 and order the uncached phase would use (`tfstack.datasets.IndexedDataset`: arrays or image files),
-so history, metric names and per-epoch logs are the same. Outputs larger than the phase's
-memory budget (``feature_memory_mb``) are not held: `phase_features` streams them through files
-(`tfstack.feature_streaming`), read back in the same batches and order.
+so history, metric names and per-epoch logs are the same. Where the frozen part's outputs come
+from (the shared cache, memory, or files streamed over the memory budget) is
+`tfstack.cached_features`.
 """
 
 from __future__ import annotations
@@ -328,18 +328,89 @@ def plan_cache(
     return split_frozen(model, feature_extractors)
 
 
-def compiled_like(model: keras.Model, other: keras.Model, *, loss, metrics) -> keras.Model:
+def compiled_like(
+    model: keras.Model, other: keras.Model, *, loss, metrics, steps_per_execution: int = 1
+) -> keras.Model:
     """``other`` (made of ``model``'s layers) compiled with ``model``'s fresh optimizer.
 
     The optimizer is built on the stacked model's variables, in its order, so the optimizer
-    state saved with the stacked model reloads onto the right variables.
+    state saved with the stacked model reloads onto the right variables. ``steps_per_execution``
+    is Keras's (`cached_steps_per_execution` picks it for a cached phase).
     """
     model.optimizer.build(model.trainable_variables)
     # XLA as the model was compiled (train.jit_compile).
     other.compile(
-        optimizer=model.optimizer, loss=loss, metrics=list(metrics), jit_compile=model.jit_compile
+        optimizer=model.optimizer,
+        loss=loss,
+        metrics=list(metrics),
+        jit_compile=model.jit_compile,
+        steps_per_execution=steps_per_execution,
     )
     return other
+
+
+def cached_steps_per_execution(callbacks: Sequence, steps: int | None) -> tuple[int, str]:
+    """How many batches a cached phase's ``fit`` runs per call, and why.
+
+    On cached features a step is a small head's, and Keras's per-step work (a Python call,
+    the callbacks, the logs) outweighs it: 700 steps of a 20-epoch phase took seconds. With
+    ``steps_per_execution`` = one epoch's batches, Keras runs the epoch's steps in one
+    ``tf.while_loop`` (keras/src/backend/tensorflow/trainer.py: the same traced step, the same
+    batches in the same order, the last execution of an epoch stops when the data does), so
+    the weights and the per-epoch logs are those of one call per batch. What it changes: batch
+    hooks run once per execution. So it stays 1 when a callback has a batch hook (a user's
+    ``train.callbacks`` entry that does per-batch work, ModelCheckpoint, TensorBoard,
+    TerminateOnNaN...), under a distribution strategy (not measured there), and when the
+    number of batches is unknown. The phase loop's own `StopOnNonFiniteLoss` checks the loss
+    once per execution and names the batches of that execution.
+
+    Args:
+        callbacks: the phase's callbacks (a `tfstack.user_callbacks.FullModelCallbacks` is
+            looked into).
+        steps: batches per epoch of the training data (None: unknown).
+
+    Returns:
+        ``(n, reason)``: n is 1 with the reason, else the epoch's batches.
+    """
+    import tensorflow as tf
+
+    if not steps or steps <= 1:
+        return 1, "one batch per epoch" if steps else "the number of batches is unknown"
+    if tf.distribute.has_strategy():
+        return 1, "a distribution strategy is in scope"
+    for callback in _flat_callbacks(callbacks):
+        if getattr(callback, "batch_hooks_per_execution", False):  # StopOnNonFiniteLoss
+            continue
+        hooks = [h for h in _BATCH_HOOKS if not _is_default(getattr(callback, h, None))]
+        if hooks:
+            return 1, f"callback {type(callback).__name__} has a batch hook ({hooks[0]})"
+    return int(steps), f"{steps} batches per execution (one epoch)"
+
+
+_BATCH_HOOKS = (
+    "on_batch_begin",
+    "on_batch_end",
+    "on_train_batch_begin",
+    "on_train_batch_end",
+    "on_test_batch_begin",
+    "on_test_batch_end",
+)
+
+
+def _is_default(method) -> bool:
+    """Keras marks the hooks a callback does not override (``keras.src.utils.python_utils``)."""
+    return method is None or getattr(method, "_is_default", False)
+
+
+def _flat_callbacks(callbacks: Sequence) -> list:
+    """The callbacks, with those a `FullModelCallbacks` forwards to in its place."""
+    from tfstack.user_callbacks import FullModelCallbacks
+
+    flat = []
+    for callback in callbacks:
+        inner = callback.callbacks if isinstance(callback, FullModelCallbacks) else [callback]
+        flat.extend(inner)
+    return flat
 
 
 def frozen_outputs(frozen: keras.Model, data: IndexedDataset):
@@ -377,155 +448,3 @@ def inference_split(model: keras.Model, feature_extractors: Sequence[str]) -> Fr
     if split is not None and trained is not None and trained.cut == split.cut:
         return trained
     return split
-
-
-@dataclass
-class CachedFeatures:
-    """The frozen part's outputs of a phase's splits, and where they came from.
-
-    Attributes:
-        outputs: ``{"train": ..., "val": ...}``: per split, one array (or a list, one per cut
-            tensor) with one row per sample in input order; or, streamed (larger than the
-            memory budget), a `tfstack.feature_streaming.StoredFeatures` reading those rows
-            from files. `IndexedDataset.with_inputs` takes either.
-        status: ``hit`` (every split read from the shared cache), ``miss`` (one or more
-            computed and stored) or ``off`` (no shared cache, or the data cannot be hashed).
-        keys: The shared cache's key of each split (`tfstack.feature_keys.entry_key`).
-        streamed: Whether the outputs are read from files (`close` them after training).
-    """
-
-    outputs: dict
-    status: str
-    keys: dict[str, str]
-    streamed: bool = False
-
-    def close(self) -> None:
-        """Close streamed features' files; a run's temporary ones are removed."""
-        for output in self.outputs.values():
-            close = getattr(output, "close", None)
-            if close is not None:
-                close()
-
-
-def phase_features(
-    split: FrozenSplit, datasets: dict, cache=None, *, memory_mb: float | None = None
-) -> CachedFeatures:
-    """The frozen part's outputs for each split, from the shared cache ``cache`` if given.
-
-    Below ``memory_mb`` (the outputs of every split together, from the frozen part's static
-    shapes) they are arrays in memory. Above it they are streamed: extracted batch by batch
-    into the cache entry's files (or, without a cache, a temporary directory of this run, removed
-    by `CachedFeatures.close`) and read back by rows, so memory holds a few batches whatever
-    the data's size (`tfstack.feature_streaming`).
-
-    Args:
-        split: The phase's `FrozenSplit`.
-        datasets: ``{"train": IndexedDataset, "val": IndexedDataset or None}``.
-        cache: A `tfstack.feature_cache.FeatureCache`, or None (compute, keep nothing).
-        memory_mb: The memory budget of the features in MB (None: always in memory).
-
-    Returns:
-        The outputs, the cache status and the keys. Close it after training.
-    """
-    from tfstack import feature_keys, feature_streaming
-
-    present = {name: data for name, data in datasets.items() if data is not None}
-    stream = memory_mb is not None and _over_budget(split.frozen, present, memory_mb)
-    digests = {}
-    if cache is not None:
-        digests = {name: feature_keys.data_digest(data) for name, data in present.items()}
-    if cache is None or None in digests.values():
-        if cache is not None:
-            logger.info("Not using the feature cache: %s cannot be hashed", type(present["train"]))
-        if not stream:
-            outputs = {name: frozen_outputs(split.frozen, data) for name, data in present.items()}
-            return CachedFeatures(outputs, "off", {})
-        features = CachedFeatures({}, "off", {}, streamed=True)
-        try:
-            for name, data in present.items():
-                features.outputs[name] = _temporary_outputs(split.frozen, data, name)
-        except BaseException:
-            features.close()
-            raise
-        return features
-    model = feature_keys.model_digest(split.frozen)
-    environment = feature_keys.environment()
-    features = CachedFeatures({}, "miss", {}, streamed=stream)
-    hits = []
-    try:
-        for name, data in present.items():
-            key = feature_keys.entry_key(model, digests[name], environment)
-            meta = {
-                "model": split.frozen.name,
-                "cut": list(split.cut),
-                "data": f"{name} split, {_describe(data)}",
-                **environment,
-            }
-            if stream:
-                stored, hit = cache.get_or_write(
-                    key,
-                    lambda directory, data=data: feature_streaming.write_outputs(
-                        split.frozen, data.input_batches(), len(data), directory
-                    ),
-                    meta,
-                    expected_bytes=feature_streaming.expected_bytes(split.frozen, len(data)),
-                )
-                if stored is None:  # not storable in the cache: this run's own files
-                    stored = _temporary_outputs(split.frozen, data, name)
-                features.outputs[name] = stored
-            else:
-
-                def compute(data=data):
-                    result = frozen_outputs(split.frozen, data)
-                    return list(result) if isinstance(result, list | tuple) else [result]
-
-                arrays, hit = cache.get_or_compute(key, compute, meta)
-                features.outputs[name] = arrays[0] if len(arrays) == 1 else arrays
-            features.keys[name] = key
-            hits.append(hit)
-            logger.info(
-                "Feature cache %s for the %s split: %s", "hit" if hit else "miss", name, key
-            )
-    except BaseException:
-        features.close()
-        raise
-    features.status = "hit" if all(hits) else "miss"
-    return features
-
-
-def _over_budget(frozen: keras.Model, datasets: dict, memory_mb: float) -> bool:
-    """Whether the splits' outputs together exceed ``memory_mb`` (and can be streamed)."""
-    from tfstack import feature_streaming
-
-    sizes = [feature_streaming.expected_bytes(frozen, len(d)) for d in datasets.values()]
-    if None in sizes or not feature_streaming.can_stream(frozen):
-        return False  # unknown output shapes, or a distribution strategy: in memory as before
-    total = sum(sizes)
-    if total <= memory_mb * 1e6:
-        return False
-    logger.info(
-        "Frozen features of %.1f MB exceed train.feature_memory_mb=%g: streaming them from disk",
-        total / 1e6,
-        memory_mb,
-    )
-    return True
-
-
-def _temporary_outputs(frozen: keras.Model, data: IndexedDataset, name: str):
-    """The outputs for ``data`` in a temporary directory of this run (`temporary_features`)."""
-    from tfstack import feature_streaming
-
-    return feature_streaming.temporary_features(frozen, data.input_batches(), len(data), name=name)
-
-
-def _describe(data: IndexedDataset) -> str:
-    """``1400 samples, arrays (32, 32, 3) float32`` or ``1400 image files under /data``."""
-    files = getattr(data, "files", None)
-    if files is not None:
-        import os
-
-        return f"{len(data)} image files under {os.path.commonpath(files) if files else '?'}"
-    x = getattr(data, "x", None)
-    arrays = x if isinstance(x, list | tuple) else [x]
-    shapes = ", ".join(f"{tuple(a.shape[1:])} {a.dtype}" for a in arrays if hasattr(a, "shape"))
-    return f"{len(data)} samples, arrays {shapes}"

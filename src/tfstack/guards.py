@@ -106,3 +106,24 @@ def xla_errors(setting: str = "train.jit_compile") -> Iterator[None]:
             f"op of a training step must have an XLA kernel. Set {setting}=auto (Keras then "
             f"decides) or false, or replace the layer that uses {op}."
         ) from err
+
+
+def no_xla_reason(model) -> str:
+    """Why Keras compiles ``model`` without XLA although ``jit_compile=True`` was asked for."""
+    from tfstack import _keras_compat
+
+    layers = [
+        f"{layer.name} ({type(layer).__name__})"
+        for layer in _keras_compat.flatten_layers(model)
+        if not getattr(layer, "supports_jit", True)
+    ]
+    if layers:
+        why = f"these layers do not support XLA: {', '.join(layers[:5])}"
+    else:
+        why = "TensorFlow's op determinism is on (Keras runs no XLA under it)"
+    return (
+        f"train.jit_compile=true, but Keras would train model {model.name!r} without XLA: "
+        f"{why}. Set train.jit_compile=auto or false"
+        + ("" if layers else ", or train.deterministic=false")
+        + "."
+    )

@@ -37,7 +37,7 @@ from typing import TYPE_CHECKING, Any
 import keras
 import tensorflow as tf
 
-from tfstack import checkpoints, frozen_features, lr_schedules
+from tfstack import cached_features, checkpoints, frozen_features, guards, lr_schedules
 from tfstack.checkpoints import TrainingState
 from tfstack.datasets import IndexedDataset
 from tfstack.early_stopping import (
@@ -102,29 +102,8 @@ def compile_phase(
             optimizer=optimizer, loss=loss, metrics=list(metrics), jit_compile=jit_compile
         )
     if jit_compile is True and not model.jit_compile:
-        raise TrainingError(_no_xla_reason(model))
+        raise TrainingError(guards.no_xla_reason(model))
     return report
-
-
-def _no_xla_reason(model: keras.Model) -> str:
-    """Why Keras compiles ``model`` without XLA although ``jit_compile=True`` was asked for."""
-    from tfstack import _keras_compat
-
-    layers = [
-        f"{layer.name} ({type(layer).__name__})"
-        for layer in _keras_compat.flatten_layers(model)
-        if not getattr(layer, "supports_jit", True)
-    ]
-    if layers:
-        why = f"these layers do not support XLA: {', '.join(layers[:5])}"
-    else:
-        why = "TensorFlow's op determinism is on (Keras runs no XLA under it)"
-    return (
-        f"train.jit_compile=true, but Keras would train model {model.name!r} without XLA: "
-        f"{why}. Set train.jit_compile=auto or false"
-        + ("" if layers else ", or train.deterministic=false")
-        + "."
-    )
 
 
 def fit_phase(
@@ -220,13 +199,21 @@ def fit_phase(
     if cache_frozen:
         split, note = frozen_features.plan_cache(model, feature_extractors, train_data, val_data)
     fit_model, fit_train, fit_val = model, batches_of(train_data), batches_of(val_data)
+    # Also in a cached phase: its batches are drawn from the same index order.
+    order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
+    fit_callbacks = [StopOnNonFiniteLoss(phase.name), *order, *callbacks]
     if split is not None:
+        # A small head's steps: one call per epoch, unless a callback needs every batch.
+        per_call, why = frozen_features.cached_steps_per_execution(
+            fit_callbacks, getattr(train_data, "steps", None)
+        )
+        logger.info("Phase %d %r: steps_per_execution=%d: %s", index, phase.name, per_call, why)
         fit_model = frozen_features.compiled_like(
-            model, split.trainable, loss=loss, metrics=metrics
+            model, split.trainable, loss=loss, metrics=metrics, steps_per_execution=per_call
         )
         frozen_features.remember_split(model, split)  # evaluation reuses its traced frozen part
         splits = {"train": train_data, "val": val_data}
-        features = frozen_features.phase_features(
+        features = cached_features.phase_features(
             split, splits, feature_cache, memory_mb=feature_memory_mb
         )
         fit_train = train_data.with_inputs(features.outputs["train"])
@@ -258,15 +245,13 @@ def fit_phase(
         logger.info(
             "Phase %d %r: calling frozen %s with training=False", index, phase.name, inference
         )
-    # Also in a cached phase: its batches are drawn from the same index order.
-    order = [EpochOrder(train_data)] if isinstance(train_data, IndexedDataset) else []
     try:
         history = fit_model.fit(
             fit_train,
             validation_data=fit_val,
             epochs=initial_epoch + phase.epochs,
             initial_epoch=initial_epoch,
-            callbacks=[StopOnNonFiniteLoss(phase.name), *order, *callbacks],
+            callbacks=fit_callbacks,
             verbose=verbose,
             # A tf.data pipeline shuffles itself (seeded); Keras's shuffle is for arrays only.
             shuffle=not isinstance(fit_train, tf.data.Dataset),
