@@ -233,3 +233,42 @@ def test_evaluate_on_the_frozen_part_once_gives_the_two_pass_numbers():
     model.get_layer("base").trainable = True
     joint = evaluation.evaluate(model, x, y, feature_extractors=["base"], **kwargs)
     assert joint.metrics == two_pass.metrics
+
+
+def test_test_features_through_the_shared_cache_give_the_same_numbers(tmp_path):
+    """A later evaluation of the same frozen part and test set reads the stored features."""
+    from conftest import make_base, make_data, make_head
+
+    from tfstack.datasets import ArrayDataset
+    from tfstack.feature_cache import FeatureCache
+    from tfstack.stacking import build_stacked
+
+    keras.utils.set_random_seed(0)
+    model = build_stacked("sequential", make_base(), make_head()).model
+    model.get_layer("base").trainable = False
+    model.compile(optimizer="adam", loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    x, y = make_data(40, seed=1)
+    kwargs = {"task": "classification", "batch_size": 8, "feature_extractors": ["base"]}
+    alone = evaluation.evaluate(model, x, y, **kwargs)
+    cache = FeatureCache(tmp_path, max_bytes=10**8)
+    test = ArrayDataset(x, y, batch_size=8, shuffle=False, seed=0)
+    stored = evaluation.evaluate(model, test, y, feature_cache=cache, **kwargs)
+    [entry] = cache.entries()
+    assert entry.meta["data"].startswith("test split, 40 samples")
+    first_use = entry.last_used
+    read = evaluation.evaluate(model, test, y, feature_cache=cache, **kwargs)
+    [again] = cache.entries()
+    assert again.key == entry.key and again.last_used >= first_use  # a hit marks it used
+    for result in (stored, read):
+        assert result.metrics == alone.metrics
+        np.testing.assert_array_equal(result.outputs, alone.outputs)
+    # Streamed from the entry's files (over a budget of 0 MB): the same numbers again.
+    streamed = evaluation.evaluate(
+        model, test, y, feature_cache=cache, feature_memory_mb=0, **kwargs
+    )
+    assert streamed.metrics == alone.metrics
+    # And it is the entry that is read: features overwritten with zeros change the outputs.
+    features = np.load(cache.path(entry.key) / "0.npy")
+    np.save(cache.path(entry.key) / "0.npy", np.zeros_like(features))
+    zeros = evaluation.evaluate(model, test, y, feature_cache=cache, **kwargs)
+    assert not np.allclose(zeros.outputs, alone.outputs)

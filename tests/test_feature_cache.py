@@ -251,6 +251,9 @@ def test_a_later_tfstack_run_and_a_two_phase_head_phase_hit_the_shared_cache(
     assert first["phase.0.cache_key"].startswith("train=") and ",val=" in first["phase.0.cache_key"]
     assert second["phase.1.cache"] == "off"  # fine-tuning trains the base: nothing to cache
     listed = tfstack(project, "cache", "list")
-    assert listed.returncode == 0 and "2 entries" in listed.stdout
+    # train, val, and test (the first run's evaluation, its last phase cached; the second
+    # run's ended fine-tuning the base, so its test features were not stored)
+    assert listed.returncode == 0 and "3 entries" in listed.stdout
+    assert "test split" in listed.stdout
     assert str(feature_cache_dir) in listed.stdout
     assert first["phase.0.cache_key"].split(",")[0].removeprefix("train=") in listed.stdout

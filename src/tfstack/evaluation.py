@@ -64,6 +64,7 @@ def evaluate(
     class_names: Sequence[str] | None = None,
     feature_extractors: Sequence[str] = (),
     feature_memory_mb: float | None = None,
+    feature_cache=None,
 ) -> Evaluation:
     """Metrics, the task's figure and its table of a trained model on ``(x, y)``.
 
@@ -77,7 +78,8 @@ def evaluate(
             ``regression``.
         x: Inputs, as ``model.evaluate`` takes them (usually a NumPy array), or a batched
             ``tf.data.Dataset`` of ``(x, y)`` (e.g. `tfstack.images.ImageDataset.batches`, so
-            test images stream from disk) whose targets, in order, are ``y``.
+            test images stream from disk) whose targets, in order, are ``y``; or the test set
+            as a `tfstack.datasets.IndexedDataset` (unshuffled; needed by ``feature_cache``).
         y: Integer class ids for classification and binary, target values for regression.
         task: ``"classification"``, ``"binary"`` or ``"regression"``.
         batch_size: Samples per batch of ``model.evaluate`` and ``model.predict``.
@@ -94,6 +96,10 @@ def evaluate(
         feature_memory_mb: Above this many MB those outputs are written batch by batch to a
             temporary directory (removed at the end) and read back batch by batch, never held
             whole (`tfstack.feature_streaming`); None keeps them in memory.
+        feature_cache: A `tfstack.feature_cache.FeatureCache`: with ``x`` an `IndexedDataset`,
+            those outputs are read from it when another run stored them, else computed and
+            stored (`tfstack.cached_features.phase_features`, split ``test``): a sweep's jobs
+            over one frozen base run it over the test set once. The numbers are the same.
 
     Returns:
         An `Evaluation`.
@@ -122,8 +128,19 @@ def evaluate(
                 "loss=... (and metrics=[...]), e.g. the loss it was trained with, or compile it."
             )
         model.compile(loss=loss, metrics=list(metrics))
+    from tfstack.datasets import ArrayDataset, IndexedDataset
+
+    data = x if isinstance(x, IndexedDataset) else None
+    if data is not None:
+        x = data.x if isinstance(data, ArrayDataset) else data.batches()
     scores, outputs = _scores_and_outputs(
-        model, x, y, batch_size, feature_extractors, feature_memory_mb
+        model,
+        x,
+        y,
+        batch_size,
+        feature_extractors,
+        feature_memory_mb,
+        cache=(data, feature_cache) if data is not None and feature_cache is not None else None,
     )
     measured = {name: float(value) for name, value in scores.items()}
     measured.update(task_metrics(y, outputs, task))
@@ -151,14 +168,21 @@ def evaluate(
 
 
 def _scores_and_outputs(
-    model, x, y, batch_size: int, feature_extractors: Sequence[str], memory_mb: float | None
+    model,
+    x,
+    y,
+    batch_size: int,
+    feature_extractors: Sequence[str],
+    memory_mb: float | None,
+    cache=None,
 ):
     """``model.evaluate``'s scores and ``model.predict``'s outputs, in one pass when it can.
 
     With a cut after the frozen feature extractors (and no regularization loss in the part
     before it, which ``evaluate``'s loss would add), the part before the cut predicts once; the
     part after it, compiled from the model's compile config, evaluates and predicts on those
-    outputs in the same batches, so the loss still comes from the same logits.
+    outputs in the same batches, so the loss still comes from the same logits. ``cache``:
+    ``(test data, shared feature cache)`` to read (or store) those outputs there.
     """
     split = None
     if feature_extractors:
@@ -183,6 +207,15 @@ def _scores_and_outputs(
         settings = keras.saving.deserialize_keras_object(compiled)
         settings.pop("optimizer", None)
         rest.compile(**settings)
+        if cache is not None:
+            from tfstack.cached_features import phase_features
+
+            data, shared = cache
+            features = phase_features(split, {"test": data}, shared, memory_mb=memory_mb)
+            try:
+                return _scores_on(rest, features.outputs["test"], y, batch_size)
+            finally:
+                features.close()
         if inputs is not x and _over_budget(split.frozen, len(y), memory_mb):
             return _streamed_scores_and_outputs(split.frozen, rest, inputs, y, batch_size)
         features = split.frozen.predict(
@@ -214,18 +247,27 @@ def _streamed_scores_and_outputs(frozen, rest, inputs, y, batch_size: int):
     Written batch by batch, then read back in input order in batches of ``batch_size`` (the
     in-memory path's batches), so the scores and predictions are the same.
     """
-    import tensorflow as tf
 
     from tfstack import feature_streaming
 
     stored = feature_streaming.temporary_features(frozen, inputs, len(y), name="test")
     try:
-        order = tf.data.Dataset.range(len(y)).batch(batch_size)
-        batches = stored.batches(order, tf.convert_to_tensor(np.asarray(y)))
-        scores = rest.evaluate(batches, verbose=0, return_dict=True)
-        return scores, rest.predict(batches, verbose=0)
+        return _scores_on(rest, stored, y, batch_size)
     finally:
         stored.close()
+
+
+def _scores_on(rest, features, y, batch_size: int):
+    """``rest``'s scores and outputs on the frozen part's outputs (arrays, or rows in files)."""
+    if hasattr(features, "rows"):  # tfstack.feature_streaming.StoredFeatures
+        import tensorflow as tf
+
+        order = tf.data.Dataset.range(len(y)).batch(batch_size)
+        batches = features.batches(order, tf.convert_to_tensor(np.asarray(y)))
+        scores = rest.evaluate(batches, verbose=0, return_dict=True)
+        return scores, rest.predict(batches, verbose=0)
+    scores = rest.evaluate(features, y, batch_size=batch_size, verbose=0, return_dict=True)
+    return scores, rest.predict(features, batch_size=batch_size, verbose=0)
 
 
 def predict_labels(probabilities: np.ndarray, task: str) -> np.ndarray:

@@ -329,6 +329,15 @@ def _train(config: Config, paths: Paths, run: RunLog, model, *, keep_checkpoint:
     return model, results
 
 
+def _ended_cached(paths: Paths) -> bool:
+    """Whether the train stage's last phase trained on features of the shared cache."""
+    try:
+        phases = json.loads((paths.stage("train") / "phases.json").read_text(encoding="utf-8"))
+        return phases[-1].get("cache") in ("hit", "miss")
+    except (OSError, ValueError, IndexError, KeyError, AttributeError, TypeError):
+        return False
+
+
 def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
     """Test metrics, the task's plot and the learning curve; log the trained model.
 
@@ -342,19 +351,18 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
         model = load_model(
             paths.stage("train") / "model.keras", config, stage="train", compile=True
         )
-    from tfstack.datasets import ArrayDataset
     from tfstack.images import naming_unreadable_files
 
     splits = load_splits(config, paths)
     check_targets(config, model, splits)
     names = class_names(config, paths, splits, model)
     test_ds = make_dataset(config, model, splits, "test", shuffle=False)
-    # Arrays are evaluated as they are; image files stream through their batches.
-    x_test = test_ds.x if isinstance(test_ds, ArrayDataset) else test_ds.batches()
+    single = config.distribute.kind == "none"
     with naming_unreadable_files(test_ds):
         result = evaluation.evaluate(
             model,
-            x_test,
+            # Arrays are evaluated as they are; image files stream through their batches.
+            test_ds,
             splits.y_test,
             task=config.train.task,
             batch_size=config.train.batch_size,
@@ -363,10 +371,11 @@ def evaluate(config: Config, paths: Paths, run: RunLog, model=None) -> dict:
             class_names=names,
             # One pass of the frozen part over the test set (not under a strategy: its
             # variables are mirrored).
-            feature_extractors=feature_extractor_names(config)
-            if config.distribute.kind == "none"
-            else (),
+            feature_extractors=feature_extractor_names(config) if single else (),
             feature_memory_mb=config.train.feature_memory_mb,
+            # The test features through the shared cache when the last phase trained on
+            # cached ones: the frozen part is the one that phase's entries were stored with.
+            feature_cache=feature_cache(config) if single and _ended_cached(paths) else None,
         )
     metrics = {f"test_{name}": value for name, value in result.metrics.items()}
     out = paths.stage("evaluate")
