@@ -272,3 +272,7 @@ def test_test_features_through_the_shared_cache_give_the_same_numbers(tmp_path):
     np.save(cache.path(entry.key) / "0.npy", np.zeros_like(features))
     zeros = evaluation.evaluate(model, test, y, feature_cache=cache, **kwargs)
     assert not np.allclose(zeros.outputs, alone.outputs)
+    # A shuffled test set would not follow y: refused, in one line.
+    shuffled = ArrayDataset(x, y, batch_size=8, shuffle=True, seed=0)
+    with pytest.raises(DataError, match="shuffled dataset.*shuffle=False"):
+        evaluation.evaluate(model, shuffled, y, feature_cache=cache, **kwargs)

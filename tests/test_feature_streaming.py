@@ -289,3 +289,52 @@ def test_an_entry_stored_from_memory_reads_as_rows_and_bfloat16_stays_bfloat16(t
         np.testing.assert_array_equal(second.astype(np.float32), features[[5, 1, 2]])
     finally:
         stored.close()
+
+
+def test_a_truncated_entry_is_a_miss_that_is_removed_not_a_crash_later(tmp_path):
+    """An entry copied partway reads as unreadable at once, not as missing rows in training."""
+    cache = FeatureCache(tmp_path, max_bytes=10**6)
+    cache.store("key", [np.ones((100, 4), np.float32)], {})
+    data = cache.path("key") / "0.npy"
+    os.truncate(data, data.stat().st_size - 800)
+    assert cache.open_files("key") is None
+    assert not cache.path("key").exists()
+    again, hit = cache.get_or_write(
+        "key", lambda d: [np.save(d / "0.npy", np.zeros((100, 4), np.float32)) or "float32"], {}
+    )
+    try:
+        assert not hit and len(again) == 100
+    finally:
+        again.close()
+
+
+def test_a_full_disk_while_streaming_is_one_line_naming_the_directory_and_the_key(tmp_path):
+    """Writing the run's own feature files past a size limit: one line, and nothing left."""
+    script = textwrap.dedent(
+        f"""
+        import resource, signal, sys
+        sys.path.insert(0, {SRC!r})
+        sys.path.insert(0, {os.path.dirname(__file__)!r})
+        import numpy as np, tensorflow as tf
+        from conftest import make_base
+        from tfstack.errors import TrainingError
+        from tfstack.feature_streaming import temporary_features
+        base = make_base()
+        x = np.zeros((4000, 8, 8, 1), np.float32)
+        batches = tf.data.Dataset.from_tensor_slices(x).batch(64)
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (16000, 16000))
+        try:
+            temporary_features(base, batches, len(x), name="train")
+        except TrainingError as err:
+            print("ERROR", err)
+        """
+    )
+    env = {**os.environ, "TMPDIR": str(tmp_path), "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120
+    )
+    [line] = [line for line in done.stdout.splitlines() if line.startswith("ERROR")]
+    assert f"Could not write the train split's frozen features to {tmp_path}" in line
+    assert "File too large" in line and "train.feature_memory_mb" in line
+    assert list(tmp_path.iterdir()) == []  # the directory is gone

@@ -78,7 +78,8 @@ def phase_features(
         digests = {name: feature_keys.data_digest(data) for name, data in present.items()}
     if cache is None or None in digests.values():
         if cache is not None:
-            logger.info("Not using the feature cache: %s cannot be hashed", type(present["train"]))
+            unhashed = next(iter(present.values()))
+            logger.info("Not using the feature cache: %s cannot be hashed", type(unhashed))
         if not stream:
             outputs = {name: frozen_outputs(split.frozen, data) for name, data in present.items()}
             return CachedFeatures(outputs, "off", {})

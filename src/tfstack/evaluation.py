@@ -131,6 +131,11 @@ def evaluate(
     from tfstack.datasets import ArrayDataset, IndexedDataset
 
     data = x if isinstance(x, IndexedDataset) else None
+    if data is not None and data.shuffle:
+        raise DataError(
+            "evaluate() got a shuffled dataset: its batches would not follow y. "
+            "Give the test set with shuffle=False."
+        )
     if data is not None:
         x = data.x if isinstance(data, ArrayDataset) else data.batches()
     scores, outputs = _scores_and_outputs(

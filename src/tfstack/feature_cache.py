@@ -143,13 +143,16 @@ class FeatureCache:
             if [list(s) for s in stored.shapes] != meta["shapes"]:
                 stored.close()
                 raise ValueError(f"shapes {stored.shapes} differ from {META}'s")
-            os.utime(entry / META)
         except FileNotFoundError:
             return None
         except (OSError, ValueError, KeyError, TypeError) as err:
             logger.warning("Feature cache entry %s is unreadable (%s); computing it", entry, err)
             self._remove(entry)
             return None
+        # Last used, for LRU eviction; the open files stay readable if it is evicted meanwhile,
+        # and a meta.json this user may not touch (a shared directory) is no reason to drop it.
+        with contextlib.suppress(OSError):
+            os.utime(entry / META)
         return stored
 
     def get_or_write(

@@ -28,6 +28,7 @@ import math
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -100,8 +101,13 @@ def write_outputs(
     files: list = []
     dtypes: list[str] = []
     rows = 0
+    touched = time.monotonic()
     try:
         for batch in input_batches:
+            if time.monotonic() - touched > 60:
+                # Still being written: a directory of a job that died is removed once stale.
+                os.utime(directory)
+                touched = time.monotonic()
             outputs = [np.asarray(o) for o in _as_list(predict([batch]))]
             if not files:
                 for i, output in enumerate(outputs):
@@ -175,6 +181,10 @@ class StoredFeatures:
                 self.shapes.append(tuple(shape))
                 self.dtypes.append(np.dtype(dtype))
                 self._fds.append(os.open(path, os.O_RDONLY))
+                expected = offset + math.prod(shape) * np.dtype(dtype).itemsize
+                size = os.fstat(self._fds[-1]).st_size
+                if size < expected:  # copied or written partway: rows would be missing
+                    raise ValueError(f"{path} is truncated: {size} bytes of {expected}")
         except BaseException:
             self.close()
             raise
@@ -255,6 +265,13 @@ def temporary_features(
         stored = StoredFeatures(
             paths, dtypes, cleanup=lambda: shutil.rmtree(directory, ignore_errors=True)
         )
+    except OSError as err:  # a full disk, a size limit
+        shutil.rmtree(directory, ignore_errors=True)
+        raise TrainingError(
+            f"Could not write the {name} split's frozen features to {directory} "
+            f"({err.strerror or err}): free space there or set TMPDIR to a larger disk, "
+            "or raise train.feature_memory_mb to keep them in memory."
+        ) from err
     except BaseException:
         shutil.rmtree(directory, ignore_errors=True)
         raise
