@@ -55,6 +55,25 @@ def head():
     return make_head()
 
 
+def make_stacked(seed: int = 0) -> keras.Model:
+    """`make_base` and `make_head` stacked in sequence, their weights drawn from ``seed``."""
+    from tfstack.stacking import build_stacked
+
+    keras.utils.set_random_seed(seed)
+    return build_stacked("sequential", make_base(), make_head()).model
+
+
+@pytest.fixture(scope="module")
+def deterministic_ops():
+    """As the pipeline runs (seed_everything): deterministic TensorFlow ops.
+
+    A module asks for it with ``pytestmark = pytest.mark.usefixtures("deterministic_ops")``.
+    """
+    import tensorflow as tf
+
+    tf.config.experimental.enable_op_determinism()
+
+
 @pytest.fixture
 def data():
     return make_data()

@@ -11,7 +11,6 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import make_base, make_data, make_head
 from mlflow import MlflowClient
 
@@ -37,10 +36,7 @@ CONF = Path(__file__).resolve().parents[1] / "conf"
 SPEC = TensorSpec((None, 8, 8, 1), "float32")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
-    tf.config.experimental.enable_op_determinism()
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 def _images(n=16, seed=0):

@@ -10,8 +10,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
-from conftest import make_base, make_data, make_head
+from conftest import make_data, make_stacked
 from stop_callbacks import KillAfter, Killed, StopAt
 
 from tfstack import checkpoints
@@ -20,22 +19,13 @@ from tfstack.early_stopping import EarlyStoppingSpec
 from tfstack.freezing import FreezePolicy
 from tfstack.phase_results import history_rows
 from tfstack.schedules import make_schedule
-from tfstack.stacking import build_stacked
 from tfstack.training import run_schedule
 
 LOSS = "sparse_categorical_crossentropy"
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
-    tf.config.experimental.enable_op_determinism()
-
-
-def _model():
-    keras.utils.set_random_seed(0)
-    return build_stacked("sequential", make_base(), make_head()).model
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 def _data(n=48):
@@ -65,7 +55,7 @@ def _schedule(model, epochs, **options):
 
 @pytest.mark.slow
 def test_a_callback_stopping_a_30_epoch_phase_at_epoch_1_hands_over_at_the_next_epoch(tmp_path):
-    model = _model()
+    model = make_stacked()
     results = _schedule(
         model,
         30,
@@ -85,13 +75,13 @@ def test_a_callback_stopping_a_30_epoch_phase_at_epoch_1_hands_over_at_the_next_
     state = checkpoints.read_state(tmp_path / "checkpoint")
     assert state.epochs_done == 4 and [row["epoch"] for row in state.epoch_rows] == [0, 1, 2, 3]
     # The finished checkpoint resumes to the same results, training nothing more.
-    again = _schedule(_model(), 30, checkpoint_dir=tmp_path / "checkpoint", resume_from=state)
+    again = _schedule(make_stacked(), 30, checkpoint_dir=tmp_path / "checkpoint", resume_from=state)
     assert [r.to_dict() for r in again] == [r.to_dict() for r in results]
 
 
 @pytest.mark.slow
 def test_early_stopping_stops_each_phase_and_restores_its_best_weights():
-    model = _model()
+    model = make_stacked()
     rule = EarlyStoppingSpec(monitor="val_loss", patience=1, restore_best_weights=True)
     # lr 0.05 over 30 epochs on random labels: val_loss rises soon in both phases.
     results = _schedule(model, 30, early_stopping=rule)
@@ -113,7 +103,7 @@ def test_early_stopping_stops_each_phase_and_restores_its_best_weights():
 def test_start_from_epoch_counts_from_the_phase_start():
     rule = EarlyStoppingSpec(monitor="loss", mode="max", patience=0, start_from_epoch=3)
     # mode=max on the loss: every epoch after the first monitored one "fails to improve".
-    results = _schedule(_model(), 10, early_stopping=[None, rule])
+    results = _schedule(make_stacked(), 10, early_stopping=[None, rule])
     assert results[0].epochs == 10 and results[0].stopped_epoch is None
     assert results[1].initial_epoch == 10
     # Monitored from epoch 13 (best), stops at 14 (patience 0).
@@ -131,7 +121,7 @@ class KillAtStart(keras.callbacks.Callback):
 def _checkpointed(directory, *, resume_from=None, kill_after=None, cache_frozen=False):
     """The two-phase schedule (8 + 8 epochs, early stopping that restores), checkpointed;
     ``kill_after``: an epoch, or "next_phase" (killed as the fine-tuning phase begins)."""
-    model = _model()
+    model = make_stacked()
     results = None
     kill = [] if kill_after in (None, "next_phase") else [KillAfter(kill_after)]
     try:

@@ -11,7 +11,6 @@ import textwrap
 import keras
 import numpy as np
 import pytest
-import tensorflow as tf
 from conftest import make_base, make_data, make_head
 
 from tfstack.datasets import ArrayDataset
@@ -26,9 +25,7 @@ LOSS = "sparse_categorical_crossentropy"
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    tf.config.experimental.enable_op_determinism()
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 def _model(scale=None):

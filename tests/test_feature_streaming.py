@@ -16,28 +16,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from conftest import make_base, make_data, make_head
+from conftest import make_data, make_stacked
 
 from tfstack.datasets import ArrayDataset
 from tfstack.feature_cache import FeatureCache
 from tfstack.feature_streaming import TEMPORARY_PREFIX, StoredFeatures
 from tfstack.freezing import FreezePolicy
 from tfstack.schedules import Phase
-from tfstack.stacking import build_stacked
 from tfstack.training import fit_phase
 
 LOSS = "sparse_categorical_crossentropy"
 SRC = os.path.join(os.path.dirname(__file__), "..", "src")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    tf.config.experimental.enable_op_determinism()
-
-
-def _model():
-    keras.utils.set_random_seed(0)
-    return build_stacked("sequential", make_base(), make_head()).model
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 def _data(n=64):
@@ -73,7 +65,7 @@ def _assert_same_training(streamed_model, streamed, memory_model, in_memory):
 
 def test_a_phase_trained_on_streamed_features_equals_the_in_memory_one(caplog):
     before = _temporary_dirs()
-    memory_model, streamed_model = _model(), _model()
+    memory_model, streamed_model = make_stacked(), make_stacked()
     in_memory = _fit(memory_model, _data(), memory_mb=None)
     with caplog.at_level("INFO", logger="tfstack"):
         streamed = _fit(streamed_model, _data(), memory_mb=0)  # any feature is over 0 MB
@@ -119,7 +111,7 @@ def test_a_failure_while_training_on_streamed_features_removes_their_files():
     phase = Phase("head", 2, FreezePolicy("frozen"), 0.01)
     with pytest.raises(RuntimeError, match="stopped by the test"):
         fit_phase(
-            _model(), phase, train, val, loss=LOSS, feature_extractors=["base"], verbose=0,
+            make_stacked(), phase, train, val, loss=LOSS, feature_extractors=["base"], verbose=0,
             cache_frozen=True, feature_memory_mb=0, callbacks=[Fail()],
         )  # fmt: skip
     assert _temporary_dirs() == before
@@ -133,7 +125,7 @@ def test_a_failure_while_extracting_removes_the_files():
     phase = Phase("head", 1, FreezePolicy("frozen"), 0.01)
     with pytest.raises(Exception, match="outputs for 20 or more samples of a split of 32"):
         fit_phase(
-            _model(), phase, train, loss=LOSS, feature_extractors=["base"], verbose=0,
+            make_stacked(), phase, train, loss=LOSS, feature_extractors=["base"], verbose=0,
             cache_frozen=True, feature_memory_mb=0,
         )  # fmt: skip
     assert _temporary_dirs() == before
@@ -142,7 +134,7 @@ def test_a_failure_while_extracting_removes_the_files():
 def test_streamed_features_larger_than_the_cache_limit_train_without_an_entry(tmp_path):
     before = _temporary_dirs()
     cache = FeatureCache(tmp_path / "cache", max_bytes=100)  # smaller than any split's features
-    memory_model, streamed_model = _model(), _model()
+    memory_model, streamed_model = make_stacked(), make_stacked()
     in_memory = _fit(memory_model, _data(), memory_mb=None)
     streamed = _fit(streamed_model, _data(), memory_mb=0, cache=cache)
 
@@ -199,7 +191,7 @@ def test_a_streamed_shared_cache_entry_is_a_hit_for_the_next_process(tmp_path):
     for a, b in zip(runs[0]["weights"], runs[1]["weights"], strict=True):
         np.testing.assert_allclose(np.array(b), np.array(a), rtol=0, atol=1e-6)
     # The entry is the in-memory path's format: a later run under the budget loads it.
-    memory_model = _model()
+    memory_model = make_stacked()
     loaded = _fit(memory_model, _data(), memory_mb=None, cache=cache)
     assert loaded.cache == "hit"
     for a, b in zip(memory_model.get_weights(), runs[1]["weights"], strict=True):
@@ -256,7 +248,7 @@ def test_peak_memory_of_extraction_and_training_does_not_grow_with_the_data():
 def test_test_features_over_the_budget_stream_to_the_same_metrics_and_outputs(caplog):
     from tfstack import evaluation
 
-    model = _model()
+    model = make_stacked()
     model.get_layer("base").trainable = False
     model.compile(optimizer="adam", loss=LOSS, metrics=["accuracy"])
     x, y = make_data(40, seed=1)

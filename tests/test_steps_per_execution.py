@@ -24,10 +24,7 @@ LOSS = "sparse_categorical_crossentropy"
 TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
-    tf.config.experimental.enable_op_determinism()
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 class _EpochLogs(keras.callbacks.Callback):

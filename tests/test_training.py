@@ -27,10 +27,7 @@ LOSS = "sparse_categorical_crossentropy"
 WEIGHT_TOLERANCE = 1e-6
 
 
-@pytest.fixture(autouse=True, scope="module")
-def deterministic_ops():
-    """As the pipeline runs (seed_everything): deterministic TensorFlow ops."""
-    tf.config.experimental.enable_op_determinism()
+pytestmark = pytest.mark.usefixtures("deterministic_ops")
 
 
 def _base_4d(name="base"):
