@@ -72,7 +72,8 @@ def phase_features(
     from tfstack import feature_keys, feature_streaming
 
     present = {name: data for name, data in datasets.items() if data is not None}
-    stream = memory_mb is not None and _over_budget(split.frozen, present, memory_mb)
+    rows = [len(data) for data in present.values()]
+    stream = feature_streaming.over_budget(split.frozen, rows, memory_mb)
     digests = {}
     if cache is not None:
         digests = {name: feature_keys.data_digest(data) for name, data in present.items()}
@@ -134,24 +135,6 @@ def phase_features(
         raise
     features.status = "hit" if all(hits) else "miss"
     return features
-
-
-def _over_budget(frozen: keras.Model, datasets: dict, memory_mb: float) -> bool:
-    """Whether the splits' outputs together exceed ``memory_mb`` (and can be streamed)."""
-    from tfstack import feature_streaming
-
-    sizes = [feature_streaming.expected_bytes(frozen, len(d)) for d in datasets.values()]
-    if None in sizes or not feature_streaming.can_stream(frozen):
-        return False  # unknown output shapes, or a distribution strategy: in memory as before
-    total = sum(sizes)
-    if total <= memory_mb * 1e6:
-        return False
-    logger.info(
-        "Frozen features of %.1f MB exceed train.feature_memory_mb=%g: streaming them from disk",
-        total / 1e6,
-        memory_mb,
-    )
-    return True
 
 
 def _temporary_outputs(frozen: keras.Model, data: IndexedDataset, name: str):

@@ -221,7 +221,9 @@ def _scores_and_outputs(
                 return _scores_on(rest, features.outputs["test"], y, batch_size)
             finally:
                 features.close()
-        if inputs is not x and _over_budget(split.frozen, len(y), memory_mb):
+        from tfstack.feature_streaming import over_budget
+
+        if inputs is not x and over_budget(split.frozen, [len(y)], memory_mb):
             return _streamed_scores_and_outputs(split.frozen, rest, inputs, y, batch_size)
         features = split.frozen.predict(
             inputs, batch_size=None if inputs is not x else batch_size, verbose=0
@@ -234,16 +236,6 @@ def _scores_and_outputs(
         return scores, model.predict(x, verbose=0)
     scores = model.evaluate(x, y, batch_size=batch_size, verbose=0, return_dict=True)
     return scores, model.predict(x, batch_size=batch_size, verbose=0)
-
-
-def _over_budget(frozen, n: int, memory_mb: float | None) -> bool:
-    """Whether the frozen part's outputs for ``n`` samples exceed ``memory_mb`` (and can stream)."""
-    if memory_mb is None:
-        return False
-    from tfstack import feature_streaming
-
-    size = feature_streaming.expected_bytes(frozen, n)
-    return size is not None and size > memory_mb * 1e6 and feature_streaming.can_stream(frozen)
 
 
 def _streamed_scores_and_outputs(frozen, rest, inputs, y, batch_size: int):

@@ -57,6 +57,25 @@ def expected_bytes(frozen: keras.Model, n: int) -> int | None:
     return total
 
 
+def over_budget(frozen: keras.Model, rows: Sequence[int], memory_mb: float | None) -> bool:
+    """Whether the frozen part's outputs for splits of ``rows`` samples, together, exceed the
+    budget of ``memory_mb`` MB and can be streamed (None: no budget, always in memory)."""
+    if memory_mb is None:
+        return False
+    sizes = [expected_bytes(frozen, n) for n in rows]
+    if None in sizes or not can_stream(frozen):
+        return False  # unknown output shapes, or a distribution strategy: in memory as before
+    total = sum(sizes)
+    if total <= memory_mb * 1e6:
+        return False
+    logger.info(
+        "Frozen features of %.1f MB exceed train.feature_memory_mb=%g: streaming them from disk",
+        total / 1e6,
+        memory_mb,
+    )
+    return True
+
+
 def can_stream(frozen: keras.Model) -> bool:
     """Whether `write_outputs` may run ``frozen`` batch by batch (one device, one step a call).
 
